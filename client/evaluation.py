@@ -1,0 +1,81 @@
+"""Evaluation of a model on one dataset: plain PyTorch + scikit-learn, no Flower inside."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and true labels for every example of ``dataset``."""
+    model.eval()
+    probs, labels = [], []
+    for *inputs, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = model(*(t.to(device) for t in inputs))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(y)
+    if not probs:
+        return np.zeros((0, 0)), np.zeros((0,), dtype=np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, num_classes: int
+) -> dict[str, float]:
+    """Loss, accuracy, balanced accuracy, AUROC (macro one-vs-rest), AUPRC, macro-F1.
+
+    A metric that is undefined on this data (AUROC when only one class is present) is NaN,
+    never a made-up number. Binary tasks also get ``positive_rate`` (prevalence of class 1).
+    """
+    nan = float("nan")
+    if len(labels) == 0:
+        return {name: nan for name in METRIC_NAMES}
+    classes = list(range(num_classes))
+    preds = probs.argmax(axis=1)
+    eps = 1e-12
+    out = {
+        "loss": float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + eps))),
+        "accuracy": float(skm.accuracy_score(labels, preds)),
+        "macro_f1": float(skm.f1_score(labels, preds, labels=classes, average="macro",
+                                       zero_division=0)),
+    }
+    present = np.unique(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns on classes absent from y_pred
+        out["balanced_accuracy"] = float(skm.balanced_accuracy_score(labels, preds))
+    if len(present) < 2:
+        out["auroc"] = out["auprc"] = nan
+    elif num_classes == 2:
+        out["auroc"] = float(skm.roc_auc_score(labels, probs[:, 1]))
+        out["auprc"] = float(skm.average_precision_score(labels, probs[:, 1]))
+    else:
+        onehot = np.eye(num_classes)[labels][:, present]
+        scores = probs[:, present]
+        out["auroc"] = float(skm.roc_auc_score(onehot, scores, average="macro"))
+        out["auprc"] = float(skm.average_precision_score(onehot, scores, average="macro"))
+    if num_classes == 2:
+        out["positive_rate"] = float(np.mean(labels == 1))
+    return out
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, num_classes: int, device: str = "cpu"
+) -> dict[str, float]:
+    probs, labels = predict(model, dataset, device=device)
+    return classification_metrics(labels, probs, num_classes)
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: undefined metrics are written as null."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value

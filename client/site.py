@@ -1,0 +1,38 @@
+"""Who this site is and where its data lives: the site's own settings, never the server's.
+
+In deployment they come from the SuperNode's ``--node-config`` (``site-id``, ``data-path``,
+``device``, ``threads``). In the in-process simulation Flower gives each virtual SuperNode only
+its ``partition-id``, so the simulation passes the same keys per partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PARTITION_ID = "partition-id"
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    site_id: str
+    data_path: Path
+    device: str = "auto"
+    threads: int = 0  # 0: leave torch's default
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSettings:
+        if "data-path" not in node_config:
+            raise ValueError(
+                "this SuperNode has no 'data-path' in its node config; start it with "
+                "--node-config 'data-path=\"/path/to/site/folder\"'"
+            )
+        data_path = Path(str(node_config["data-path"])).expanduser()
+        return cls(
+            site_id=str(node_config.get("site-id", data_path.name)),
+            data_path=data_path,
+            device=str(node_config.get("device", "auto")),
+            threads=int(node_config.get("threads", 0)),
+        )

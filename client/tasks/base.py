@@ -1,0 +1,94 @@
+"""The interface every clinical task offers (in the spirit of FLamby's one-folder-per-dataset).
+
+A task reads one site's folder into tensors (:meth:`Task.load_site`), can write a
+deterministic synthetic site folder in exactly the real file format (:meth:`Task.generate_site`),
+and tells the model builder what it is built for (:meth:`Task.input_spec`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import TensorDataset
+
+
+class DataError(ValueError):
+    """A site's data is missing or not in the expected format; the message names the file."""
+
+
+@dataclass
+class SiteData:
+    """One hospital's data, ready for training: nothing here leaves the site."""
+
+    site_id: str
+    train: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    source: str  # where it was read from, for error messages and the report
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count of records left out
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.train.tensors[-1].numpy()
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """How one synthetic hospital differs from the others (size, prevalence, acquisition shift)."""
+
+    index: int
+    num_train: int
+    num_test: int
+    class_weights: tuple[float, ...]
+    shift: Mapping[str, float]
+
+
+class Task(ABC):
+    name: str
+
+    @staticmethod
+    def input_spec(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """What the model is built for (``task.spec`` in config: e.g. channels, num_classes).
+
+        It lives in config, not in data, so the server can build the initial global model
+        without seeing any site's files; each site checks its files against it.
+        """
+        return dict(task_cfg["spec"])
+
+    @abstractmethod
+    def load_site(self, folder: Path, task_cfg: Mapping[str, Any], site_id: str) -> SiteData:
+        """Read one site's files. Raises :class:`DataError` naming the file on bad input."""
+
+    @abstractmethod
+    def generate_site(
+        self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
+    ) -> None:
+        """Write one synthetic site's files into ``folder`` in the task's real format."""
+
+    def site_profiles(
+        self, task_cfg: Mapping[str, Any], num_sites: int, seed: int
+    ) -> list[SiteProfile]:
+        """Non-identical hospitals: sizes vary ~×3, prevalence varies, each has its own shift."""
+        synth = task_cfg["synthetic"]
+        num_classes = int(task_cfg["spec"]["num_classes"])
+        rng = np.random.default_rng([seed, 7919])
+        profiles = []
+        for i in range(num_sites):
+            size_factor = float(np.exp(rng.uniform(np.log(0.6), np.log(1.8))))
+            weights = rng.dirichlet(np.full(num_classes, float(synth.get("label_alpha", 4.0))))
+            profiles.append(
+                SiteProfile(
+                    index=i,
+                    num_train=max(8, int(round(synth["train_size"] * size_factor))),
+                    num_test=max(8, int(round(synth["test_size"] * size_factor))),
+                    class_weights=tuple(float(w) for w in weights),
+                    shift={"u": float(rng.uniform()), "v": float(rng.uniform()),
+                           "w": float(rng.uniform())},
+                )
+            )
+        return profiles

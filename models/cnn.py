@@ -1,0 +1,68 @@
+"""A small CNN for 2D scans that Opacus can train.
+
+GroupNorm instead of BatchNorm (BatchNorm mixes examples, which per-sample clipping forbids),
+and no in-place activations (they break Opacus's backward hooks).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.registry import register_model
+
+
+def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+        nn.GroupNorm(min(groups, c_out), c_out),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class ScanCNN(nn.Module):
+    """``depth`` conv blocks (channels doubling from ``width``), global pooling, linear head.
+
+    Works for any image size ≥ 2**depth (28×28 and 64×64 in practice).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        image_size: int,
+        num_classes: int,
+        width: int = 16,
+        depth: int = 2,
+        groups: int = 4,
+        dropout: float = 0.0,
+        pool: str = "max",
+    ) -> None:
+        super().__init__()
+        if image_size < 2**depth:
+            raise ValueError(f"image_size {image_size} is too small for depth {depth}")
+        blocks, c_in = [], channels
+        for i in range(depth):
+            c_out = width * 2**i
+            blocks.append(_block(c_in, c_out, groups))
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        if pool not in ("max", "avg"):
+            raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
+        # max: "is there a finding anywhere" (a small lesion survives); avg: diffuse patterns
+        self.pool = nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Per-scan standardisation: removes scanner gain/offset differences between hospitals.
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) / (std + 1e-5)
+        x = self.pool(self.features(x)).flatten(1)
+        return self.head(self.dropout(x))
+
+
+@register_model("cnn")
+def build_cnn(**kwargs) -> nn.Module:
+    return ScanCNN(**kwargs)

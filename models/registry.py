@@ -1,0 +1,41 @@
+"""Models by name: ``conf/model/<name>.yaml`` names a builder registered here.
+
+A site builds the model the server names from its own copy of this registry, so the
+server cannot make a hospital instantiate arbitrary code (no Hydra ``_target_`` for models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+ModelBuilder = Callable[..., nn.Module]
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def decorate(builder: ModelBuilder) -> ModelBuilder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = builder
+        return builder
+
+    return decorate
+
+
+def registered_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(model_cfg: Mapping[str, Any], input_spec: Mapping[str, Any]) -> nn.Module:
+    """Build ``model_cfg["name"]`` with its hyper-parameters for data described by ``input_spec``.
+
+    ``input_spec`` comes from the task (e.g. channels, image size, number of classes).
+    """
+    params = dict(model_cfg)
+    name = params.pop("name", None)
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {registered_models()}")
+    return _MODELS[name](**params, **dict(input_spec))

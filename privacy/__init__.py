@@ -1,0 +1,1 @@
+"""Code shared by hospital sites and the coordinating server: what crosses the network."""

@@ -1,0 +1,70 @@
+"""The one place that defines what crosses the network between a site and the server.
+
+Both ``client/`` and ``server/`` import these names; neither side spells a record key
+as a string literal of its own. A reply from a site carries at most:
+
+- ``arrays``  (ArrayRecord): model weights after local training (train replies only);
+- ``metrics`` (MetricRecord): numbers about the round (example counts, loss, metrics);
+- ``site``    (ConfigRecord): the site's public identity (its name), so the server can
+  report per hospital without relying on Flower's random node ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+# Record names inside a Message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# Keys inside those records.
+NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this key
+SERVER_ROUND = "server-round"  # injected by Flower strategies into every ConfigRecord
+SITE_ID = "site-id"
+PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx; the site adds the proximal term
+
+# The run settings the server sends with every train/evaluate message, flattened into
+# dotted keys because a ConfigRecord holds only scalars and lists of scalars.
+RUN_PREFIX = "run."
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; ``None`` values are dropped (not representable)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif value is not None:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = nested
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def encode_run_settings(settings: Mapping[str, Any]) -> ConfigRecord:
+    """What a site needs to train the global model: task, model, local optimisation."""
+    return ConfigRecord(flatten(settings, prefix=RUN_PREFIX))
+
+
+def decode_run_settings(record: ConfigRecord) -> dict[str, Any]:
+    """Inverse of :func:`encode_run_settings`; also returns the server round if present."""
+    flat = {k[len(RUN_PREFIX) :]: v for k, v in record.items() if k.startswith(RUN_PREFIX)}
+    settings = unflatten(flat)
+    settings["server_round"] = int(record.get(SERVER_ROUND, 0))
+    return settings

@@ -1,0 +1,1 @@
+"""Everything the coordinating server runs: the ServerApp, strategies, history and reports."""

@@ -1,0 +1,99 @@
+"""The ServerApp: build the global model and Flower's strategy from config, run the rounds,
+write the report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from models import build_model
+from privacy import protocol
+from server import settings as run_settings
+from server.history import RoundRecord, RunHistory
+from server.report import build_report, write_report
+from server.strategy import build_strategy
+
+# (server_round, arrays) -> metrics of the global model on data the server may see
+GlobalEvaluate = Callable[[int, ArrayRecord], Mapping[str, float]]
+RoundCallback = Callable[[RoundRecord], None]
+
+
+def initial_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
+    torch.manual_seed(int(cfg["seed"]))
+    return build_model(cfg["model"], cfg["task"]["spec"])
+
+
+def build_server_app(
+    cfg: Mapping[str, Any] | None = None,
+    *,
+    output_dir: Path | None = None,
+    global_evaluate: GlobalEvaluate | None = None,
+    on_round: RoundCallback | None = None,
+) -> ServerApp:
+    """The ServerApp. The simulation passes its composed ``cfg``, a pooled-test-set evaluation
+    and a progress callback; deployed (``cfg=None``) it composes ``conf/`` with the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        started = time.perf_counter()
+        config = cfg if cfg is not None else run_settings.compose(
+            run_settings.overrides_from_run_config(context.run_config)
+        )
+        out = Path(output_dir or config.get("report_dir") or f"outputs/run-{context.run_id}")
+        history = RunHistory()
+        strategy = build_strategy(config["strategy"], int(config["num_hospitals"]), history)
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            # Called by Flower before round 1 (server_round=0) and after every round.
+            metrics = dict(global_evaluate(server_round, arrays)) if global_evaluate else None
+            if server_round == 0:
+                history.initial_global = metrics
+                return MetricRecord(metrics) if metrics else None
+            record = history.round(server_round)
+            if metrics is None:  # deployment: example-weighted mean of the sites' metrics
+                metrics = _weighted_site_mean(record.sites)
+            record.global_metrics = metrics
+            if on_round is not None:
+                on_round(record)
+            return MetricRecord(metrics) if metrics else None
+
+        site_config = protocol.encode_run_settings(run_settings.site_settings(config))
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial_model(config).state_dict()),
+            num_rounds=int(config["rounds"]),
+            timeout=float(config["simulation"]["round_timeout_s"]),
+            train_config=site_config,
+            evaluate_config=ConfigRecord(dict(site_config)),
+            evaluate_fn=evaluate_fn,
+        )
+        report = build_report(
+            config, history, duration_s=time.perf_counter() - started,
+            global_evaluation="pooled" if global_evaluate else "site_weighted_mean",
+        )
+        final = result.arrays.to_torch_state_dict() if result.arrays is not None else None
+        write_report(out, report, final)
+
+    return app
+
+
+def _weighted_site_mean(sites: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    total = sum(m.get(protocol.NUM_EXAMPLES, 0.0) for m in sites.values())
+    if not sites or total <= 0:
+        return {}
+    names = set.intersection(*(set(m) for m in sites.values())) - {protocol.NUM_EXAMPLES}
+    return {
+        name: sum(m[name] * m[protocol.NUM_EXAMPLES] for m in sites.values()) / total
+        for name in sorted(names)
+    }
+
+
+# Deployment entry point (pyproject [tool.flwr.app.components]).
+app = build_server_app()

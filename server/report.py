@@ -1,0 +1,234 @@
+"""The run's results for machines (``report.json``) and people (``report.md``, ``plots/``).
+
+``report.json`` is the contract other tools and tests read::
+
+    {"run": {...}, "rounds": [{"round", "global", "sites", "failures"}], "initial": {"global"},
+     "final": {"global", "sites", "client_mean"}, "privacy": {site: {...}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.history import RunHistory
+
+HEADLINE_METRICS = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: an undefined metric is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _site_metrics(record_sites: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for site, metrics in sorted(record_sites.items()):
+        entry = dict(metrics)
+        entry["num_examples"] = int(entry.pop("num-examples", 0))
+        out[site] = entry
+    return out
+
+
+def client_mean(sites: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
+    """Unweighted mean over sites of each metric (undefined values are left out)."""
+    means: dict[str, float | None] = {}
+    for name in HEADLINE_METRICS:
+        values = [m[name] for m in sites.values()
+                  if m.get(name) is not None and math.isfinite(m[name])]
+        means[name] = float(np.mean(values)) if values else None
+    return means
+
+
+def build_report(
+    cfg: Mapping[str, Any],
+    history: RunHistory,
+    *,
+    duration_s: float,
+    global_evaluation: str,
+) -> dict[str, Any]:
+    rounds = []
+    for number in sorted(history.rounds):
+        record = history.rounds[number]
+        rounds.append(
+            {
+                "round": number,
+                "global": record.global_metrics or {},
+                "sites": _site_metrics(record.sites),
+                "train": _site_metrics(record.train),
+                "failures": record.failures,
+            }
+        )
+    last = rounds[-1] if rounds else {"global": {}, "sites": {}}
+    sites = sorted({site for r in rounds for site in r["sites"]} |
+                   {site for r in rounds for site in r["train"]})
+    report = {
+        "run": {
+            "task": cfg["task"]["name"],
+            "model": cfg["model"]["name"],
+            "strategy": cfg["strategy"]["name"],
+            "rounds": cfg["rounds"],
+            "num_hospitals": cfg["num_hospitals"],
+            "seed": cfg["seed"],
+            "privacy": "dp" if cfg["privacy"]["name"] != "off" else "off",
+            "secure_aggregation": cfg["secagg"]["name"] != "off",
+            "global_evaluation": global_evaluation,
+            "duration_s": round(duration_s, 3),
+            "versions": {pkg: version(pkg) for pkg in ("flwr", "torch", "opacus")},
+            "config": cfg,
+        },
+        "initial": {"global": history.initial_global or {}},
+        "rounds": rounds,
+        "final": {
+            "global": last["global"],
+            "sites": last["sites"],
+            "client_mean": client_mean(last["sites"]),
+        },
+        "privacy": {site: {"dp": False} for site in sites},
+    }
+    return _clean(report)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: never a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    run, final = report["run"], report["final"]
+    lines = [
+        f"# medsilo run: {run['task']} / {run['model']} / {run['strategy']}",
+        "",
+        f"{run['num_hospitals']} hospitals, {run['rounds']} rounds, seed {run['seed']}, "
+        f"{run['duration_s']:.1f} s. Secure aggregation: "
+        f"{'on' if run['secure_aggregation'] else 'off'}.",
+        "",
+        "## Privacy",
+        "",
+    ]
+    if run["privacy"] == "off":
+        lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
+                     "what the model reveals about an individual patient record.")
+    lines += [
+        "",
+        "## Final metrics",
+        "",
+        f"*Global* = the final global model on {'the union of all sites test splits' if run['global_evaluation'] == 'pooled' else 'each site test split, example-weighted mean'}; "
+        "*client mean* = unweighted mean over sites; per site = on that site's own test split.",
+        "",
+        "| | examples | " + " | ".join(HEADLINE_METRICS) + " |",
+        "|---|---:|" + "---:|" * len(HEADLINE_METRICS),
+    ]
+    rows = [("**global**", "", final["global"]), ("**client mean**", "", final["client_mean"])]
+    rows += [(site, m.get("num_examples", ""), m) for site, m in final["sites"].items()]
+    for name, n, metrics in rows:
+        values = " | ".join(_fmt(metrics.get(k)) for k in HEADLINE_METRICS)
+        lines.append(f"| {name} | {n} | {values} |")
+    lines += ["", "## Rounds", ""]
+    initial = report["initial"]["global"]
+    if initial:
+        lines.append(f"- round 0 (initial model): global loss {_fmt(initial.get('loss'))}, "
+                     f"accuracy {_fmt(initial.get('accuracy'))}")
+    for r in report["rounds"]:
+        g = r["global"]
+        line = (f"- round {r['round']}: global loss {_fmt(g.get('loss'))}, accuracy "
+                f"{_fmt(g.get('accuracy'))}, AUROC {_fmt(g.get('auroc'))}; "
+                f"{len(r['train'])} sites trained")
+        if r["failures"]:
+            line += "; failed: " + "; ".join(f"{f['stage']} on node {f['node_id']}: "
+                                            f"{f['reason']}" for f in r["failures"])
+        lines.append(line)
+    lines += ["", "Plots: `plots/global_metrics.png`, `plots/sites_<metric>.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    rounds = report["rounds"]
+    xs = [0] + [r["round"] for r in rounds]
+    series = [report["initial"]["global"]] + [r["global"] for r in rounds]
+    written = []
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, name in zip(axes, ("loss", "accuracy", "auroc"), strict=True):
+        ax.plot(xs, [s.get(name) if s.get(name) is not None else np.nan for s in series],
+                marker="o")
+        ax.set_title(f"global {name}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(plots_dir / "global_metrics.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    sites = sorted({s for r in rounds for s in r["sites"]})
+    for name in ("accuracy", "auroc", "loss"):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for site in sites:
+            ys = [r["sites"].get(site, {}).get(name) for r in rounds]
+            ax.plot([r["round"] for r in rounds], [np.nan if y is None else y for y in ys],
+                    marker=".", label=site)
+        ax.set_title(f"{name} per site (own test split)")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        if len(sites) <= 12:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(plots_dir / f"sites_{name}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def write_report(
+    out_dir: Path,
+    report: Mapping[str, Any],
+    final_state_dict: Mapping[str, Any] | None,
+) -> None:
+    """Write report.json, report.md, plots/ and model.pt into ``out_dir``."""
+    import io
+
+    import torch
+
+    out_dir = Path(out_dir)
+    plot_report(report, out_dir / "plots")
+    if final_state_dict is not None:
+        buffer = io.BytesIO()
+        cfg = report["run"]["config"]
+        torch.save({"state_dict": dict(final_state_dict), "model": cfg["model"],
+                    "task": cfg["task"]}, buffer)
+        _atomic_write(out_dir / "model.pt", buffer.getvalue())
+    _atomic_write(out_dir / "report.md", render_markdown(report).encode())
+    # report.json last: its presence means the run's outputs are complete.
+    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2).encode())

@@ -1,0 +1,95 @@
+"""The run's configuration: composed by Hydra from ``conf/``, checked before anything starts.
+
+``python -m simulations.run`` gets it from ``@hydra.main``; the deployed ServerApp composes the
+same ``conf/`` with ``flwr run --run-config`` values as Hydra overrides, so both paths share
+one schema and one set of checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from models import registered_models
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the key and what is expected."""
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` on the first out-of-range value."""
+    for key in ("num_hospitals", "rounds", "local_epochs", "batch_size"):
+        _check(_is_int(cfg[key]) and cfg[key] >= 1, key, "an integer >= 1", cfg[key])
+    _check(_is_number(cfg["lr"]) and cfg["lr"] > 0, "lr", "a number > 0", cfg["lr"])
+    _check(_is_number(cfg["momentum"]) and 0 <= cfg["momentum"] < 1, "momentum",
+           "a number in [0, 1)", cfg["momentum"])
+    _check(_is_int(cfg["seed"]) and cfg["seed"] >= 0, "seed", "an integer >= 0", cfg["seed"])
+    _check(cfg["device"] in DEVICES, "device", f"one of {list(DEVICES)}", cfg["device"])
+    _check(cfg["model"]["name"] in registered_models(), "model.name",
+           f"one of {registered_models()}", cfg["model"]["name"])
+    for key in ("fraction_train", "fraction_evaluate"):
+        value = cfg["strategy"].get(key, 1.0)
+        _check(_is_number(value) and 0 < value <= 1, f"strategy.{key}", "a number in (0, 1]",
+               value)
+    if cfg["strategy"]["name"] == "fedprox":
+        mu = cfg["strategy"].get("proximal_mu")
+        _check(_is_number(mu) and mu >= 0, "strategy.proximal_mu", "a number >= 0", mu)
+    _check(cfg["privacy"]["name"] == "off", "privacy",
+           "'off' (differential privacy is not built yet)", cfg["privacy"]["name"])
+    _check(cfg["secagg"]["name"] == "off", "secagg",
+           "'off' (secure aggregation is not built yet)", cfg["secagg"]["name"])
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What the server sends each site with the global model (privacy/protocol.py encodes it)."""
+    return {
+        "task": dict(cfg["task"]),
+        "model": dict(cfg["model"]),
+        "train": {
+            "local_epochs": cfg["local_epochs"],
+            "batch_size": cfg["batch_size"],
+            "lr": cfg["lr"],
+            "momentum": cfg["momentum"],
+        },
+        "seed": cfg["seed"],
+    }
+
+
+def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
+    """``flwr run --run-config 'rounds=3 strategy="fedadam"'`` -> Hydra overrides."""
+    return [f"{key}={value}" for key, value in sorted(run_config.items())]
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """Compose ``conf/config.yaml`` with overrides, validate it, return a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    validate(cfg)
+    return to_dict(cfg)

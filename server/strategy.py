@@ -1,0 +1,62 @@
+"""Strategies by name, all of them Flower's own (``flwr.serverapp.strategy``).
+
+The only addition is :class:`RecordingMixin`: it records each site's metrics into the run
+history and hands Flower the replies in site order, then lets Flower aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+
+from server.history import RunHistory
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,  # the site adds the proximal term (client/training.py)
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+}
+
+
+class RecordingMixin:
+    history: RunHistory
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ordered = self.history.record_replies(server_round, replies, stage="train")
+        return super().aggregate_train(server_round, ordered)  # type: ignore[misc]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        ordered = self.history.record_replies(server_round, replies, stage="evaluate")
+        return super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc]
+
+
+def build_strategy(
+    strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory
+) -> Strategy:
+    """Flower's strategy ``strategy_cfg.name`` with the remaining keys as its arguments.
+
+    The server waits until all ``num_sites`` hospitals are connected before the first round.
+    """
+    params = dict(strategy_cfg)
+    name = params.pop("name")
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
+    base = STRATEGIES[name]
+    recording = type(f"Recorded{base.__name__}", (RecordingMixin, base), {})
+    fraction_train = float(params.get("fraction_train", 1.0))
+    fraction_evaluate = float(params.get("fraction_evaluate", 1.0))
+    params.setdefault("min_available_nodes", num_sites)
+    params.setdefault("min_train_nodes", max(1, math.ceil(fraction_train * num_sites)))
+    params.setdefault("min_evaluate_nodes", max(1, math.ceil(fraction_evaluate * num_sites)))
+    strategy = recording(**params)
+    strategy.history = history
+    return strategy
