@@ -1,8 +1,15 @@
-"""Model families, registered by name (see ``models/registry.py``)."""
+"""Model families, registered by name (see ``models/registry.py``).
+
+Every module in this package registers its builders on import; a new family is a new file.
+"""
+
+import importlib
+import pkgutil
 
 from models.registry import build_model, register_model, registered_models
 
-# Importing the family modules registers them.
-from models import cnn  # noqa: E402,F401
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "registry":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["build_model", "register_model", "registered_models"]

@@ -1,9 +1,19 @@
-"""Clinical tasks, registered by name. Each reads one site's files and can write synthetic ones."""
+"""Clinical tasks, registered by name. Each reads one site's files and can write synthetic ones.
 
-from client.tasks.base import DataError, SiteData, Task
+Every module in this package registers its task on import; a new task is a new file.
+"""
+
+import importlib
+import pkgutil
+
+from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
 from client.tasks.registry import get_task, register_task, registered_tasks
 
-# Importing the task modules registers them.
-from client.tasks import images  # noqa: E402,F401
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DataError", "SiteData", "Task", "get_task", "register_task", "registered_tasks"]
+__all__ = [
+    "DataError", "PooledRecords", "SiteData", "SiteProfile", "Task",
+    "get_task", "register_task", "registered_tasks",
+]

@@ -48,6 +48,21 @@ class SiteProfile:
     shift: Mapping[str, float]
 
 
+@dataclass
+class PooledRecords:
+    """A pooled dataset (``data.path``) seen as records that can be dealt out to sites.
+
+    One entry per record (an image, an ICU stay, a note, a table row), in file order.
+    """
+
+    labels: np.ndarray  # int class per record (label-skew partitions use it)
+    is_test: np.ndarray  # bool per record: True where the format marks it as test split
+    groups: np.ndarray | None = None  # value of ``data.site_column`` per record, if asked
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 class Task(ABC):
     name: str
 
@@ -69,6 +84,20 @@ class Task(ABC):
         self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
     ) -> None:
         """Write one synthetic site's files into ``folder`` in the task's real format."""
+
+    @abstractmethod
+    def index_pooled(
+        self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
+    ) -> PooledRecords:
+        """Describe a pooled dataset's records (labels, split, optional site column)."""
+
+    @abstractmethod
+    def write_partition(
+        self, path: Path, task_cfg: Mapping[str, Any], folder: Path, records: np.ndarray
+    ) -> None:
+        """Write the pooled records with indices ``records`` into ``folder`` in the task's own
+        site format, keeping each record's train/test membership, so that
+        :meth:`load_site` reads it like any hospital's folder."""
 
     def site_profiles(
         self, task_cfg: Mapping[str, Any], num_sites: int, seed: int

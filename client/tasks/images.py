@@ -1,8 +1,13 @@
-"""Images: classification of 2D scans from MedMNIST-style ``.npz`` files.
+"""Images: classification of 2D scans.
 
-Format (as MedMNIST v2 ships it): keys ``train_images, train_labels, val_images, val_labels,
-test_images, test_labels``; images uint8 ``N×H×W`` (grayscale) or ``N×H×W×C``; labels ``(N,)``
-or ``(N, 1)``. The synthetic generator writes exactly this format.
+Two site formats (``task.format``: ``npz``, ``folder`` or ``auto`` = npz if the file exists):
+
+- MedMNIST-style ``.npz`` (as MedMNIST v2 ships it): keys ``train_images, train_labels,
+  val_images, val_labels, test_images, test_labels``; images uint8 ``N×H×W`` (grayscale) or
+  ``N×H×W×C``; labels ``(N,)`` or ``(N, 1)``. ``val_*`` is optional. The synthetic generator
+  writes exactly this format.
+- an image folder: ``train/<class>/*.png|jpg``, ``test/<class>/*.png|jpg``; classes are the
+  sub-folder names in sorted order, or ``task.class_names`` when given.
 """
 
 from __future__ import annotations
@@ -17,14 +22,19 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import TensorDataset
 
-from client.tasks.base import DataError, SiteData, SiteProfile, Task
+from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
 from client.tasks.registry import register_task
 
 SPLITS = ("train", "val", "test")
 NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def _npz_path(folder: Path, task_cfg: Mapping[str, Any]) -> Path:
+    if folder.is_file():
+        return folder
     if not folder.is_dir():
         raise DataError(f"site folder {folder} does not exist or is not a directory")
     path = folder / str(task_cfg.get("file", "scans.npz"))
@@ -33,10 +43,87 @@ def _npz_path(folder: Path, task_cfg: Mapping[str, Any]) -> Path:
     return path
 
 
+def _format(folder: Path, task_cfg: Mapping[str, Any]) -> str:
+    fmt = str(task_cfg.get("format", "auto"))
+    if fmt not in ("auto", "npz", "folder"):
+        raise DataError(f"task.format must be one of auto, npz, folder; got {fmt!r}")
+    if fmt == "auto":
+        npz = folder if folder.is_file() else folder / str(task_cfg.get("file", "scans.npz"))
+        return "npz" if npz.is_file() or not (folder / "train").is_dir() else "folder"
+    return fmt
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of a MedMNIST-style file; a clear error for a missing key or broken file."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            required = [k for k in NPZ_KEYS if not k.startswith("val")]
+            missing = [k for k in required if k not in npz.files]
+            if missing:
+                raise DataError(
+                    f"{path}: missing keys {missing}; found {sorted(npz.files)}, "
+                    f"expected {NPZ_KEYS} (val_* optional)"
+                )
+            return {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+
+
+def read_image_folder(folder: Path, task_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``train/<class>/*.png`` + ``test/<class>/*.png`` -> the same arrays as an npz file."""
+    from PIL import Image, UnidentifiedImageError
+
+    spec = task_cfg["spec"]
+    mode = "L" if int(spec["channels"]) == 1 else "RGB"
+    names = task_cfg.get("class_names")
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        split_dir = folder / split
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir}: missing; expected {split}/<class>/*.png|jpg")
+        classes = list(names) if names else sorted(p.name for p in split_dir.iterdir()
+                                                  if p.is_dir())
+        images, labels = [], []
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            if class_dir.name not in classes:
+                raise DataError(f"{class_dir}: class {class_dir.name!r} is not one of the "
+                                f"declared classes {classes} (task.class_names)")
+            for file in sorted(class_dir.iterdir()):
+                if file.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    with Image.open(file) as img:
+                        images.append(np.asarray(img.convert(mode), dtype=np.uint8))
+                except (UnidentifiedImageError, OSError) as err:
+                    raise DataError(f"{file}: not a readable image ({err})") from err
+                labels.append(classes.index(class_dir.name))
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise DataError(f"{split_dir}: images have different sizes {sorted(shapes)}; "
+                            "expected one size (task.spec.image_size)")
+        arrays[f"{split}_images"] = (np.stack(images) if images
+                                     else np.zeros((0, 1, 1), dtype=np.uint8))
+        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
+    return arrays
+
+
+def read_site_arrays(folder: Path, task_cfg: Mapping[str, Any]) -> tuple[dict, Path]:
+    folder = Path(folder)
+    if _format(folder, task_cfg) == "folder":
+        return read_image_folder(folder, task_cfg), folder
+    path = _npz_path(folder, task_cfg)
+    return read_npz(path), path
+
+
 def _read_split(
     arrays: Mapping[str, np.ndarray], path: Path, split: str, task_cfg: Mapping[str, Any]
 ) -> TensorDataset:
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    if len(images) == 0 and images.ndim != 4:
+        images = np.zeros((0, task_cfg["spec"]["image_size"], task_cfg["spec"]["image_size"],
+                           task_cfg["spec"]["channels"]), dtype=np.uint8)
     spec = task_cfg["spec"]
     channels, size, num_classes = spec["channels"], spec["image_size"], spec["num_classes"]
     if images.dtype != np.uint8:
@@ -74,20 +161,7 @@ class ImagesTask(Task):
     name = "images"
 
     def load_site(self, folder: Path, task_cfg: Mapping[str, Any], site_id: str) -> SiteData:
-        path = _npz_path(Path(folder), task_cfg)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                missing = [k for k in NPZ_KEYS if k not in npz.files and not k.startswith("val")]
-                if missing:
-                    raise DataError(
-                        f"{path}: missing keys {missing}; found {sorted(npz.files)}, "
-                        f"expected {NPZ_KEYS} (val_* optional)"
-                    )
-                arrays = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-            if isinstance(err, DataError):
-                raise
-            raise DataError(f"{path}: not a readable .npz file ({err})") from err
+        arrays, path = read_site_arrays(folder, task_cfg)
         train = _read_split(arrays, path, "train", task_cfg)
         test = _read_split(arrays, path, "test", task_cfg)
         if len(train) == 0:
@@ -99,6 +173,35 @@ class ImagesTask(Task):
             num_classes=int(task_cfg["spec"]["num_classes"]),
             source=str(path),
         )
+
+    def index_pooled(
+        self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
+    ) -> PooledRecords:
+        if site_column:
+            raise DataError(f"{path}: images have no columns; data.partition=column needs a "
+                            "tabular or notes task")
+        arrays, _ = read_site_arrays(path, task_cfg)
+        labels = [_labels_1d(arrays[f"{s}_labels"]) for s in ("train", "test")]
+        return PooledRecords(
+            labels=np.concatenate(labels).astype(np.int64),
+            is_test=np.concatenate([np.zeros(len(labels[0]), bool), np.ones(len(labels[1]), bool)]),
+        )
+
+    def write_partition(
+        self, path: Path, task_cfg: Mapping[str, Any], folder: Path, records: np.ndarray
+    ) -> None:
+        arrays, _ = read_site_arrays(path, task_cfg)
+        n_train = len(arrays["train_images"])
+        records = np.asarray(records)
+        train_ids, test_ids = records[records < n_train], records[records >= n_train] - n_train
+        out = {
+            "train_images": arrays["train_images"][train_ids],
+            "train_labels": _labels_1d(arrays["train_labels"])[train_ids],
+            "test_images": arrays["test_images"][test_ids],
+            "test_labels": _labels_1d(arrays["test_labels"])[test_ids],
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(folder / str(task_cfg.get("file", "scans.npz")), **out)
 
     def generate_site(
         self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
@@ -116,6 +219,10 @@ class ImagesTask(Task):
             arrays[f"{split}_labels"] = labels.astype(np.uint8)[:, None]  # MedMNIST uses (N, 1)
         folder.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(folder / str(task_cfg.get("file", "scans.npz")), **arrays)
+
+
+def _labels_1d(labels: np.ndarray) -> np.ndarray:
+    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
 
 
 def synthetic_scans(
