@@ -84,6 +84,7 @@ def build_client_app(
             batch_size=int(local["batch_size"]),
             lr=float(local["lr"]),
             momentum=float(local.get("momentum", 0.0)),
+            optimizer=str(local.get("optimizer", "sgd")),
             weight_decay=float(local.get("weight_decay", 0.0)),
             proximal_mu=float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0)),
         )

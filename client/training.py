@@ -17,6 +17,7 @@ class LocalTrainingConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
+    optimizer: str = "sgd"  # sgd (with momentum) | adam
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * ||w - w_global||^2 to its loss
 
@@ -54,10 +55,7 @@ def train_local(
     torch.manual_seed(seed)  # dropout masks
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     model.to(device).train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(model, config)
     criterion = nn.CrossEntropyLoss()
     anchor = _proximal_anchor(model) if config.proximal_mu > 0 else None
     total_loss, total_examples, steps = 0.0, 0, 0
@@ -76,6 +74,20 @@ def train_local(
             total_examples += len(labels)
             steps += 1
     return {"train_loss": total_loss / max(total_examples, 1), "steps": float(steps)}
+
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(model: nn.Module, config: LocalTrainingConfig) -> torch.optim.Optimizer:
+    """A fresh local optimizer each round (its state never leaves the site nor persists)."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr,
+                                weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
 
 
 def _proximal_anchor(model: nn.Module) -> Mapping[str, torch.Tensor]:

@@ -51,6 +51,9 @@ class ScanCNN(nn.Module):
             raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
         # max: "is there a finding anywhere" (a small lesion survives); avg: diffuse patterns
         self.pool = nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1)
+        # Normalising the pooled features keeps the logits' common offset from swinging
+        # with every step (the ranking was learned long before accuracy settled without it).
+        self.norm = nn.LayerNorm(c_in)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(c_in, num_classes)
 
@@ -59,7 +62,7 @@ class ScanCNN(nn.Module):
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         std = x.std(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) / (std + 1e-5)
-        x = self.pool(self.features(x)).flatten(1)
+        x = self.norm(self.pool(self.features(x)).flatten(1))
         return self.head(self.dropout(x))
 
 

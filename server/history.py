@@ -28,7 +28,9 @@ class RunHistory:
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord(server_round))
 
-    def record_replies(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
+    def record_replies(
+        self, server_round: int, replies: Iterable[Message], stage: str
+    ) -> list[Message]:
         """Record per-site metrics and failures; return the good replies sorted by site id.
 
         Sorting makes aggregation order (and so floating-point sums) independent of the

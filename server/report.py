@@ -135,12 +135,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if run["privacy"] == "off":
         lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
                      "what the model reveals about an individual patient record.")
+    pooled = run["global_evaluation"] == "pooled"
+    where = ("the union of all sites' test splits" if pooled
+             else "each site's test split, example-weighted mean")
     lines += [
         "",
         "## Final metrics",
         "",
-        f"*Global* = the final global model on {'the union of all sites test splits' if run['global_evaluation'] == 'pooled' else 'each site test split, example-weighted mean'}; "
-        "*client mean* = unweighted mean over sites; per site = on that site's own test split.",
+        f"*Global* = the final global model on {where}; *client mean* = unweighted mean over "
+        "sites; per site = on that site's own test split.",
         "",
         "| | examples | " + " | ".join(HEADLINE_METRICS) + " |",
         "|---|---:|" + "---:|" * len(HEADLINE_METRICS),

@@ -44,6 +44,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _check(_is_number(cfg["momentum"]) and 0 <= cfg["momentum"] < 1, "momentum",
            "a number in [0, 1)", cfg["momentum"])
     _check(_is_int(cfg["seed"]) and cfg["seed"] >= 0, "seed", "an integer >= 0", cfg["seed"])
+    _check(cfg["optimizer"] in ("sgd", "adam"), "optimizer", "one of ['sgd', 'adam']",
+           cfg["optimizer"])
     _check(cfg["device"] in DEVICES, "device", f"one of {list(DEVICES)}", cfg["device"])
     _check(cfg["model"]["name"] in registered_models(), "model.name",
            f"one of {registered_models()}", cfg["model"]["name"])
@@ -74,6 +76,7 @@ def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "batch_size": cfg["batch_size"],
             "lr": cfg["lr"],
             "momentum": cfg["momentum"],
+            "optimizer": cfg["optimizer"],
         },
         "seed": cfg["seed"],
     }

@@ -88,7 +88,8 @@ def main(hydra_cfg: DictConfig) -> None:
     final = report["final"]["global"]
     console.print(
         f"[bold green]done[/] in {time.perf_counter() - started:.1f} s · final global "
-        + " · ".join(f"{k} {final[k]:.3f}" for k in ("accuracy", "auroc") if final.get(k) is not None)
+        + " · ".join(f"{k} {final[k]:.3f}" for k in ("accuracy", "auroc")
+                     if final.get(k) is not None)
         + f"\nreport: {out_dir / 'report.md'}"
     )
 

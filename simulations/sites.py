@@ -1,4 +1,5 @@
-"""Which folder is which hospital: a user's ``data.root``, or synthetic sites written once.
+"""Which folder is which hospital: a user's ``data.root``, a pooled ``data.path`` split by
+``simulations/partition.py``, or synthetic sites written once.
 
 Synthetic sites go to ``data.cache_dir/synthetic/<task>-<key>/`` where the key hashes
 everything that shapes the files (task config, number of hospitals, seed), so a second run
@@ -18,13 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from client.tasks import DataError, get_task
+from simulations.partition import partition_sites
 
 GENERATOR_VERSION = 1  # bump when a generator's output changes
 
 
 def site_folders(cfg: Mapping[str, Any]) -> dict[str, Path]:
     """Site id -> folder, in a stable order."""
-    root = cfg["data"].get("root")
+    cache_dir = Path(cfg["data"]["cache_dir"]).expanduser()
+    root, pooled = cfg["data"].get("root"), cfg["data"].get("path")
+    if root and pooled:
+        raise DataError("give either data.root (one folder per hospital) or data.path (one "
+                        "pooled dataset to split), not both")
+    if pooled:
+        return partition_sites(cfg, cache_dir)
     if root:
         root = Path(root).expanduser()
         if not root.is_dir():
@@ -34,8 +42,7 @@ def site_folders(cfg: Mapping[str, Any]) -> dict[str, Path]:
         if not folders:
             raise DataError(f"data.root={root} has no sub-folders; expected one per hospital")
         return {p.name: p for p in folders}
-    return synthetic_sites(cfg["task"], int(cfg["num_hospitals"]), int(cfg["seed"]),
-                           Path(cfg["data"]["cache_dir"]).expanduser())
+    return synthetic_sites(cfg["task"], int(cfg["num_hospitals"]), int(cfg["seed"]), cache_dir)
 
 
 def synthetic_sites(

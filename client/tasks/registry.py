@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from client.tasks.base import Task
 
 _TASKS: dict[str, Task] = {}

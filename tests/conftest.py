@@ -1,0 +1,29 @@
+"""Shared fixtures: tests never touch the user's cache, and simulations run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MEDSILO_CACHE", str(tmp_path_factory.getbasetemp() / "medsilo-cache"))
+
+
+def run_simulation_cli(out_dir: Path, *overrides: str, timeout: float = 300) -> dict:
+    """``python -m simulations.run`` in a subprocess; returns report.json."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", f"hydra.run.dir={out_dir}", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"simulation failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads((out_dir / "report.json").read_text())

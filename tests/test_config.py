@@ -1,0 +1,82 @@
+"""Configuration: bad values fail with a clear message before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from server.settings import ConfigError, compose
+from tests.conftest import ROOT
+
+
+def test_defaults_compose_and_are_valid():
+    cfg = compose([])
+    assert cfg["num_hospitals"] == 4 and cfg["rounds"] == 5 and cfg["seed"] == 0
+    assert cfg["device"] == "auto"
+    assert cfg["task"]["name"] == "images" and cfg["model"]["name"] == "cnn"
+    assert cfg["strategy"]["name"] == "fedavg"
+    assert cfg["privacy"]["name"] == "off" and cfg["secagg"]["name"] == "off"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("num_hospitals=0", "num_hospitals"),
+        ("rounds=0", "rounds"),
+        ("rounds=-3", "rounds"),
+        ("local_epochs=0", "local_epochs"),
+        ("batch_size=0", "batch_size"),
+        ("lr=0", "lr"),
+        ("seed=-1", "seed"),
+        ("device=tpu", "device"),
+        ("strategy.fraction_train=1.5", "strategy.fraction_train"),
+        ("rounds=two", "rounds"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key} must be"):
+        compose([override])
+
+
+def test_unknown_group_value_lists_valid_choices():
+    with pytest.raises(MissingConfigException) as err:
+        compose(["strategy=fedbogus"])
+    message = str(err.value)
+    for choice in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+        assert choice in message
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="num_hospital"):
+        compose(["num_hospital=3"])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+def test_every_strategy_builds_flowers_own_class(strategy):
+    import flwr.serverapp.strategy as flower
+
+    from server.history import RunHistory
+    from server.strategy import build_strategy
+
+    cfg = compose([f"strategy={strategy}"])
+    built = build_strategy(cfg["strategy"], 3, RunHistory())
+    expected = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx,
+                "fedadam": flower.FedAdam, "fedyogi": flower.FedYogi}[strategy]
+    assert isinstance(built, expected)
+    assert built.min_available_nodes == 3
+
+
+def test_cli_rejects_bad_value_before_starting_anything(tmp_path):
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "rounds=0", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "rounds must be an integer >= 1, got 0" in proc.stderr
+    assert not (tmp_path / "report.json").exists()
+    assert time.perf_counter() - started < 60  # no Ray cluster was started
