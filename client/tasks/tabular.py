@@ -1,0 +1,536 @@
+"""Tabular: classification from patient records, one CSV table per site.
+
+The default layout is the UCI Heart Disease ``processed.<centre>.data`` files (the basis of
+FLamby's Fed-Heart-Disease: cleveland, hungarian, switzerland, va): no header line, ``?`` for
+a missing value, 13 features and ``num`` (0 = no disease, 1-4 = disease), binarised ``num > 0``.
+Any CSV works by configuration (``conf/task/tabular.yaml``):
+
+- ``header``: ``first_line`` (the first line names the columns) or ``none`` (names from
+  ``columns``); ``delimiter``; ``missing_values`` (tokens meaning "not recorded", e.g. ``?``,
+  empty, ``NaN``); ``zero_as_missing`` (columns where 0 means "not measured", like
+  switzerland's cholesterol).
+- ``numeric``: columns read as numbers. Each becomes two features: the value standardised with
+  the site's own training-split mean/std (a missing value is imputed with that mean, i.e. 0
+  after standardising) and a missing indicator.
+- ``categorical``: column -> its fixed list of codes. Each becomes a one-hot block over the
+  declared codes plus a missing indicator. Codes come from config, never from data, so every
+  site encodes identically. A value that is not a declared code is a :class:`DataError`
+  naming file, line and column (it is not mapped to an "unknown" slot: a typo or a different
+  coding at one hospital would otherwise silently become noise). Blocks are laid out in sorted
+  column-name order, because mappings lose their order on the way to sites.
+- the label: ``label`` column; either ``label_threshold`` (class 1 if value > threshold) or
+  ``label_classes`` (class index = position of the value in the list). A missing label or a
+  value outside the declared classes is a :class:`DataError` naming file and line.
+
+Site folder: ``train.csv`` + ``test.csv`` if both exist, else the one file matching ``file``
+(a glob), split deterministically: a row goes to test when the CRC32 of its content falls
+below ``test_fraction`` (stable under reordering or appending rows; identical rows share a
+split). Other columns (an id, a site name) are ignored. A row with no recorded feature at all
+is skipped and counted (``skipped["all_features_missing"]``).
+
+The encoded width (``spec.num_features``) follows from config alone (:func:`encoded_width`), so
+the server can build the model without seeing any site's data.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
+from client.tasks.registry import register_task
+
+SPLIT_FILES = ("train.csv", "test.csv")
+HEADER_MODES = ("first_line", "none")
+ALL_MISSING = "all_features_missing"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _categorical(task_cfg: Mapping[str, Any]) -> list[tuple[str, list[Any]]]:
+    """(column, declared codes) in sorted column order (the wire sorts mapping keys anyway)."""
+    declared = task_cfg.get("categorical") or {}
+    return [(str(name), list(declared[name])) for name in sorted(declared)]
+
+
+def _numeric(task_cfg: Mapping[str, Any]) -> list[str]:
+    return [str(c) for c in task_cfg.get("numeric") or []]
+
+
+def encoded_width(task_cfg: Mapping[str, Any]) -> int:
+    """Width of the feature vector, from config alone: 2 per numeric column (value, missing
+    indicator), codes + 1 per categorical column (one-hot, missing indicator)."""
+    return 2 * len(_numeric(task_cfg)) + sum(len(codes) + 1 for _, codes in _categorical(task_cfg))
+
+
+def feature_names(task_cfg: Mapping[str, Any]) -> list[str]:
+    """Names of the encoded features, in model-input order (for reports and debugging)."""
+    names = []
+    for col in _numeric(task_cfg):
+        names += [col, f"{col}_missing"]
+    for col, codes in _categorical(task_cfg):
+        names += [f"{col}={code}" for code in codes] + [f"{col}_missing"]
+    return names
+
+
+def _num_classes(task_cfg: Mapping[str, Any]) -> int:
+    return int(task_cfg["spec"]["num_classes"])
+
+
+def _check_config(task_cfg: Mapping[str, Any]) -> None:
+    where = "conf/task (task.*)"
+    header = str(task_cfg.get("header", "first_line"))
+    if header not in HEADER_MODES:
+        raise DataError(f"{where}: task.header must be one of {list(HEADER_MODES)}, got {header!r}")
+    if header == "none" and not task_cfg.get("columns"):
+        raise DataError(f"{where}: task.header=none needs task.columns (the column names in "
+                        "file order)")
+    numeric, categorical = _numeric(task_cfg), [c for c, _ in _categorical(task_cfg)]
+    if not numeric and not categorical:
+        raise DataError(f"{where}: declare at least one feature in task.numeric or "
+                        "task.categorical")
+    both = sorted(set(numeric) & set(categorical))
+    if both:
+        raise DataError(f"{where}: columns {both} are declared both numeric and categorical")
+    label = task_cfg.get("label")
+    if not label:
+        raise DataError(f"{where}: task.label (the label column) is not set")
+    if label in numeric or label in categorical:
+        raise DataError(f"{where}: the label column {label!r} is also declared as a feature")
+    for col, codes in _categorical(task_cfg):
+        if not codes:
+            raise DataError(f"{where}: task.categorical.{col} declares no codes")
+        normalised = [_normalise(c) for c in codes]
+        if len(set(normalised)) != len(normalised):
+            raise DataError(f"{where}: task.categorical.{col} declares a code twice: {codes}")
+    threshold, classes = task_cfg.get("label_threshold"), task_cfg.get("label_classes")
+    if (threshold is None) == (classes is None):
+        raise DataError(f"{where}: set exactly one of task.label_threshold (binarise: class 1 "
+                        "if value > threshold) or task.label_classes (the label values)")
+    expected = 2 if threshold is not None else len(classes)
+    if _num_classes(task_cfg) != expected:
+        raise DataError(f"{where}: task.spec.num_classes={_num_classes(task_cfg)} but the label "
+                        f"rule gives {expected} classes")
+    fraction = float(task_cfg.get("test_fraction", 0.25))
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"{where}: task.test_fraction must be in [0, 1), got {fraction}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Table:
+    """The rows of one CSV file, as text (nothing interpreted yet)."""
+
+    path: Path
+    columns: list[str]
+    rows: list[list[str]]
+    lines: list[int]  # 1-based line number of each row, for error messages
+
+
+def _normalise(value: Any) -> Any:
+    """Codes compare as numbers when they are numbers ("6.0" == 6), else as stripped text."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
+def read_table(path: Path, task_cfg: Mapping[str, Any]) -> Table:
+    """Parse one CSV file; a wrong number of fields is a DataError naming file and line."""
+    header = str(task_cfg.get("header", "first_line"))
+    delimiter = str(task_cfg.get("delimiter", ","))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            rows, lines = [], []
+            columns: list[str] | None = None
+            if header == "none":
+                columns = [str(c) for c in task_cfg["columns"]]
+            for fields in reader:
+                line = reader.line_num
+                if not fields or all(not f.strip() for f in fields) and len(fields) <= 1:
+                    continue  # a blank line is not a record
+                fields = [f.strip() for f in fields]
+                if columns is None:
+                    columns = fields
+                    continue
+                if len(fields) != len(columns):
+                    raise DataError(
+                        f"{path}, line {line}: {len(fields)} fields, expected {len(columns)} "
+                        f"({', '.join(columns)})" + (" as declared in task.columns"
+                                                     if header == "none" else " as in the header")
+                    )
+                rows.append(fields)
+                lines.append(line)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from err
+    if columns is None:
+        raise DataError(f"{path}: empty file; expected a header line naming the columns "
+                        "(or task.header=none with task.columns)")
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise DataError(f"{path}: column names {duplicated} appear more than once")
+    needed = [str(task_cfg["label"]), *_numeric(task_cfg), *(c for c, _ in _categorical(task_cfg))]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(f"{path}: columns {missing} are missing; found {columns}")
+    return Table(path=path, columns=columns, rows=rows, lines=lines)
+
+
+@dataclass
+class Parsed:
+    """Rows interpreted: raw numbers (NaN = missing), category indices (-1 = missing), labels."""
+
+    numeric: np.ndarray  # (n, num_numeric) float64
+    categorical: np.ndarray  # (n, num_categorical) int64
+    labels: np.ndarray  # (n,) int64
+
+
+def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
+    missing_tokens = {str(t) for t in task_cfg.get("missing_values", ["?", "", "NaN"])}
+    zero_missing = {str(c) for c in task_cfg.get("zero_as_missing") or []}
+    numeric_cols = _numeric(task_cfg)
+    categorical = _categorical(task_cfg)
+    index = {c: i for i, c in enumerate(table.columns)}
+    label_col = str(task_cfg["label"])
+    threshold = task_cfg.get("label_threshold")
+    classes = task_cfg.get("label_classes")
+    class_of = None if classes is None else {_normalise(v): i for i, v in enumerate(classes)}
+    code_of = [{_normalise(code): k for k, code in enumerate(codes)} for _, codes in categorical]
+
+    n = len(table.rows)
+    numeric = np.full((n, len(numeric_cols)), np.nan)
+    cats = np.full((n, len(categorical)), -1, dtype=np.int64)
+    labels = np.zeros(n, dtype=np.int64)
+    for r, (fields, line) in enumerate(zip(table.rows, table.lines, strict=True)):
+        where = f"{table.path}, line {line}"
+        for j, col in enumerate(numeric_cols):
+            text = fields[index[col]]
+            if text in missing_tokens:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                raise DataError(f"{where}, column {col!r}: {text!r} is not a number (missing "
+                                f"values are written as one of {sorted(missing_tokens)})") from None
+            if math.isnan(value) or (value == 0 and col in zero_missing):
+                continue
+            if not math.isfinite(value):
+                raise DataError(f"{where}, column {col!r}: {text!r} is not a finite number")
+            numeric[r, j] = value
+        for j, (col, codes) in enumerate(categorical):
+            text = fields[index[col]]
+            if text in missing_tokens:
+                continue
+            k = code_of[j].get(_normalise(text))
+            if k is None:
+                raise DataError(f"{where}, column {col!r}: {text!r} is not one of the declared "
+                                f"codes {codes} (task.categorical.{col})")
+            cats[r, j] = k
+        text = fields[index[label_col]]
+        if text in missing_tokens:
+            raise DataError(f"{where}: the label {label_col!r} is missing; every record needs one")
+        if threshold is not None:
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise DataError(f"{where}: label {label_col!r} = {text!r} is not a number "
+                                f"(task.label_threshold={threshold} binarises a numeric label)")
+            labels[r] = int(value > float(threshold))
+        else:
+            k = class_of.get(_normalise(text))
+            if k is None:
+                raise DataError(f"{where}: label {label_col!r} = {text!r} is outside the declared "
+                                f"classes {list(classes)} (task.label_classes)")
+            labels[r] = k
+    return Parsed(numeric=numeric, categorical=cats, labels=labels)
+
+
+def encode_features(parsed: Parsed, task_cfg: Mapping[str, Any], train_rows: np.ndarray,
+                    ) -> np.ndarray:
+    """Encoded float32 matrix. Means and standard deviations come from ``train_rows`` only
+    (this site's training split): nothing about another site's values is needed."""
+    blocks = []
+    train_values = parsed.numeric[train_rows]
+    for j in range(parsed.numeric.shape[1]):
+        observed = train_values[:, j][~np.isnan(train_values[:, j])]
+        mean = float(observed.mean()) if len(observed) else 0.0
+        std = float(observed.std()) if len(observed) > 1 else 0.0
+        std = std if std > 1e-8 else 1.0
+        values = parsed.numeric[:, j]
+        is_missing = np.isnan(values)
+        # mean imputation: a missing value sits at 0 after standardising, flagged by the indicator
+        blocks += [np.where(is_missing, 0.0, (values - mean) / std)[:, None],
+                   is_missing[:, None].astype(np.float64)]
+    for j, (_, codes) in enumerate(_categorical(task_cfg)):
+        onehot = np.zeros((len(parsed.labels), len(codes) + 1))
+        slot = np.where(parsed.categorical[:, j] < 0, len(codes), parsed.categorical[:, j])
+        onehot[np.arange(len(slot)), slot] = 1.0
+        blocks.append(onehot)
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def _row_is_test(fields: Sequence[str], fraction: float) -> bool:
+    """Deterministic, data-order-independent split: the row's content decides."""
+    return zlib.crc32("\x1f".join(fields).encode()) / 2**32 < fraction
+
+
+def _site_files(folder: Path, task_cfg: Mapping[str, Any]) -> list[Path]:
+    """``[train.csv, test.csv]`` or ``[the one file matching task.file]``."""
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise DataError(f"site folder {folder} does not exist or is not a directory")
+    split = [folder / name for name in SPLIT_FILES]
+    if all(p.is_file() for p in split):
+        return split
+    pattern = str(task_cfg.get("file", "*.csv"))
+    matches = sorted(p for p in folder.iterdir() if p.is_file()
+                     and fnmatch.fnmatch(p.name, pattern) and p.name not in SPLIT_FILES)
+    if len(matches) != 1:
+        found = "none" if not matches else ", ".join(p.name for p in matches)
+        raise DataError(f"{folder}: expected train.csv + test.csv, or exactly one file matching "
+                        f"{pattern!r} (task.file); found {found}")
+    return matches
+
+
+def _parse_site(folder: Path, task_cfg: Mapping[str, Any]
+                ) -> tuple[Parsed, np.ndarray, str, Table]:
+    files = _site_files(Path(folder), task_cfg)
+    tables = [read_table(p, task_cfg) for p in files]
+    parsed = [parse_rows(t, task_cfg) for t in tables]  # each names its own file on error
+    if len(tables) == 2:
+        train, test = tables
+        if train.columns != test.columns:
+            raise DataError(f"{test.path}: columns {test.columns} differ from {train.path}'s "
+                            f"{train.columns}")
+        merged = Parsed(*(np.concatenate([getattr(p, k) for p in parsed])
+                          for k in ("numeric", "categorical", "labels")))
+        is_test = np.r_[np.zeros(len(train.rows), bool), np.ones(len(test.rows), bool)]
+        table = Table(train.path, train.columns, train.rows + test.rows, train.lines + test.lines)
+        return merged, is_test, f"{train.path} + {test.path.name}", table
+    fraction = float(task_cfg.get("test_fraction", 0.25))
+    is_test = np.array([_row_is_test(f, fraction) for f in tables[0].rows], dtype=bool)
+    return parsed[0], is_test, str(tables[0].path), tables[0]
+
+
+# --------------------------------------------------------------------------- the task
+
+
+@register_task
+class TabularTask(Task):
+    name = "tabular"
+
+    @staticmethod
+    def input_spec(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """``spec`` with ``num_features`` computed from the declared columns; a stale value in
+        config (columns changed, ``spec.num_features`` not) is an error, not a silent mismatch."""
+        _check_config(task_cfg)
+        spec = dict(task_cfg["spec"])
+        width = encoded_width(task_cfg)
+        declared = spec.get("num_features")
+        if declared is not None and int(declared) != width:
+            raise DataError(f"task.spec.num_features={declared} but the declared columns encode "
+                            f"to {width} features (2 per numeric column, codes + 1 per "
+                            f"categorical column); set task.spec.num_features={width}")
+        spec["num_features"] = width
+        return spec
+
+    def load_site(self, folder: Path, task_cfg: Mapping[str, Any], site_id: str) -> SiteData:
+        self.input_spec(task_cfg)
+        parsed, is_test, source, _ = _parse_site(Path(folder), task_cfg)
+        usable = ~(np.isnan(parsed.numeric).all(axis=1) & (parsed.categorical < 0).all(axis=1))
+        skipped = {ALL_MISSING: int((~usable).sum())} if (~usable).any() else {}
+        train_rows = np.flatnonzero(usable & ~is_test)
+        test_rows = np.flatnonzero(usable & is_test)
+        if len(train_rows) == 0:
+            raise DataError(f"site {site_id}: {source} has zero training records"
+                            + (f" ({skipped[ALL_MISSING]} had no recorded feature)"
+                               if skipped else ""))
+        features = torch.from_numpy(encode_features(parsed, task_cfg, train_rows))
+        labels = torch.from_numpy(parsed.labels)
+        return SiteData(
+            site_id=site_id,
+            train=TensorDataset(features[train_rows], labels[train_rows]),
+            test=TensorDataset(features[test_rows], labels[test_rows]),
+            num_classes=_num_classes(task_cfg),
+            source=source,
+            skipped=skipped,
+        )
+
+    def index_pooled(
+        self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
+    ) -> PooledRecords:
+        self.input_spec(task_cfg)
+        parsed, is_test, _, table = _parse_site(Path(path), task_cfg)
+        groups = None
+        if site_column:
+            if site_column not in table.columns:
+                raise DataError(f"{table.path}: data.site_column={site_column!r} is not a "
+                                f"column; found {table.columns}")
+            col = table.columns.index(site_column)
+            groups = np.array([row[col] for row in table.rows], dtype=object)
+        # a single pooled file has no test split of its own: each site splits its share
+        if len(_site_files(Path(path), task_cfg)) == 1:
+            is_test = np.zeros(len(parsed.labels), bool)
+        return PooledRecords(labels=parsed.labels, is_test=is_test, groups=groups)
+
+    def write_partition(
+        self, path: Path, task_cfg: Mapping[str, Any], folder: Path, records: np.ndarray
+    ) -> None:
+        files = _site_files(Path(path), task_cfg)
+        tables = [read_table(p, task_cfg) for p in files]
+        records = np.asarray(records, dtype=int)
+        folder.mkdir(parents=True, exist_ok=True)
+        if len(tables) == 2:
+            n_train = len(tables[0].rows)
+            outputs = [(folder / SPLIT_FILES[0], tables[0], records[records < n_train]),
+                       (folder / SPLIT_FILES[1], tables[1], records[records >= n_train] - n_train)]
+        else:
+            outputs = [(folder / _single_file_name(task_cfg, folder), tables[0], records)]
+        for out, table, ids in outputs:
+            _write_rows(out, task_cfg, table.columns, [table.rows[i] for i in ids])
+
+    def generate_site(
+        self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
+    ) -> None:
+        self.input_spec(task_cfg)
+        rng = np.random.default_rng([seed, profile.index, 4])
+        n = profile.num_train + profile.num_test
+        records = synthetic_records(n, task_cfg, profile, rng)
+        records[str(task_cfg["label"])] = records.pop("num")  # the label under its configured name
+        folder.mkdir(parents=True, exist_ok=True)
+        columns = list(task_cfg["columns"]) if task_cfg.get("columns") else list(records)
+        missing = set(columns) - set(records)
+        if missing:
+            raise DataError(f"the synthetic generator writes the UCI heart-disease columns "
+                            f"{list(records)}; task.columns also names {sorted(missing)}")
+        rows = [[records[c][i] for c in columns] for i in range(n)]
+        _write_rows(folder / _single_file_name(task_cfg, folder), task_cfg, columns, rows)
+
+
+def _single_file_name(task_cfg: Mapping[str, Any], folder: Path) -> str:
+    """A file name matching ``task.file``: its ``*`` becomes the site folder's name."""
+    pattern = str(task_cfg.get("file", "*.csv"))
+    name = pattern.replace("*", folder.name)
+    if any(ch in name for ch in "?[]"):
+        raise DataError(f"task.file={pattern!r}: cannot derive a file name to write (use a "
+                        "pattern with only '*' wildcards)")
+    return name
+
+
+def _write_rows(path: Path, task_cfg: Mapping[str, Any], columns: Sequence[str],
+                rows: Sequence[Sequence[str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter=str(task_cfg.get("delimiter", ",")),
+                            lineterminator="\n")
+        if str(task_cfg.get("header", "first_line")) != "none":
+            writer.writerow(columns)
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------- synthetic sites
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def synthetic_records(n: int, task_cfg: Mapping[str, Any], profile: SiteProfile,
+                      rng: np.random.Generator) -> dict[str, list[str]]:
+    """Heart-disease-like records as the text a UCI ``processed.*.data`` file holds.
+
+    Plausible clinical ranges; a logistic ground truth over age, sex, chest-pain type, max
+    heart rate, exercise angina, ST depression, vessels coloured (ca), thal and cholesterol,
+    with its intercept set so that the site's prevalence matches ``profile.class_weights``.
+    Site shift from ``profile.shift``: u moves the age distribution, v the cholesterol level,
+    the share of men and how numbers are written (``63`` vs ``63.0``), w how much goes
+    unrecorded: a site with w > 0.6 rarely records ca/thal/slope and writes cholesterol as 0,
+    like the real switzerland and va centres.
+    """
+    u, v, w = (float(profile.shift[k]) for k in ("u", "v", "w"))
+    age = np.clip(rng.normal(47 + 14 * u, 8.5, n), 28, 77).round()
+    sex = (rng.uniform(size=n) < 0.6 + 0.35 * v).astype(float)
+    cp = rng.choice([1, 2, 3, 4], size=n, p=[0.07, 0.18, 0.27, 0.48])
+    trestbps = np.clip(rng.normal(128 + 0.4 * (age - 54), 17, n), 92, 200).round()
+    chol = np.clip(rng.normal(205 + 60 * v + 0.9 * (age - 54), 48, n), 110, 560).round()
+    fbs = (rng.uniform(size=n) < 0.1 + 0.1 * v).astype(float)
+    restecg = rng.choice([0, 1, 2], size=n, p=[0.55, 0.15, 0.30])
+    thalach = np.clip(rng.normal(152 - 0.9 * (age - 54), 20, n), 70, 202).round()
+    exang = (rng.uniform(size=n) < np.where(cp == 4, 0.5, 0.15)).astype(float)
+    oldpeak = np.clip(rng.normal(0.6 + 0.9 * exang, 0.9, n), 0, 6.2).round(1)
+    slope = np.where(oldpeak > 1.0, rng.choice([2, 3], size=n, p=[0.8, 0.2]),
+                     rng.choice([1, 2], size=n, p=[0.7, 0.3]))
+    ca = np.minimum(rng.poisson(np.clip(0.2 + 0.03 * (age - 45), 0.05, 2.0)), 3).astype(float)
+    thal = rng.choice([3, 6, 7], size=n, p=[0.55, 0.07, 0.38])
+
+    risk = (0.05 * (age - 54) + 0.9 * sex + 1.3 * (cp == 4) - 0.5 * (cp <= 2)
+            - 0.03 * (thalach - 150) + 0.8 * exang + 0.5 * oldpeak + 0.8 * ca
+            + 1.2 * (thal != 3) + 0.004 * (chol - 240) + 0.4 * (slope >= 2))
+    risk = risk - risk.mean()
+    prevalence = 1.0 - float(profile.class_weights[0])
+    lo, hi = -20.0, 20.0  # intercept so that the expected prevalence matches the profile
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _sigmoid(risk + mid).mean() < prevalence else (lo, mid)
+    latent = risk + lo + rng.logistic(size=n)  # P(latent > 0) = sigmoid(risk + b)
+    label = _synthetic_label(latent, task_cfg, profile, rng)
+
+    as_float = v > 0.5  # cleveland writes "63.0", hungarian "63"
+    def text(values: np.ndarray, decimals: int = 0) -> list[str]:
+        if decimals:
+            return [f"{x:.{decimals}f}" for x in values]
+        return [f"{x:.1f}" if as_float else f"{int(x)}" for x in values]
+
+    sparse = w > 0.6  # a centre that rarely records the angiography-derived fields
+    miss = {c: 0.005 + 0.015 * w for c in ("trestbps", "fbs", "restecg", "thalach", "exang",
+                                           "oldpeak")}
+    miss.update(ca=0.6 + 0.35 * w if sparse else 0.01, thal=0.4 + 0.4 * w if sparse else 0.01,
+                slope=0.2 + 0.3 * w if sparse else 0.01, chol=0.02)
+    columns = {
+        "age": text(age), "sex": text(sex), "cp": text(cp), "trestbps": text(trestbps),
+        "chol": text(chol), "fbs": text(fbs), "restecg": text(restecg),
+        "thalach": text(thalach), "exang": text(exang), "oldpeak": text(oldpeak, 1),
+        "slope": text(slope), "ca": text(ca), "thal": text(thal), "num": label,
+    }
+    for col, rate in miss.items():
+        for i in np.flatnonzero(rng.uniform(size=n) < rate):
+            columns[col][i] = "?"
+    if sparse:  # switzerland writes an unmeasured cholesterol as 0, not "?"
+        for i in np.flatnonzero(rng.uniform(size=n) < 0.3 + 0.7 * (w - 0.6) / 0.4):
+            columns["chol"][i] = "0"
+    return columns
+
+
+def _synthetic_label(latent: np.ndarray, task_cfg: Mapping[str, Any], profile: SiteProfile,
+                     rng: np.random.Generator) -> list[str]:
+    """``num`` as the file writes it: 0, or 1-4 rising with the latent risk (binarised by
+    ``label_threshold``); with ``label_classes``, ordinal cut points give the site's class
+    proportions."""
+    classes = task_cfg.get("label_classes")
+    if classes is None:
+        threshold = float(task_cfg["label_threshold"])
+        severity = np.clip(1 + np.floor(latent / 1.5), 1, 4)
+        values = np.where(latent > 0, math.floor(threshold) + severity, math.floor(threshold))
+        return [f"{int(x)}" for x in values]
+    # ordinal: class k where the latent risk falls between the site's quantile cut points
+    cuts = np.quantile(latent, np.cumsum(profile.class_weights)[:-1])
+    k = np.searchsorted(cuts, latent)
+    return [str(classes[i]) for i in k]
