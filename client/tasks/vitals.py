@@ -1,0 +1,835 @@
+"""Vitals: ICU stay -> in-hospital mortality from irregular multivariate time series.
+
+Two site formats (``task.format``: ``physionet``, ``long_csv`` or ``auto``):
+
+- the PhysioNet/CinC Challenge 2012 layout, as the download unpacks:
+  ``<records_dir>/<RecordID>.txt`` (default ``set-a/``), one file per ICU stay with header
+  ``Time,Parameter,Value``; ``Time`` is ``HH:MM`` since ICU admission (hours may exceed 23);
+  the first lines are the static descriptors (RecordID, Age, Gender, Height, ICUType, Weight)
+  at ``00:00``; ``-1`` means missing. Next to it ``<outcomes_file>`` (default
+  ``Outcomes-a.txt``) with header ``RecordID,SAPS-I,SOFA,Length_of_stay,Survival,
+  In-hospital_death``; the label is ``task.label_column``. The synthetic generator writes
+  exactly this layout.
+- a generic long CSV ``<events_file>`` (``stay_id,time_hours,variable,value``) and
+  ``<labels_file>`` (``stay_id,label``). Rows whose ``variable`` is a static descriptor
+  (``task.static``) give the stay's static features; an empty, ``NaN`` or ``-1`` value is missing.
+
+Each stay becomes two tensors: ``series`` (hours x 3V: per variable the standardised value
+carried forward, the observed mask, and the hours since the last observation / ``hours``) over
+the first ``task.hours`` hours, and ``static`` (descriptors, each with a missing flag;
+ICUType one-hot over the four challenge units). Standardisation statistics come from the
+site's own training split only. Train/test is a stable hash of the stay id, so a stay keeps
+its split whichever folder it is copied into.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import shutil
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
+from client.tasks.registry import register_task
+
+FORMATS = ("auto", "physionet", "long_csv")
+RECORD_HEADER = ("Time", "Parameter", "Value")
+EVENT_COLUMNS = ("stay_id", "time_hours", "variable", "value")
+LABEL_COLUMNS = ("stay_id", "label")
+# The PhysioNet 2012 general descriptors, recorded once at 00:00 at the top of each file.
+DESCRIPTORS = ("RecordID", "Age", "Gender", "Height", "ICUType", "Weight")
+# ICUType codes fixed by the challenge (1 coronary care, 2 cardiac surgery recovery,
+# 3 medical, 4 surgical): the one-hot encoding is data-independent.
+ICU_TYPES = (1, 2, 3, 4)
+MISSING = -1.0
+
+
+@dataclass(frozen=True)
+class Physiology:
+    """What a variable looks like in an adult ICU: the loader drops values outside
+    ``[low, high]`` (entry errors such as a pH of 735), standardises ``log`` variables on a log
+    scale (skewed labs), and the generator draws around ``mean`` +- ``sd``."""
+
+    low: float
+    high: float
+    mean: float
+    sd: float
+    log: bool = False
+    decimals: int = 0
+    worsens: float = 0.0  # generator: change per unit of deterioration, in sd (sign = direction)
+    kind: str = "vital"  # generator: vital | art (arterial line) | neuro | lab | gas | other
+
+
+PHYSIOLOGY: dict[str, Physiology] = {
+    "HR": Physiology(10, 300, 87, 15, worsens=+1.0),
+    "RespRate": Physiology(1, 90, 19, 5, worsens=+0.9),
+    "Temp": Physiology(25, 45, 37.0, 0.7, decimals=1, worsens=+0.4),
+    "MAP": Physiology(10, 250, 80, 12, worsens=-1.0, kind="art"),
+    "SysABP": Physiology(20, 300, 120, 18, worsens=-1.0, kind="art"),
+    "DiasABP": Physiology(5, 200, 60, 10, worsens=-0.8, kind="art"),
+    "GCS": Physiology(3, 15, 12, 3.5, worsens=-1.0, kind="neuro"),
+    "Lactate": Physiology(0.1, 40, 2.0, 0.45, log=True, decimals=1, worsens=+1.3, kind="gas"),
+    "pH": Physiology(6.5, 8.0, 7.39, 0.06, decimals=2, worsens=-0.9, kind="gas"),
+    "SaO2": Physiology(40, 100, 97, 2.5, worsens=-0.6, kind="gas"),
+    "PaO2": Physiology(20, 600, 140, 60, worsens=-0.5, kind="gas"),
+    "PaCO2": Physiology(10, 150, 40, 8, worsens=+0.3, kind="gas"),
+    "HCO3": Physiology(5, 55, 24, 4, worsens=-0.8, kind="lab"),
+    "Creatinine": Physiology(0.1, 25, 1.2, 0.5, log=True, decimals=1, worsens=+0.7, kind="lab"),
+    "BUN": Physiology(1, 250, 25, 0.55, log=True, worsens=+0.7, kind="lab"),
+    "WBC": Physiology(0.1, 200, 11, 0.4, log=True, decimals=1, worsens=+0.6, kind="lab"),
+    "Glucose": Physiology(10, 1500, 135, 0.3, log=True, worsens=+0.3, kind="lab"),
+    "Platelets": Physiology(1, 2000, 200, 0.45, log=True, worsens=-0.6, kind="lab"),
+    "HCT": Physiology(10, 70, 31, 5, decimals=1, worsens=-0.3, kind="lab"),
+    "K": Physiology(1, 10, 4.1, 0.6, decimals=1, worsens=+0.3, kind="lab"),
+    "Na": Physiology(100, 180, 139, 5, worsens=+0.1, kind="lab"),
+    "Mg": Physiology(0.5, 6, 2.0, 0.4, decimals=1, kind="lab"),
+    "FiO2": Physiology(0.21, 1.0, 0.5, 0.15, decimals=2, worsens=+0.8, kind="gas"),
+    "Urine": Physiology(0, 3000, 120, 1.0, log=True, worsens=-0.6, kind="other"),
+    "Weight": Physiology(20, 300, 82, 20, decimals=1),
+    "MechVent": Physiology(0, 1, 1, 0, kind="other"),
+}
+# Static descriptors: plausible ranges (values outside -> missing, e.g. a height of 13 cm).
+STATIC_RANGES = {"Age": (0, 120), "Height": (100, 250), "Weight": (20, 300), "Gender": (0, 1)}
+
+
+def static_width(name: str) -> int:
+    """Columns a static descriptor takes in the ``static`` tensor."""
+    return len(ICU_TYPES) if name == "ICUType" else 2  # value + missing flag
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _variables(task_cfg: Mapping[str, Any]) -> list[str]:
+    variables = [str(v) for v in task_cfg.get("variables") or []]
+    if not variables or len(set(variables)) != len(variables):
+        raise ValueError(f"task.variables must be a non-empty list of distinct names, "
+                         f"got {variables}")
+    return variables
+
+
+def _statics(task_cfg: Mapping[str, Any]) -> list[str]:
+    statics = [str(v) for v in task_cfg.get("static") or []]
+    if "RecordID" in statics:
+        raise ValueError("task.static must not contain RecordID (an identifier, not a feature)")
+    return statics
+
+
+def _check_spec(task_cfg: Mapping[str, Any]) -> None:
+    spec = task_cfg["spec"]
+    variables, statics = _variables(task_cfg), _statics(task_cfg)
+    width = sum(static_width(s) for s in statics)
+    if int(spec["num_variables"]) != len(variables):
+        raise ValueError(f"task.spec.num_variables={spec['num_variables']} but task.variables "
+                         f"lists {len(variables)} variables; they must agree")
+    if int(spec["num_static"]) != width:
+        raise ValueError(f"task.spec.num_static={spec['num_static']} but task.static "
+                         f"{statics} encodes to {width} columns (2 per descriptor, "
+                         f"{len(ICU_TYPES)} for ICUType); they must agree")
+    if int(spec["num_classes"]) < 2:
+        raise ValueError("task.spec.num_classes must be >= 2")
+
+
+def is_test_stay(stay_id: str, test_fraction: float) -> bool:
+    """Deterministic split from a stable hash of the stay id (never Python's ``hash()``)."""
+    digest = hashlib.sha256(f"medsilo-vitals-split:{stay_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Stay:
+    """One ICU stay as read from the files: time-series observations and static descriptors."""
+
+    stay_id: str
+    hours: list[float] = field(default_factory=list)  # time since admission, hours
+    variable: list[int] = field(default_factory=list)  # index into task.variables
+    value: list[float] = field(default_factory=list)
+    static: dict[str, float] = field(default_factory=dict)
+
+
+class _Observations:
+    """Filters observations into a stay and counts what it leaves out, by reason."""
+
+    def __init__(self, task_cfg: Mapping[str, Any], counts: Counter) -> None:
+        self.index = {v: i for i, v in enumerate(_variables(task_cfg))}
+        self.statics = set(_statics(task_cfg))
+        self.hours = float(task_cfg.get("hours", 48))
+        self.counts = counts
+
+    def add(self, stay: Stay, time_h: float, name: str, value: float) -> None:
+        column = self.index.get(name)
+        if column is None:
+            self.counts["unused_variable_observations"] += 1
+            return
+        if not 0 <= time_h < self.hours:
+            return  # outside the prediction window: not part of the example, nothing lost
+        if value == MISSING or math.isnan(value):
+            self.counts["missing_value_observations"] += 1
+            return
+        limits = PHYSIOLOGY.get(name)
+        if limits is not None and not limits.low <= value <= limits.high:
+            self.counts["implausible_value_observations"] += 1
+            return
+        stay.hours.append(time_h)
+        stay.variable.append(column)
+        stay.value.append(value)
+
+    def add_static(self, stay: Stay, name: str, value: float) -> None:
+        if name not in self.statics or name in stay.static:
+            return
+        if value == MISSING or math.isnan(value):
+            return  # recorded as missing (its flag says so)
+        low, high = STATIC_RANGES.get(name, (-math.inf, math.inf))
+        if not low <= value <= high:
+            self.counts["implausible_static_values"] += 1
+            return
+        stay.static[name] = value
+
+
+def _parse_time(text: str) -> float | None:
+    hours, sep, minutes = text.strip().partition(":")
+    if not sep or not hours.isdigit() or not minutes.isdigit() or len(minutes) != 2:
+        return None
+    if int(minutes) >= 60:
+        return None
+    return int(hours) + int(minutes) / 60.0
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _parse_value(text: str) -> float | None:
+    text = text.strip()
+    if text == "" or text.lower() in ("nan", "na"):
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_physionet_record(path: Path, observations: _Observations) -> Stay:
+    """One ``<RecordID>.txt``: descriptors at the top at 00:00, then time-stamped measurements."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable text file ({err})") from err
+    if not lines or tuple(c.strip() for c in lines[0].split(",")) != RECORD_HEADER:
+        first = lines[0] if lines else "(empty file)"
+        raise DataError(f"{path}:1: expected the header 'Time,Parameter,Value', got {first!r}")
+    stay = Stay(stay_id=path.stem)
+    in_descriptors = True  # the descriptor block ends at the first measurement
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split(",")
+        time_h = _parse_time(parts[0]) if len(parts) == 3 else None
+        value = _parse_value(parts[2]) if len(parts) == 3 else None
+        if time_h is None or value is None:
+            raise DataError(f"{path}:{lineno}: expected 'HH:MM,Parameter,Value' with a numeric "
+                            f"value, got {line!r}")
+        name = parts[1].strip()
+        if in_descriptors and time_h == 0 and name in DESCRIPTORS and name not in stay.static:
+            if name == "RecordID":
+                if value != MISSING and _number_text(value) != path.stem:
+                    raise DataError(f"{path}:{lineno}: RecordID {_number_text(value)} does not "
+                                    f"match the file name (expected {path.stem})")
+                stay.static[name] = value
+            else:
+                observations.add_static(stay, name, value)
+                stay.static.setdefault(name, MISSING)  # seen (possibly missing)
+            continue
+        in_descriptors = False
+        observations.add(stay, time_h, name, value)
+    stay.static = {k: v for k, v in stay.static.items() if v != MISSING and k != "RecordID"}
+    return stay
+
+
+@dataclass
+class LabelRow:
+    stay_id: str
+    label: int
+    lineno: int
+    fields: dict[str, str]
+
+
+def read_labels(path: Path, id_column: str, label_column: str,
+                num_classes: int) -> dict[str, LabelRow]:
+    """An outcomes / labels CSV: stay id -> label (file order kept); every row checked."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; expected a CSV with columns {id_column},{label_column}")
+    rows: dict[str, LabelRow] = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in (id_column, label_column) if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: header {header} lacks {missing}; expected columns "
+                            f"{id_column},{label_column} (task.label_column)")
+        id_at, label_at = header.index(id_column), header.index(label_column)
+        for row in reader:
+            lineno = reader.line_num
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{lineno}: expected {len(header)} fields "
+                                f"({','.join(header)}), got {len(row)}: {','.join(row)!r}")
+            stay_id, label = row[id_at].strip(), row[label_at].strip()
+            if not label.lstrip("-").isdigit() or not 0 <= int(label) < num_classes:
+                raise DataError(f"{path}:{lineno}: {label_column}={label!r} for stay {stay_id}; "
+                                f"expected an integer 0..{num_classes - 1}")
+            if stay_id in rows:
+                raise DataError(f"{path}:{lineno}: stay {stay_id} is listed twice (first on "
+                                f"line {rows[stay_id].lineno})")
+            rows[stay_id] = LabelRow(stay_id, int(label), lineno,
+                                     dict(zip(header, (f.strip() for f in row), strict=True)))
+    return rows
+
+
+def read_long_csv(path: Path, observations: _Observations) -> dict[str, Stay]:
+    """``stay_id,time_hours,variable,value`` rows (any order) -> stays."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; expected a CSV with columns {','.join(EVENT_COLUMNS)}")
+    stays: dict[str, Stay] = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip() for h in next(reader, [])]
+        if any(c not in header for c in EVENT_COLUMNS):
+            raise DataError(f"{path}:1: expected the header {','.join(EVENT_COLUMNS)}, "
+                            f"got {','.join(header)!r}")
+        at = [header.index(c) for c in EVENT_COLUMNS]
+        for row in reader:
+            lineno = reader.line_num
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{lineno}: expected {len(header)} fields "
+                                f"({','.join(header)}), got {len(row)}: {','.join(row)!r}")
+            stay_id, time_text, name, value_text = (row[i].strip() for i in at)
+            time_h, value = _parse_value(time_text), _parse_value(value_text)
+            if not stay_id or time_h is None or math.isnan(time_h) or value is None:
+                raise DataError(f"{path}:{lineno}: expected stay_id, numeric time_hours and a "
+                                f"numeric (or empty) value, got {','.join(row)!r}")
+            stay = stays.get(stay_id)
+            if stay is None:
+                stay = stays[stay_id] = Stay(stay_id)
+            if name in observations.statics:
+                observations.add_static(stay, name, value)
+            else:
+                observations.add(stay, time_h, name, value)
+    return stays
+
+
+def _format(folder: Path, task_cfg: Mapping[str, Any]) -> str:
+    fmt = str(task_cfg.get("format", "auto"))
+    if fmt not in FORMATS:
+        raise DataError(f"task.format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if not folder.is_dir():
+        raise DataError(f"site folder {folder} does not exist or is not a directory")
+    if fmt != "auto":
+        return fmt
+    if (folder / _name(task_cfg, "records_dir")).is_dir():
+        return "physionet"
+    if (folder / _name(task_cfg, "events_file")).is_file():
+        return "long_csv"
+    raise DataError(
+        f"{folder}: found neither {_name(task_cfg, 'records_dir')}/ + "
+        f"{_name(task_cfg, 'outcomes_file')} (PhysioNet 2012 layout) nor "
+        f"{_name(task_cfg, 'events_file')} + {_name(task_cfg, 'labels_file')} (long CSV)"
+    )
+
+
+_DEFAULT_NAMES = {"records_dir": "set-a", "outcomes_file": "Outcomes-a.txt",
+                  "events_file": "events.csv", "labels_file": "labels.csv"}
+
+
+def _name(task_cfg: Mapping[str, Any], key: str) -> str:
+    return str(task_cfg.get(key) or _DEFAULT_NAMES[key])
+
+
+@dataclass
+class _Site:
+    stays: list[Stay]
+    labels: list[int]
+    source: str
+    skipped: Counter
+
+
+def read_site(folder: Path, task_cfg: Mapping[str, Any]) -> _Site:
+    """All usable labelled stays of one folder, with counts of what was left out."""
+    folder = Path(folder)
+    fmt = _format(folder, task_cfg)
+    counts: Counter = Counter()
+    observations = _Observations(task_cfg, counts)
+    num_classes = int(task_cfg["spec"]["num_classes"])
+    if fmt == "physionet":
+        records = folder / _name(task_cfg, "records_dir")
+        outcomes = folder / _name(task_cfg, "outcomes_file")
+        if not records.is_dir():
+            raise DataError(f"{records}: missing; expected a folder of <RecordID>.txt files "
+                            "(PhysioNet 2012 layout)")
+        label_rows = read_labels(outcomes, "RecordID",
+                                 str(task_cfg.get("label_column", "In-hospital_death")),
+                                 num_classes)
+        files = {p.stem: p for p in records.glob("*.txt")}
+        counts["record_without_outcome"] += sum(1 for s in files if s not in label_rows)
+        stays = {}
+        for stay_id in label_rows:
+            if stay_id not in files:
+                counts["stay_without_record"] += 1
+                continue
+            stays[stay_id] = read_physionet_record(files[stay_id], observations)
+        source = str(folder)
+    else:
+        events = folder / _name(task_cfg, "events_file")
+        label_rows = read_labels(folder / _name(task_cfg, "labels_file"), "stay_id",
+                                 "label", num_classes)
+        stays = read_long_csv(events, observations)
+        counts["record_without_outcome"] += sum(1 for s in stays if s not in label_rows)
+        counts["stay_without_record"] += sum(1 for s in label_rows if s not in stays)
+        stays = {s: stays[s] for s in label_rows if s in stays}
+        source = str(events)
+    kept, labels = [], []
+    for stay_id, stay in stays.items():
+        if not stay.value:
+            counts["no_observations"] += 1  # nothing measured in the window: no example
+            continue
+        kept.append(stay)
+        labels.append(label_rows[stay_id].label)
+    return _Site(kept, labels, source, Counter({k: v for k, v in counts.items() if v}))
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@dataclass(frozen=True)
+class Standardiser:
+    """Per-variable and per-descriptor mean/sd, fitted on one site's training stays only."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+    static_mean: dict[str, float]
+    static_sd: dict[str, float]
+
+
+def _log_flags(variables: Sequence[str]) -> np.ndarray:
+    return np.array([PHYSIOLOGY[v].log if v in PHYSIOLOGY else False for v in variables])
+
+
+def _transformed(stay: Stay, log_flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    columns = np.asarray(stay.variable, dtype=np.int64)
+    values = np.asarray(stay.value, dtype=np.float64)
+    logged = log_flags[columns]
+    values[logged] = np.log1p(np.maximum(values[logged], 0.0))
+    return columns, values
+
+
+def fit_standardiser(stays: Sequence[Stay], variables: Sequence[str],
+                     statics: Sequence[str]) -> Standardiser:
+    log_flags = _log_flags(variables)
+    total = np.zeros(len(variables))
+    square = np.zeros(len(variables))
+    count = np.zeros(len(variables))
+    for stay in stays:
+        columns, values = _transformed(stay, log_flags)
+        np.add.at(total, columns, values)
+        np.add.at(square, columns, values**2)
+        np.add.at(count, columns, 1)
+    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    var = np.divide(square, count, out=np.ones_like(total), where=count > 1) - mean**2
+    sd = np.where(count > 1, np.sqrt(np.maximum(var, 0.0)), 1.0)
+    static_mean, static_sd = {}, {}
+    for name in statics:
+        if name in ("ICUType", "Gender"):
+            continue
+        seen = np.array([s.static[name] for s in stays if name in s.static], dtype=np.float64)
+        static_mean[name] = float(seen.mean()) if len(seen) else 0.0
+        static_sd[name] = float(seen.std()) if len(seen) > 1 else 1.0
+    return Standardiser(mean, np.maximum(sd, 1e-6), static_mean,
+                        {k: max(v, 1e-6) for k, v in static_sd.items()})
+
+
+def stays_to_tensors(stays: Sequence[Stay], labels: Sequence[int], task_cfg: Mapping[str, Any],
+                     scale: Standardiser) -> TensorDataset:
+    """``series`` (N, hours, 3V) = [value carried forward | observed mask | hours since last
+    observation / hours], ``static`` (N, S), ``label`` (N,)."""
+    variables, statics = _variables(task_cfg), _statics(task_cfg)
+    hours, n_vars, n = int(task_cfg.get("hours", 48)), len(variables), len(stays)
+    log_flags = _log_flags(variables)
+    sums = np.zeros((n, hours, n_vars))
+    counts = np.zeros((n, hours, n_vars))
+    for i, stay in enumerate(stays):
+        columns, values = _transformed(stay, log_flags)
+        bins = np.minimum(np.asarray(stay.hours, dtype=np.float64).astype(np.int64), hours - 1)
+        z = (values - scale.mean[columns]) / scale.sd[columns]
+        np.add.at(sums[i], (bins, columns), np.clip(z, -6.0, 6.0))
+        np.add.at(counts[i], (bins, columns), 1)
+    observed = counts > 0
+    hourly = np.divide(sums, counts, out=np.zeros_like(sums), where=observed)
+    # Carry the last observation forward (0 = the site's training mean before the first one);
+    # delta counts hours since the last observation (GRU-D, Che et al. 2018).
+    values = np.zeros_like(hourly)
+    delta = np.zeros_like(hourly)
+    last = np.zeros((n, n_vars))
+    since = np.zeros((n, n_vars))
+    for t in range(hours):
+        last = np.where(observed[:, t], hourly[:, t], last)
+        since = np.where(observed[:, t], 0.0, since + 1.0)
+        values[:, t], delta[:, t] = last, since
+    series = np.concatenate([values, observed.astype(np.float64), delta / hours], axis=2)
+    static = np.zeros((n, sum(static_width(s) for s in statics)))
+    for i, stay in enumerate(stays):
+        col = 0
+        for name in statics:
+            value = stay.static.get(name)
+            if name == "ICUType":
+                if value is not None and int(value) in ICU_TYPES:
+                    static[i, col + ICU_TYPES.index(int(value))] = 1.0
+            elif value is None:
+                static[i, col + 1] = 1.0  # missing flag; value stays at the mean (0)
+            elif name == "Gender":
+                static[i, col] = 1.0 if value == 1 else -1.0
+            else:
+                static[i, col] = (value - scale.static_mean[name]) / scale.static_sd[name]
+            col += static_width(name)
+    return TensorDataset(
+        torch.from_numpy(series.astype(np.float32)),
+        torch.from_numpy(np.clip(static, -6, 6).astype(np.float32)),
+        torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)),
+    )
+
+
+# --------------------------------------------------------------------------- the task
+
+
+@register_task
+class VitalsTask(Task):
+    name = "vitals"
+
+    @staticmethod
+    def input_spec(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        _check_spec(task_cfg)
+        return dict(task_cfg["spec"])
+
+    def load_site(self, folder: Path, task_cfg: Mapping[str, Any], site_id: str) -> SiteData:
+        _check_spec(task_cfg)
+        site = read_site(Path(folder), task_cfg)
+        fraction = float(task_cfg.get("test_fraction", 0.25))
+        in_test = np.array([is_test_stay(s.stay_id, fraction) for s in site.stays], dtype=bool)
+        train_stays = [s for s, t in zip(site.stays, in_test, strict=True) if not t]
+        test_stays = [s for s, t in zip(site.stays, in_test, strict=True) if t]
+        labels = np.asarray(site.labels, dtype=np.int64)
+        if not train_stays:
+            raise DataError(f"site {site_id}: {site.source} has zero training stays "
+                            f"(usable stays: {len(site.stays)}, left out: {dict(site.skipped)})")
+        # Nothing about this hospital's values leaves it: the statistics stay inside SiteData.
+        scale = fit_standardiser(train_stays, _variables(task_cfg), _statics(task_cfg))
+        return SiteData(
+            site_id=site_id,
+            train=stays_to_tensors(train_stays, labels[~in_test], task_cfg, scale),
+            test=stays_to_tensors(test_stays, labels[in_test], task_cfg, scale),
+            num_classes=int(task_cfg["spec"]["num_classes"]),
+            source=site.source,
+            skipped=dict(site.skipped),
+        )
+
+    # -- pooled datasets (data.path): one stay per labels/outcomes row, in file order
+
+    def _pooled_rows(
+        self, path: Path, task_cfg: Mapping[str, Any]
+    ) -> tuple[str, dict[str, LabelRow]]:
+        fmt = _format(Path(path), task_cfg)
+        num_classes = int(task_cfg["spec"]["num_classes"])
+        if fmt == "physionet":
+            return fmt, read_labels(path / _name(task_cfg, "outcomes_file"), "RecordID",
+                                    str(task_cfg.get("label_column", "In-hospital_death")),
+                                    num_classes)
+        return fmt, read_labels(path / _name(task_cfg, "labels_file"), "stay_id", "label",
+                                num_classes)
+
+    def index_pooled(
+        self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
+    ) -> PooledRecords:
+        path = Path(path)
+        fmt, rows = self._pooled_rows(path, task_cfg)
+        fraction = float(task_cfg.get("test_fraction", 0.25))
+        groups = None
+        if site_column:
+            groups = np.array(self._groups(path, task_cfg, fmt, rows, site_column), dtype=object)
+        return PooledRecords(
+            labels=np.array([r.label for r in rows.values()], dtype=np.int64),
+            is_test=np.array([is_test_stay(s, fraction) for s in rows], dtype=bool),
+            groups=groups,
+        )
+
+    def _groups(self, path: Path, task_cfg: Mapping[str, Any], fmt: str,
+                rows: Mapping[str, LabelRow], column: str) -> list[str]:
+        """A stay's site: a column of the outcomes/labels file, or a static descriptor
+        (e.g. ``ICUType``) read from the stay's record."""
+        first = next(iter(rows.values()), None)
+        if first is not None and column in first.fields:
+            return [r.fields[column] for r in rows.values()]
+        if fmt == "physionet" and column in DESCRIPTORS and column != "RecordID":
+            observations = _Observations({**task_cfg, "static": [column]}, Counter())
+            out = []
+            for stay_id in rows:
+                record = path / _name(task_cfg, "records_dir") / f"{stay_id}.txt"
+                value = (read_physionet_record(record, observations).static.get(column)
+                         if record.is_file() else None)
+                out.append("missing" if value is None else _number_text(value))
+            return out
+        if fmt == "long_csv":
+            observations = _Observations({**task_cfg, "static": [column]}, Counter())
+            stays = read_long_csv(path / _name(task_cfg, "events_file"), observations)
+            return [("missing" if s not in stays or column not in stays[s].static
+                     else _number_text(stays[s].static[column])) for s in rows]
+        raise DataError(f"{path}: data.site_column={column!r} is neither a column of the "
+                        f"labels/outcomes file nor a static descriptor of the records")
+
+    def write_partition(
+        self, path: Path, task_cfg: Mapping[str, Any], folder: Path, records: np.ndarray
+    ) -> None:
+        path, folder = Path(path), Path(folder)
+        fmt, rows = self._pooled_rows(path, task_cfg)
+        ids = list(rows)
+        chosen = [ids[int(i)] for i in np.sort(np.asarray(records))]
+        folder.mkdir(parents=True, exist_ok=True)
+        if fmt == "physionet":
+            outcomes = path / _name(task_cfg, "outcomes_file")
+            _copy_rows(outcomes, folder / outcomes.name, {rows[s].lineno for s in chosen})
+            source, target = (path / _name(task_cfg, "records_dir"),
+                              folder / _name(task_cfg, "records_dir"))
+            target.mkdir(exist_ok=True)
+            for stay_id in chosen:
+                if (source / f"{stay_id}.txt").is_file():
+                    shutil.copyfile(source / f"{stay_id}.txt", target / f"{stay_id}.txt")
+            return
+        labels = path / _name(task_cfg, "labels_file")
+        _copy_rows(labels, folder / labels.name, {rows[s].lineno for s in chosen})
+        keep = set(chosen)
+        events = path / _name(task_cfg, "events_file")
+        with events.open(newline="", encoding="utf-8-sig") as src, \
+                (folder / events.name).open("w", newline="") as dst:
+            reader, writer = csv.reader(src), csv.writer(dst, lineterminator="\n")
+            header = next(reader, [])
+            writer.writerow(header)
+            at = [h.strip() for h in header].index("stay_id")
+            writer.writerows(row for row in reader if row and row[at].strip() in keep)
+
+    # -- synthetic hospitals
+
+    def site_profiles(
+        self, task_cfg: Mapping[str, Any], num_sites: int, seed: int
+    ) -> list[SiteProfile]:
+        """Sizes and shifts as for every task; mortality around ``synthetic.mortality``
+        (PhysioNet 2012 set-a: 13.9 %), varying between hospitals by Beta(alpha*m, alpha*(1-m))."""
+        synth = task_cfg["synthetic"]
+        mortality = float(synth.get("mortality", 0.14))
+        alpha = float(synth.get("label_alpha", 30.0))
+        rng = np.random.default_rng([seed, 7919, 2])
+        profiles = []
+        for profile in super().site_profiles(task_cfg, num_sites, seed):
+            p = float(np.clip(rng.beta(alpha * mortality, alpha * (1 - mortality)), 0.03, 0.6))
+            weights = (1.0 - p, p) + (0.0,) * (int(task_cfg["spec"]["num_classes"]) - 2)
+            profiles.append(SiteProfile(profile.index, profile.num_train, profile.num_test,
+                                        weights, profile.shift))
+        return profiles
+
+    def generate_site(
+        self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
+    ) -> None:
+        write_synthetic_physionet(Path(folder), task_cfg, profile, seed)
+
+
+def _copy_rows(source: Path, target: Path, keep_lines: set[int]) -> None:
+    """Header + the chosen data lines of a CSV, verbatim (``LabelRow.lineno`` numbering)."""
+    with source.open(newline="", encoding="utf-8-sig") as src, target.open("w", newline="") as dst:
+        reader, writer = csv.reader(src), csv.writer(dst, lineterminator="\n")
+        writer.writerow(next(reader, []))
+        for row in reader:
+            if reader.line_num in keep_lines:
+                writer.writerow(row)
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+# How often each kind of variable is charted, in hours between measurements (before the
+# site's frequency factor): bedside vitals hourly, neuro checks every 4 h, lab panels and
+# blood gases a few times a day.
+CHART_INTERVAL_H = {"vital": 1.0, "art": 1.0, "neuro": 4.0, "lab": 12.0, "gas": 8.0,
+                    "other": 2.0}
+EXTRA_PARAMETERS = ("Urine", "MechVent")  # written to every file, not features by default
+OUTCOME_HEADER = "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death"
+
+
+def write_synthetic_physionet(folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile,
+                              seed: int) -> None:
+    """One synthetic hospital in the PhysioNet 2012 layout.
+
+    Each stay has a latent state z(t): an admission acuity that resolves over the stay plus,
+    for patients who die, a deterioration that starts at a random hour and grows; variables move
+    with z in their clinical direction (HR, lactate up; MAP, GCS, pH down) on top of each
+    patient's own baseline, autocorrelated drift and measurement noise. Some survivors also
+    deteriorate and some deaths do not, so the signal is real but imperfect. Sicker patients
+    get more blood gases (informative missingness, as in real ICUs).
+
+    The site shift (``profile.shift``): ``u`` sets how often things are charted (x0.6..x2),
+    ``v`` the share of patients with an arterial line (invasive MAP/SysABP/DiasABP), ``w`` the
+    lab policy (how often lactate is measured) and a thermometer offset.
+    """
+    variables = _variables(task_cfg)
+    unknown = [v for v in variables if v not in PHYSIOLOGY]
+    if unknown:
+        raise ValueError(f"the synthetic generator has no physiology for {unknown}; "
+                         f"it knows {sorted(PHYSIOLOGY)}")
+    hours = int(task_cfg.get("hours", 48))
+    rng = np.random.default_rng([seed, profile.index, 2])
+    shift = profile.shift
+    site = {
+        "interval_factor": 0.6 * (2.0 / 0.6) ** shift["u"],
+        "art_line": 0.35 + 0.55 * shift["v"],
+        "lactate_rate": 0.3 + 0.65 * shift["w"],
+        "temp_offset": 0.6 * (shift["w"] - 0.5),
+        "icu_mix": rng.dirichlet(np.array([15.0, 21.0, 36.0, 28.0]) / 4),
+    }
+    mortality = float(profile.class_weights[1])
+    n = profile.num_train + profile.num_test
+    first_id = 132539 + 20000 * profile.index  # set-a record ids start at 132539
+    parameters = list(dict.fromkeys([*variables, *EXTRA_PARAMETERS]))
+    records = folder / _name(task_cfg, "records_dir")
+    records.mkdir(parents=True, exist_ok=True)
+    outcome_lines = [OUTCOME_HEADER]
+    for i in range(n):
+        record_id = first_id + i
+        died = bool(rng.random() < mortality)
+        lines, outcome = _synthetic_stay(record_id, died, parameters, hours, site, rng)
+        (records / f"{record_id}.txt").write_text("\n".join(lines) + "\n")
+        outcome_lines.append(outcome)
+    (folder / _name(task_cfg, "outcomes_file")).write_text("\n".join(outcome_lines) + "\n")
+
+
+def _fmt(value: float, decimals: int) -> str:
+    if value == MISSING:
+        return "-1"  # the challenge files write missing as a bare -1
+    return f"{value:.{decimals}f}" if decimals else str(round(value))
+
+
+def _chart_times(rng: np.random.Generator, mean_interval_h: float, hours: int) -> np.ndarray:
+    """Minutes since admission of an irregular charting process (first one early)."""
+    count = int(hours / mean_interval_h * 1.6) + 3
+    gaps = rng.exponential(mean_interval_h * 60.0, size=count)
+    gaps[0] = rng.uniform(0, min(mean_interval_h, 3.0) * 60.0)
+    minutes = np.cumsum(gaps).astype(np.int64)
+    return minutes[minutes < hours * 60]
+
+
+def _synthetic_stay(record_id: int, died: bool, parameters: Sequence[str], hours: int,
+                    site: Mapping[str, Any], rng: np.random.Generator) -> tuple[list[str], str]:
+    age = float(np.clip(rng.normal(70 if died else 62, 15), 16, 90))
+    icu_type = int(rng.choice(ICU_TYPES, p=site["icu_mix"]))
+    height = rng.normal(170, 10) if rng.random() > 0.47 else MISSING  # ~half unrecorded
+    weight = rng.normal(82, 20) if rng.random() > 0.08 else MISSING
+    gender = float(rng.random() < 0.56) if rng.random() > 0.001 else MISSING
+    lines = ["Time,Parameter,Value", f"00:00,RecordID,{record_id}", f"00:00,Age,{age:.0f}",
+             f"00:00,Gender,{_fmt(gender, 0)}", f"00:00,Height,{_fmt(height, 1)}",
+             f"00:00,ICUType,{icu_type}", f"00:00,Weight,{_fmt(weight, 1)}"]
+
+    # Latent deterioration z(t), in sd units of each variable.
+    acuity = rng.normal(0.4 if died else 0.0, 0.8)
+    deteriorates = rng.random() < (0.85 if died else 0.12)
+    strength = rng.uniform(0.8, 2.0) if deteriorates else 0.0
+    onset = rng.uniform(0, hours * 0.6)
+    t = np.arange(hours * 60, dtype=np.float64) / 60.0  # minute grid, in hours
+
+    def latent(at_minutes: np.ndarray) -> np.ndarray:
+        th = t[at_minutes]
+        ramp = np.clip((th - onset) / (hours - onset), 0, 1)
+        return acuity * np.exp(-th / 24.0) + strength * ramp
+
+    events: list[tuple[int, int, str]] = []  # (minute, order, line)
+    art_line = rng.random() < site["art_line"] + (0.1 if died else 0.0)
+    gas_interval = CHART_INTERVAL_H["gas"] * (0.6 if died or acuity > 1 else 1.0)
+    shared_times = {
+        "art": _chart_times(rng, CHART_INTERVAL_H["art"] * site["interval_factor"], hours)
+        if art_line else np.zeros(0, dtype=np.int64),
+        "lab": _chart_times(rng, CHART_INTERVAL_H["lab"] * site["interval_factor"], hours),
+        "gas": _chart_times(rng, gas_interval * site["interval_factor"], hours)
+        if rng.random() < 0.4 + 0.4 * art_line else np.zeros(0, dtype=np.int64),
+        "vital": _chart_times(rng, CHART_INTERVAL_H["vital"] * site["interval_factor"], hours),
+    }
+    for order, name in enumerate(parameters):
+        phys = PHYSIOLOGY[name]
+        if name == "MechVent":
+            if rng.random() < 0.6:
+                times = _chart_times(rng, 6.0, hours)
+                events += [(int(m), order, f"{m // 60:02d}:{m % 60:02d},MechVent,1")
+                           for m in times]
+            continue
+        if name == "Weight":  # daily weights, as a time series
+            times = _chart_times(rng, 24.0, hours)
+        elif name == "Temp":
+            times = _chart_times(rng, 4.0 * site["interval_factor"], hours)
+        elif name == "Lactate" and rng.random() > site["lactate_rate"]:
+            times = np.zeros(0, dtype=np.int64)  # this hospital did not order lactate
+        elif phys.kind in shared_times:
+            times = shared_times[phys.kind]
+            if phys.kind in ("lab", "gas"):  # not every test of a panel is run every time
+                times = times[rng.random(len(times)) < 0.9]
+        else:
+            times = _chart_times(rng, CHART_INTERVAL_H[phys.kind] * site["interval_factor"],
+                                 hours)
+        if len(times) == 0:
+            continue
+        z = latent(times)
+        drift = np.cumsum(rng.normal(0, 0.15, len(times)))  # slow autocorrelated wander
+        baseline = rng.normal(0, 0.6)
+        noise = rng.normal(0, 0.35, len(times))
+        level = baseline + phys.worsens * z + drift + noise  # in sd units
+        if phys.log:
+            values = np.exp(np.log(phys.mean) + phys.sd * level)
+        else:
+            values = phys.mean + phys.sd * level
+        if name == "Temp":
+            values = values + site["temp_offset"]
+        if name == "GCS":  # sedation: some patients sit low from the start
+            values = np.round(values - (rng.random() < 0.25) * 3)
+        values = np.clip(values, phys.low, phys.high)
+        if name == "SaO2":
+            values = np.minimum(values, 100)
+        # Messiness seen in the real files: a missing marker now and then, and entry errors
+        # (a decimal point lost) that the loader must drop as implausible.
+        glitch = rng.random(len(times))
+        for minute, value, g in zip(times, values, glitch, strict=True):
+            if g < 0.002:
+                text = "-1"
+            elif g < 0.004:
+                text = _fmt(value * 100, 0)
+            else:
+                text = _fmt(value, phys.decimals)
+            stamp = f"{minute // 60:02d}:{minute % 60:02d}"
+            events.append((int(minute), order, f"{stamp},{name},{text}"))
+    events.sort()
+    lines += [line for _, _, line in events]
+
+    severity = acuity + (strength if died else 0.5 * strength)
+    saps = int(np.clip(round(14 + 3 * severity + rng.normal(0, 3)), 0, 40))
+    sofa = int(np.clip(round(5 + 2.5 * severity + rng.normal(0, 2)), 0, 24))
+    stay_days = int(max(2, round(rng.lognormal(np.log(8), 0.6))))
+    survival = (int(rng.integers(2, stay_days + 1)) if died
+                else (int(rng.integers(stay_days + 1, 400)) if rng.random() < 0.15 else -1))
+    saps_text = "-1" if rng.random() < 0.03 else str(saps)
+    outcome = f"{record_id},{saps_text},{sofa},{stay_days},{survival},{int(died)}"
+    return lines, outcome
