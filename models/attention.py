@@ -1,0 +1,121 @@
+"""A small transformer encoder for clinical notes that Opacus can train.
+
+Built from layers with per-sample gradient support only: ``nn.Embedding`` (hashed word and
+bigram ids, positions), ``nn.Linear`` (q, k, v, out, feed-forward, head) and ``nn.LayerNorm``;
+attention itself is ``F.scaled_dot_product_attention``, which has no parameters. Not
+``nn.MultiheadAttention`` (Opacus rejects it) nor Opacus's ``DPMultiheadAttention`` (wrong with
+``batch_first=True`` and more than one head in Opacus 1.6.0, upstream #774).
+
+Input (see ``client/tasks/notes.py``): ``tokens`` int64 ``B×L×2`` (per word position: the
+hashed word id and the hashed id of the bigram it starts; 0 = none) and ``mask`` bool ``B×L``
+(True where there is a word). Padded positions never influence the output: they are excluded
+as attention keys and from the pooled mean, so whatever ids they hold does not matter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import register_model
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + FF(LN(x))."""
+
+    def __init__(self, d_model: int, num_heads: int, ff_dim: int) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.ff_norm = nn.LayerNorm(d_model)
+        self.ff_in = nn.Linear(d_model, ff_dim)
+        self.ff_out = nn.Linear(ff_dim, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        h = self.attn_norm(x)
+        q, k, v = self._heads(self.query(h)), self._heads(self.key(h)), self._heads(self.value(h))
+        # key_mask B×1×1×L (True = may be attended to): padded words are never keys
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        a = a.transpose(1, 2).reshape(batch, length, width)
+        x = x + self.out(a)  # out of place: Opacus hooks forbid in-place ops
+        return x + self.ff_out(F.gelu(self.ff_in(self.ff_norm(x))))
+
+
+class NoteEncoder(nn.Module):
+    """Hashed word + bigram embeddings, positions, ``num_layers`` blocks, masked mean, head."""
+
+    def __init__(
+        self,
+        vocab_buckets: int,
+        max_len: int,
+        num_classes: int,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        ff_dim: int = 128,
+        dropout: float = 0.1,
+        embedding_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.max_len = max_len
+        # One table for word and bigram ids (the tokenizer hashes them apart); no padding_idx:
+        # Opacus's Embedding grad sampler ignores it, and padded positions get no gradient anyway.
+        self.token_embedding = nn.Embedding(vocab_buckets, d_model)
+        self.position_embedding = nn.Embedding(max_len, d_model)
+        # Small initial embeddings: the pre-norm residual stream then adapts quickly under SGD.
+        nn.init.normal_(self.token_embedding.weight, std=embedding_std)
+        nn.init.normal_(self.position_embedding.weight, std=embedding_std)
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, num_heads, ff_dim) for _ in range(num_layers)
+        )
+        self.final_norm = nn.LayerNorm(d_model)
+        # Dropout on the embeddings and the pooled vector only: inside the blocks its random
+        # masks cost about a third of a CPU training step for little gain at this size.
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() == 2:  # word ids only, no bigram channel
+            tokens = tokens.unsqueeze(-1)
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"notes of {tokens.shape[1]} positions are longer than max_len "
+                             f"{self.max_len} (task.spec.max_len)")
+        mask = mask.bool()
+        # Drop the trailing positions that are padding in every note of the batch: the output
+        # does not depend on them, and attention costs length².
+        used = mask.any(dim=0).nonzero()
+        length = int(used.max()) + 1 if len(used) else 1
+        tokens, mask = tokens[:, :length], mask[:, :length]
+        batch = tokens.shape[0]
+        # A real batch dimension (repeat, not expand): Opacus computes per-sample gradients
+        # of the position table from this input.
+        positions = torch.arange(length, device=tokens.device).unsqueeze(0).repeat(batch, 1)
+        x = self.token_embedding(tokens).sum(dim=2) + self.position_embedding(positions)
+        x = self.dropout(x)
+        # A note with no words at all would have no key to attend to (softmax of all -inf =
+        # NaN); let it attend everywhere instead, its pooled vector is zero regardless.
+        empty = ~mask.any(dim=1, keepdim=True)
+        key_mask = (mask | empty)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        x = self.final_norm(x)
+        weights = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))
+
+
+@register_model("attention")
+def build_attention(**kwargs) -> nn.Module:
+    return NoteEncoder(**kwargs)
