@@ -1,8 +1,9 @@
 """Who this site is and where its data lives: the site's own settings, never the server's.
 
-In deployment they come from the SuperNode's ``--node-config`` (``site-id``, ``data-path``,
-``device``, ``threads``). In the in-process simulation Flower gives each virtual SuperNode only
-its ``partition-id``, so the simulation passes the same keys per partition.
+In deployment they come from the SuperNode's ``--node-config`` (``site-id``,
+``data-path``, ``device``, ``threads``, ``state-dir``, ``max-epsilon``). In the in-process
+simulation Flower gives each virtual SuperNode only its ``partition-id``, so the simulation
+passes the same keys per partition.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class SiteSettings:
     data_path: Path
     device: str = "auto"
     threads: int = 0  # 0: leave torch's default
+    state_dir: Path | None = None  # the site's own records (privacy ledger) survive restarts here
+    max_epsilon: float | None = None  # the site's privacy budget; wins over the server's value
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSettings:
@@ -35,4 +38,8 @@ class SiteSettings:
             data_path=data_path,
             device=str(node_config.get("device", "auto")),
             threads=int(node_config.get("threads", 0)),
+            state_dir=(Path(str(node_config["state-dir"])).expanduser()
+                       if node_config.get("state-dir") else None),
+            max_epsilon=(float(node_config["max-epsilon"])
+                         if node_config.get("max-epsilon") not in (None, "") else None),
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +22,23 @@ class LocalTrainingConfig:
     optimizer: str = "sgd"  # sgd (with momentum) | adam
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * ||w - w_global||^2 to its loss
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD at the site: Poisson sampling, per-sample clipping, Gaussian noise (Opacus)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    secure_noise: bool = False  # noise from a ChaCha20 CSPRNG (privacy/secure_noise.py)
+    grad_sample_mode: str = "hooks"
+
+
+def dp_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate q, steps per round) exactly as Opacus's Poisson loader will run them:
+    q = 1/len(loader), one step per loader batch, empty batches included."""
+    batches = math.ceil(num_examples / batch_size)
+    return 1.0 / batches, batches * epochs
 
 
 def site_seed(seed: int, site_id: str, server_round: int) -> int:
@@ -49,30 +68,65 @@ def train_local(
     *,
     seed: int,
     device: str = "cpu",
+    dp: DPConfig | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place on ``dataset``; returns the mean training loss and step count."""
+    """Train ``model`` in place on ``dataset``; returns the mean training loss and step count.
+
+    With ``dp`` the model is trained with Opacus DP-SGD and is left unwrapped (its state_dict
+    keys unchanged, no hooks left behind), ready to be sent or evaluated.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     model.to(device).train()
     optimizer = make_optimizer(model, config)
+    hooks = None
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        if config.proximal_mu > 0:
+            raise ValueError("FedProx's proximal term is not clipped per sample; it cannot be "
+                             "combined with DP-SGD")
+        # Expected, harmless under DP: Opacus's "Secure RNG turned off" (secure_noise covers
+        # it) and the full-backward-hook notice for a first layer whose input needs no grad.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        engine = PrivacyEngine(accountant="rdp")  # the site's ledger does the accounting
+        noise = torch.Generator(device=device).manual_seed(seed + 1)
+        hooks, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True, noise_generator=noise, wrap_model=False,
+            grad_sample_mode=dp.grad_sample_mode,
+        )
+        if dp.secure_noise:
+            from privacy.secure_noise import use_secure_noise
+
+            optimizer = use_secure_noise(optimizer)
     criterion = nn.CrossEntropyLoss()
     anchor = _proximal_anchor(model) if config.proximal_mu > 0 else None
     total_loss, total_examples, steps = 0.0, 0, 0
-    for _ in range(config.epochs):
-        for *inputs, labels in loader:
-            inputs = [t.to(device) for t in inputs]
-            labels = labels.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(*inputs), labels)
-            objective = loss
-            if anchor is not None:
-                objective = loss + 0.5 * config.proximal_mu * _sq_distance(model, anchor)
-            objective.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(labels)
-            total_examples += len(labels)
-            steps += 1
+    try:
+        for _ in range(config.epochs):
+            # Under DP the accountant must see every step, including empty Poisson batches:
+            # they are never skipped (the optimizer still noises and counts them).
+            for *inputs, labels in loader:
+                inputs = [t.to(device) for t in inputs]
+                labels = labels.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(*inputs), labels)
+                objective = loss
+                if anchor is not None:
+                    objective = loss + 0.5 * config.proximal_mu * _sq_distance(model, anchor)
+                objective.backward()
+                optimizer.step()
+                if len(labels):
+                    total_loss += float(loss.detach()) * len(labels)
+                    total_examples += len(labels)
+                steps += 1
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
     return {"train_loss": total_loss / max(total_examples, 1), "steps": float(steps)}
 
 

@@ -6,7 +6,10 @@ as a string literal of its own. A reply from a site carries at most:
 - ``arrays``  (ArrayRecord): model weights after local training (train replies only);
 - ``metrics`` (MetricRecord): numbers about the round (example counts, loss, metrics);
 - ``site``    (ConfigRecord): the site's public identity (its name), so the server can
-  report per hospital without relying on Flower's random node ids.
+  report per hospital without relying on Flower's random node ids, and the reply's status:
+  ``ok``, or ``declined`` with a reason (e.g. the round would exceed the site's privacy budget);
+- ``privacy`` (ConfigRecord): the site's privacy ledger summary (DP runs only): cumulative
+  epsilon, delta, noise multiplier, sample rate, steps, rounds trained/declined.
 """
 
 from __future__ import annotations
@@ -21,12 +24,23 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+PRIVACY = "privacy"
 
 # Keys inside those records.
 NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this key
 SERVER_ROUND = "server-round"  # injected by Flower strategies into every ConfigRecord
 SITE_ID = "site-id"
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx; the site adds the proximal term
+STATUS = "status"
+STATUS_OK = "ok"
+STATUS_DECLINED = "declined"
+REASON = "reason"
+SKIPPED_PREFIX = "skipped."  # in the site record: counts of records the site's loader left out
+
+# The privacy ledger summary a DP site reports after every round (privacy/accounting.py keeps
+# the full ledger at the site). Only these keys leave the site.
+LEDGER_KEYS = ("accountant", "delta", "epsilon", "noise_multiplier", "sample_rate", "steps",
+               "rounds_trained", "rounds_declined", "epsilon_per_round", "max_epsilon")
 
 # The run settings the server sends with every train/evaluate message, flattened into
 # dotted keys because a ConfigRecord holds only scalars and lists of scalars.
@@ -55,6 +69,18 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return nested
+
+
+def encode_ledger(summary: Mapping[str, Any]) -> ConfigRecord:
+    """A ledger summary as a ConfigRecord (``max_epsilon`` omitted when the site has none)."""
+    return ConfigRecord({k: summary[k] for k in LEDGER_KEYS if summary.get(k) is not None})
+
+
+def decode_ledger(record: ConfigRecord) -> dict[str, Any]:
+    out = {k: record[k] for k in LEDGER_KEYS if k in record}
+    out["epsilon_per_round"] = [float(e) for e in out.get("epsilon_per_round", [])]
+    out.setdefault("max_epsilon", None)
+    return out
 
 
 def encode_run_settings(settings: Mapping[str, Any]) -> ConfigRecord:

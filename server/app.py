@@ -17,7 +17,7 @@ from privacy import protocol
 from server import settings as run_settings
 from server.history import RoundRecord, RunHistory
 from server.report import build_report, write_report
-from server.strategy import build_strategy
+from server.strategy import TooFewSites, build_strategy
 
 # (server_round, arrays) -> metrics of the global model on data the server may see
 GlobalEvaluate = Callable[[int, ArrayRecord], Mapping[str, float]]
@@ -48,7 +48,8 @@ def build_server_app(
         )
         out = Path(output_dir or config.get("report_dir") or f"outputs/run-{context.run_id}")
         history = RunHistory()
-        strategy = build_strategy(config["strategy"], int(config["num_hospitals"]), history)
+        strategy = build_strategy(config["strategy"], int(config["num_hospitals"]), history,
+                                  min_sites=int(config["min_sites"]))
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             # Called by Flower before round 1 (server_round=0) and after every round.
@@ -65,21 +66,29 @@ def build_server_app(
             return MetricRecord(metrics) if metrics else None
 
         site_config = protocol.encode_run_settings(run_settings.site_settings(config))
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(initial_model(config).state_dict()),
-            num_rounds=int(config["rounds"]),
-            timeout=float(config["simulation"]["round_timeout_s"]),
-            train_config=site_config,
-            evaluate_config=ConfigRecord(dict(site_config)),
-            evaluate_fn=evaluate_fn,
-        )
+        initial_arrays = ArrayRecord(initial_model(config).state_dict())
+        stopped = None
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=initial_arrays,
+                num_rounds=int(config["rounds"]),
+                timeout=float(config["simulation"]["round_timeout_s"]),
+                train_config=site_config,
+                evaluate_config=ConfigRecord(dict(site_config)),
+                evaluate_fn=evaluate_fn,
+            )
+            final_arrays = result.arrays
+        except TooFewSites as err:
+            stopped = str(err)
+            final_arrays = strategy.last_arrays
         report = build_report(
             config, history, duration_s=time.perf_counter() - started,
             global_evaluation="pooled" if global_evaluate else "site_weighted_mean",
+            stopped=stopped,
         )
-        final = result.arrays.to_torch_state_dict() if result.arrays is not None else None
-        write_report(out, report, final)
+        write_report(out, report,
+                     final_arrays.to_torch_state_dict() if final_arrays is not None else None)
 
     return app
 

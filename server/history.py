@@ -18,6 +18,9 @@ class RoundRecord:
     sites: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> eval metrics
     global_metrics: dict[str, float] | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)  # replies that carried errors
+    declined: dict[str, str] = field(default_factory=dict)  # site -> why it did not train
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> ledger summary
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> reason -> count
 
 
 @dataclass
@@ -45,8 +48,31 @@ class RunHistory:
                      "reason": msg.error.reason}
                 )
                 continue
-            site = str(msg.content[protocol.SITE][protocol.SITE_ID])
+            status = msg.content[protocol.SITE]
+            site = str(status[protocol.SITE_ID])
+            skipped = {k[len(protocol.SKIPPED_PREFIX):]: int(v) for k, v in status.items()
+                        if k.startswith(protocol.SKIPPED_PREFIX)}
+            if skipped:
+                record.skipped[site] = skipped
+            if protocol.PRIVACY in msg.content:
+                record.privacy[site] = protocol.decode_ledger(msg.content[protocol.PRIVACY])
+            if status.get(protocol.STATUS, protocol.STATUS_OK) == protocol.STATUS_DECLINED:
+                record.declined[site] = str(status.get(protocol.REASON, "declined"))
+                continue  # a declined site is left out of aggregation, never a zero update
             metrics = {k: float(v) for k, v in msg.content[protocol.METRICS].items()}
             (record.train if stage == "train" else record.sites)[site] = metrics
             good.append((site, msg))
         return [msg for _, msg in sorted(good, key=lambda pair: pair[0])]
+
+    def latest_skipped(self) -> dict[str, dict[str, int]]:
+        skipped: dict[str, dict[str, int]] = {}
+        for number in sorted(self.rounds):
+            skipped.update(self.rounds[number].skipped)
+        return skipped
+
+    def latest_ledgers(self) -> dict[str, dict[str, Any]]:
+        """Each site's most recent privacy ledger summary."""
+        ledgers: dict[str, dict[str, Any]] = {}
+        for number in sorted(self.rounds):
+            ledgers.update(self.rounds[number].privacy)
+        return ledgers

@@ -60,6 +60,7 @@ def build_report(
     *,
     duration_s: float,
     global_evaluation: str,
+    stopped: str | None = None,
 ) -> dict[str, Any]:
     rounds = []
     for number in sorted(history.rounds):
@@ -71,11 +72,13 @@ def build_report(
                 "sites": _site_metrics(record.sites),
                 "train": _site_metrics(record.train),
                 "failures": record.failures,
+                "declined": dict(sorted(record.declined.items())),
             }
         )
     last = rounds[-1] if rounds else {"global": {}, "sites": {}}
     sites = sorted({site for r in rounds for site in r["sites"]} |
-                   {site for r in rounds for site in r["train"]})
+                   {site for r in rounds for site in r["train"]} |
+                   {site for r in rounds for site in r["declined"]})
     report = {
         "run": {
             "task": cfg["task"]["name"],
@@ -88,6 +91,7 @@ def build_report(
             "secure_aggregation": cfg["secagg"]["name"] != "off",
             "global_evaluation": global_evaluation,
             "duration_s": round(duration_s, 3),
+            "stopped_early": stopped,
             "versions": {pkg: version(pkg) for pkg in ("flwr", "torch", "opacus")},
             "config": cfg,
         },
@@ -98,9 +102,21 @@ def build_report(
             "sites": last["sites"],
             "client_mean": client_mean(last["sites"]),
         },
-        "privacy": {site: {"dp": False} for site in sites},
+        "privacy": _privacy_section(cfg, history, sites),
+        "data": {site: {"skipped": history.latest_skipped().get(site, {})} for site in sites},
     }
     return _clean(report)
+
+
+def _privacy_section(
+    cfg: Mapping[str, Any], history: RunHistory, sites: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per site: ``{"dp": false}`` without DP (never epsilon = 0), else its ledger."""
+    if cfg["privacy"]["name"] == "off":
+        return {site: {"dp": False} for site in sites}
+    ledgers = history.latest_ledgers()
+    return {site: {"dp": True, **ledgers[site]} for site in sorted(set(sites) | set(ledgers))
+            if site in ledgers}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -135,6 +151,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if run["privacy"] == "off":
         lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
                      "what the model reveals about an individual patient record.")
+    else:
+        lines += _privacy_markdown(report["privacy"])
+    if run.get("stopped_early"):
+        lines += ["", f"**The run stopped early:** {run['stopped_early']}"]
     pooled = run["global_evaluation"] == "pooled"
     where = ("the union of all sites' test splits" if pooled
              else "each site's test split, example-weighted mean")
@@ -153,6 +173,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for name, n, metrics in rows:
         values = " | ".join(_fmt(metrics.get(k)) for k in HEADLINE_METRICS)
         lines.append(f"| {name} | {n} | {values} |")
+    skipped = {s: d["skipped"] for s, d in report.get("data", {}).items() if d["skipped"]}
+    if skipped:
+        lines += ["", "Records the sites' loaders left out (counted, not silently dropped): "
+                  + "; ".join(f"{s}: " + ", ".join(f"{n} {why}" for why, n in d.items())
+                              for s, d in skipped.items())]
     lines += ["", "## Rounds", ""]
     initial = report["initial"]["global"]
     if initial:
@@ -163,12 +188,40 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         line = (f"- round {r['round']}: global loss {_fmt(g.get('loss'))}, accuracy "
                 f"{_fmt(g.get('accuracy'))}, AUROC {_fmt(g.get('auroc'))}; "
                 f"{len(r['train'])} sites trained")
+        if r["declined"]:
+            line += "; declined: " + "; ".join(f"{s} ({why})" for s, why in r["declined"].items())
         if r["failures"]:
             line += "; failed: " + "; ".join(f"{f['stage']} on node {f['node_id']}: "
                                             f"{f['reason']}" for f in r["failures"])
         lines.append(line)
     lines += ["", "Plots: `plots/global_metrics.png`, `plots/sites_<metric>.png`.", ""]
     return "\n".join(lines)
+
+
+def _privacy_markdown(privacy: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    lines = [
+        "Each hospital trained with DP-SGD (per-example gradient clipping + Gaussian noise) and",
+        "accounted for its own privacy over every round it trained. **(ε, δ)-DP per patient "
+        "record at each site** means: whether or not any one patient's record was in that site's",
+        "training data, the probability of any outcome of the whole collaboration (all updates",
+        "the site sent, hence the final model) changes by at most a factor e^ε, except with",
+        "probability δ. Smaller ε is stronger; δ is set below 1/(number of the site's training",
+        "records) so that it cannot cover leaking one record outright.",
+        "",
+        "| site | ε spent | δ | budget (max ε) | noise σ | sample rate q | steps | rounds "
+        "trained | rounds declined | accountant |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for site, led in privacy.items():
+        lines.append(
+            f"| {site} | {_fmt(led.get('epsilon'))} | {led.get('delta', 0):.1e} | "
+            f"{_fmt(led.get('max_epsilon')) if led.get('max_epsilon') else 'none'} | "
+            f"{_fmt(led.get('noise_multiplier'))} | {_fmt(led.get('sample_rate'))} | "
+            f"{led.get('steps')} | {led.get('rounds_trained')} | {led.get('rounds_declined')} | "
+            f"{led.get('accountant')} |"
+        )
+    lines += ["", "ε per round per site: `plots/privacy_epsilon.png`."]
+    return lines
 
 
 def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
@@ -209,6 +262,25 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(plots_dir / f"sites_{name}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+
+    dp_sites = {s: led for s, led in report["privacy"].items() if led.get("dp")}
+    if dp_sites:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for site, led in dp_sites.items():
+            eps = led.get("epsilon_per_round") or []
+            ax.plot(range(1, len(eps) + 1), eps, marker=".", label=site)
+            if led.get("max_epsilon"):
+                ax.axhline(led["max_epsilon"], linestyle=":", color="gray")
+        ax.set_title("cumulative ε per site (dotted: budget)")
+        ax.set_xlabel("rounds trained")
+        ax.set_ylabel("ε")
+        ax.grid(alpha=0.3)
+        if len(dp_sites) <= 12:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(plots_dir / "privacy_epsilon.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written

@@ -38,7 +38,7 @@ def _is_number(value: Any) -> bool:
 
 def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` on the first out-of-range value."""
-    for key in ("num_hospitals", "rounds", "local_epochs", "batch_size"):
+    for key in ("num_hospitals", "rounds", "local_epochs", "batch_size", "min_sites"):
         _check(_is_int(cfg[key]) and cfg[key] >= 1, key, "an integer >= 1", cfg[key])
     _check(_is_number(cfg["lr"]) and cfg["lr"] > 0, "lr", "a number > 0", cfg["lr"])
     _check(_is_number(cfg["momentum"]) and 0 <= cfg["momentum"] < 1, "momentum",
@@ -56,10 +56,38 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     if cfg["strategy"]["name"] == "fedprox":
         mu = cfg["strategy"].get("proximal_mu")
         _check(_is_number(mu) and mu >= 0, "strategy.proximal_mu", "a number >= 0", mu)
-    _check(cfg["privacy"]["name"] == "off", "privacy",
-           "'off' (differential privacy is not built yet)", cfg["privacy"]["name"])
+    _validate_privacy(cfg)
     _check(cfg["secagg"]["name"] == "off", "secagg",
            "'off' (secure aggregation is not built yet)", cfg["secagg"]["name"])
+
+
+def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
+    privacy = cfg["privacy"]
+    if privacy["name"] == "off":
+        return
+    _check(privacy["name"] == "dp", "privacy", "'off' or 'dp'", privacy["name"])
+    sigma, target = privacy.get("noise_multiplier"), privacy.get("target_epsilon")
+    _check((sigma is None) != (target is None), "privacy.noise_multiplier / "
+           "privacy.target_epsilon", "exactly one of the two set", (sigma, target))
+    if sigma is not None:
+        _check(_is_number(sigma) and sigma > 0, "privacy.noise_multiplier", "a number > 0", sigma)
+    if target is not None:
+        _check(_is_number(target) and target > 0, "privacy.target_epsilon", "a number > 0",
+               target)
+    delta = privacy.get("delta")
+    if delta is not None:
+        _check(_is_number(delta) and 0 < delta < 1, "privacy.delta", "a number in (0, 1)", delta)
+    _check(_is_number(privacy["max_grad_norm"]) and privacy["max_grad_norm"] > 0,
+           "privacy.max_grad_norm", "a number > 0", privacy["max_grad_norm"])
+    _check(privacy["accountant"] in ("prv", "rdp"), "privacy.accountant", "one of ['prv', 'rdp']",
+           privacy["accountant"])
+    budget = privacy.get("max_epsilon")
+    if budget is not None:
+        _check(_is_number(budget) and budget > 0, "privacy.max_epsilon", "a number > 0", budget)
+    _check(isinstance(privacy.get("secure_noise", False), bool), "privacy.secure_noise",
+           "true or false", privacy.get("secure_noise"))
+    _check(cfg["strategy"]["name"] != "fedprox", "strategy",
+           "not fedprox with privacy=dp (its proximal term is not clipped per sample)", "fedprox")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -79,6 +107,8 @@ def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "optimizer": cfg["optimizer"],
         },
         "seed": cfg["seed"],
+        "privacy": dict(cfg["privacy"]),
+        "plan": {"rounds": cfg["rounds"]},  # a DP site plans σ for the whole run
     }
 
 

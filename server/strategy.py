@@ -23,13 +23,30 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
+class TooFewSites(RuntimeError):
+    """Fewer sites than ``min_sites`` trained in a round: the run stops cleanly."""
+
+
 class RecordingMixin:
     history: RunHistory
+    min_sites: int = 1
+    last_arrays: ArrayRecord | None = None  # the global model sent out in the latest round
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self.last_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ordered = self.history.record_replies(server_round, replies, stage="train")
+        if len(ordered) < self.min_sites:
+            record = self.history.round(server_round)
+            raise TooFewSites(
+                f"round {server_round}: {len(ordered)} site(s) trained, fewer than "
+                f"min_sites={self.min_sites} (declined: {record.declined or 'none'}; "
+                f"failed: {len(record.failures)})"
+            )
         return super().aggregate_train(server_round, ordered)  # type: ignore[misc]
 
     def aggregate_evaluate(
@@ -40,7 +57,7 @@ class RecordingMixin:
 
 
 def build_strategy(
-    strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory
+    strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory, min_sites: int = 1
 ) -> Strategy:
     """Flower's strategy ``strategy_cfg.name`` with the remaining keys as its arguments.
 
@@ -59,4 +76,5 @@ def build_strategy(
     params.setdefault("min_evaluate_nodes", max(1, math.ceil(fraction_evaluate * num_sites)))
     strategy = recording(**params)
     strategy.history = history
+    strategy.min_sites = min_sites
     return strategy

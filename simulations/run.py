@@ -38,7 +38,9 @@ def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     cfg = {**cfg, "num_hospitals": len(folders)}  # data.root decides the number of sites
     sites = {
         partition: {"site-id": site, "data-path": str(folder), "device": cfg["device"],
-                    "threads": max(1, int(cfg["simulation"]["client_cpus"]))}
+                    "threads": max(1, int(cfg["simulation"]["client_cpus"])),
+                    # each simulated site keeps its own records (privacy ledger) here
+                    "state-dir": str(out_dir / "sites" / site)}
         for partition, (site, folder) in enumerate(folders.items())
     }
     console.print(f"[bold]medsilo[/] {cfg['task']['name']} · {len(folders)} hospitals · "
@@ -50,6 +52,11 @@ def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     def on_round(record: RoundRecord) -> None:
         g = record.global_metrics or {}
         failed = f", [red]{len(record.failures)} failed[/]" if record.failures else ""
+        if record.declined:
+            failed += f", [yellow]{len(record.declined)} declined (privacy budget)[/]"
+        if record.privacy:
+            eps = [led["epsilon"] for led in record.privacy.values()]
+            failed += f" · ε max {max(eps):.2f}"
         progress.console.print(
             f"round {record.round}: loss {g.get('loss', float('nan')):.4f} · accuracy "
             f"{g.get('accuracy', float('nan')):.3f} · AUROC {g.get('auroc', float('nan')):.3f}"

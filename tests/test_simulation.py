@@ -35,6 +35,8 @@ def test_simulation_writes_the_report_contract(first_run):
         assert site["num_examples"] > 0 and set(site) >= set(METRICS)
     assert set(report["final"]["client_mean"]) == set(METRICS)
     assert report["privacy"] == {s: {"dp": False} for s in sites}
+    md = (out / "report.md").read_text()
+    assert "No differential privacy" in md and "ε" not in md
 
 
 def test_federated_training_learns(first_run):

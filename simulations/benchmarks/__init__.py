@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): they print ratios measured side by side in one run."""

@@ -1,0 +1,102 @@
+"""DP-SGD end to end: the ledger each site reports is exactly what an accountant gives for
+the steps it ran, budgets are enforced at the site, and DP training still learns."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from client.tasks import get_task
+from client.training import dp_schedule
+from server.settings import compose
+from simulations.sites import site_folders
+from tests.conftest import run_simulation_cli
+
+BASE = ("num_hospitals=3", "task.synthetic.train_size=200", "task.synthetic.test_size=100",
+        "privacy=dp", "local_epochs=2")
+
+
+def _independent_epsilon(accountant: str, sigma: float, q: float, steps: int, delta: float):
+    acct = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    acct.history = [(sigma, q, steps)]
+    return acct.get_epsilon(delta=delta)
+
+
+@pytest.fixture(scope="module")
+def target_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp_target")
+    report = run_simulation_cli(out, *BASE, "rounds=3", "privacy.target_epsilon=8",
+                                "privacy.accountant=prv")
+    return out, report
+
+
+def test_ledger_matches_an_independent_accountant(target_run):
+    _, report = target_run
+    assert report["run"]["privacy"] == "dp"
+    assert set(report["privacy"]) == {"hospital_01", "hospital_02", "hospital_03"}
+    for site, led in report["privacy"].items():
+        assert led["dp"] is True and led["accountant"] == "prv"
+        assert led["rounds_trained"] == 3 and led["rounds_declined"] == 0
+        assert len(led["epsilon_per_round"]) == 3
+        assert led["epsilon_per_round"] == sorted(led["epsilon_per_round"])
+        expected = _independent_epsilon("prv", led["noise_multiplier"], led["sample_rate"],
+                                        led["steps"], led["delta"])
+        assert led["epsilon"] == pytest.approx(expected, abs=1e-6), site
+        assert led["epsilon_per_round"][-1] == pytest.approx(led["epsilon"], abs=1e-9)
+        # δ below 1/n for the site's training records
+        n_train = report["rounds"][-1]["train"][site]["num_examples"]
+        assert led["delta"] < 1 / n_train
+
+
+def test_target_epsilon_is_reached_but_not_exceeded(target_run):
+    _, report = target_run
+    for led in report["privacy"].values():
+        assert 0.9 * 8 <= led["epsilon"] <= 8, led
+
+
+def test_dp_training_still_learns(target_run):
+    _, report = target_run
+    # beats chance (AUROC 0.5) clearly at epsilon = 8 with ~200 records per site
+    assert report["final"]["global"]["auroc"] > 0.65
+    assert report["final"]["global"]["auroc"] > report["initial"]["global"]["auroc"] + 0.1
+
+
+def test_privacy_section_in_markdown_and_plot(target_run):
+    out, _ = target_run
+    md = (out / "report.md").read_text()
+    assert "(ε, δ)-DP per patient record at each site" in md
+    assert (out / "plots" / "privacy_epsilon.png").is_file()
+    assert (out / "sites" / "hospital_01" / "privacy_ledger.json").is_file()
+
+
+def test_a_site_over_budget_declines_and_the_run_finishes(tmp_path):
+    sigma, rounds, epochs = 1.0, 3, 2
+    overrides = (*BASE[:3], "privacy=dp", f"local_epochs={epochs}", f"rounds={rounds}",
+                 "privacy.target_epsilon=null", f"privacy.noise_multiplier={sigma}",
+                 "privacy.accountant=rdp", "privacy.delta=1e-5", "batch_size=32")
+    cfg = compose(list(overrides))
+    task = get_task("images")
+    sizes = {site: len(task.load_site(folder, cfg["task"], site).train)
+             for site, folder in site_folders(cfg).items()}
+    trajectories = {}
+    for site, n in sizes.items():
+        q, steps = dp_schedule(n, 32, epochs)
+        trajectories[site] = [_independent_epsilon("rdp", sigma, q, k * steps, 1e-5)
+                              for k in range(1, rounds + 1)]
+    # the budget lets the most exposed site train 2 rounds; others may train all 3
+    worst = max(trajectories, key=lambda s: trajectories[s][-1])
+    budget = (trajectories[worst][1] + trajectories[worst][2]) / 2
+    expected_trained = {s: sum(e <= budget for e in t) for s, t in trajectories.items()}
+    assert expected_trained[worst] == 2 and max(expected_trained.values()) == 3
+
+    report = run_simulation_cli(tmp_path, *overrides, f"privacy.max_epsilon={budget}")
+    assert report["run"]["stopped_early"] is None
+    for site, led in report["privacy"].items():
+        assert led["rounds_trained"] == expected_trained[site], site
+        assert led["rounds_declined"] == rounds - expected_trained[site], site
+        assert led["epsilon"] <= budget
+    declined_round = report["rounds"][2]["declined"]
+    assert worst in declined_round and "above this site's budget" in declined_round[worst]
+    assert worst not in report["rounds"][2]["train"]  # left out of aggregation
+    md = (tmp_path / "report.md").read_text()
+    assert f"declined: {worst}" in md
