@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.evaluation import evaluate
 from client.privacy_budget import load_ledger, plan_ledger, save_ledger, site_budget
-from client.site import PARTITION_ID, SiteSettings
+from client.site import PARTITION_ID, SiteSettings, simulated_site_from_root
 from client.tasks import SiteData, get_task
 from client.training import (
     DPConfig,
@@ -143,6 +143,10 @@ def build_client_app(
         node_config: Mapping[str, Any] = context.node_config
         if simulated_sites is not None:
             node_config = simulated_sites[int(node_config[PARTITION_ID])]
+        elif "data-path" not in node_config and PARTITION_ID in node_config:
+            # `flwr run .` on Flower's simulation engine: virtual SuperNodes have only a
+            # partition id; the i-th sub-folder of the run's data.root is site i.
+            node_config = simulated_site_from_root(context.run_config, node_config)
         return SiteSettings.from_node_config(node_config)
 
     @app.train()

@@ -43,3 +43,23 @@ class SiteSettings:
             max_epsilon=(float(node_config["max-epsilon"])
                          if node_config.get("max-epsilon") not in (None, "") else None),
         )
+
+
+def simulated_site_from_root(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Node config for virtual SuperNode ``partition-id`` under ``flwr run`` (simulation only)."""
+    root = str(run_config.get("data.root") or "")
+    if not root or not Path(root).expanduser().is_dir():
+        raise ValueError(
+            "under `flwr run` with the simulation engine each virtual SuperNode needs its "
+            "folder: pass --run-config 'data.root=\"/path/with/one/folder/per/hospital\"' "
+            f"(got data.root={root!r})"
+        )
+    folders = sorted(p for p in Path(root).expanduser().iterdir()
+                     if p.is_dir() and not p.name.startswith("."))
+    index = int(node_config[PARTITION_ID])
+    if index >= len(folders):
+        raise ValueError(f"virtual SuperNode {index} has no folder: data.root={root} has "
+                         f"{len(folders)} sub-folders")
+    return {"site-id": folders[index].name, "data-path": str(folders[index]), "threads": 1}

@@ -114,7 +114,14 @@ def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
     """``flwr run --run-config 'rounds=3 strategy="fedadam"'`` -> Hydra overrides."""
-    return [f"{key}={value}" for key, value in sorted(run_config.items())]
+    overrides = []
+    for key, value in sorted(run_config.items()):
+        if value == "":
+            value = "null"
+        elif isinstance(value, str) and any(c in value for c in " ,=[]{}'\"/\\:"):
+            value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        overrides.append(f"{key}={value}")
+    return overrides
 
 
 def compose(overrides: list[str]) -> dict[str, Any]:

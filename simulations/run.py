@@ -60,7 +60,7 @@ def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         progress.console.print(
             f"round {record.round}: loss {g.get('loss', float('nan')):.4f} · accuracy "
             f"{g.get('accuracy', float('nan')):.3f} · AUROC {g.get('auroc', float('nan')):.3f}"
-            f" · {len(record.train)} sites trained{failed}"
+            f" · {len(record.train)} sites trained{failed}", soft_wrap=True,
         )
         progress.advance(bar)
 
