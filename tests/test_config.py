@@ -80,3 +80,28 @@ def test_cli_rejects_bad_value_before_starting_anything(tmp_path):
     assert "rounds must be an integer >= 1, got 0" in proc.stderr
     assert not (tmp_path / "report.json").exists()
     assert time.perf_counter() - started < 60  # no Ray cluster was started
+
+
+def test_flwr_run_config_becomes_hydra_overrides(tmp_path):
+    from server.settings import overrides_from_run_config
+
+    folder = tmp_path / "my hospitals"
+    overrides = overrides_from_run_config(
+        {"rounds": 2, "data.root": str(folder), "report_dir": "", "strategy": "fedadam"})
+    cfg = compose(overrides)
+    assert cfg["rounds"] == 2 and cfg["strategy"]["name"] == "fedadam"
+    assert cfg["data"]["root"] == str(folder) and cfg["report_dir"] is None
+
+
+def test_virtual_supernode_reads_the_ith_folder_of_data_root(tmp_path):
+    from client.site import SiteSettings, simulated_site_from_root
+
+    for name in ("b_hospital", "a_hospital", ".hidden"):
+        (tmp_path / name).mkdir()
+    site = SiteSettings.from_node_config(
+        simulated_site_from_root({"data.root": str(tmp_path)}, {"partition-id": 1}))
+    assert site.site_id == "b_hospital" and site.data_path == tmp_path / "b_hospital"
+    with pytest.raises(ValueError, match="has 2 sub-folders"):
+        simulated_site_from_root({"data.root": str(tmp_path)}, {"partition-id": 2})
+    with pytest.raises(ValueError, match="needs its folder"):
+        simulated_site_from_root({"data.root": ""}, {"partition-id": 0})
