@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from client.tasks import DataError, PooledRecords, get_task
+from simulations.cache import write_folder_once
 
 PARTITIONS = ("iid", "dirichlet", "quantity", "column")
 
@@ -91,8 +89,9 @@ def partition_sites(cfg: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
          "sites": num_sites, "seed": cfg["seed"]}, sort_keys=True, default=str)
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     target = cache_dir / "partitions" / f"{cfg['task']['name']}-{method}-{key}"
-    if not target.is_dir():
-        task = get_task(cfg["task"]["name"])
+    task = get_task(cfg["task"]["name"])
+
+    def split(staging: Path) -> None:
         records = task.index_pooled(path, cfg["task"], site_column=column)
         assignment = assign_records(records, num_sites, method, float(data.get("alpha", 0.5)),
                                     int(cfg["seed"]))
@@ -100,24 +99,16 @@ def partition_sites(cfg: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
             names = [_site_name(v) for v in sorted(set(records.groups.tolist()), key=str)]
         else:
             names = [f"hospital_{i + 1:02d}" for i in range(num_sites)]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            for name, ids in zip(names, assignment, strict=True):
-                if not (~records.is_test[ids]).any():
-                    raise DataError(f"data.partition={method} left site {name} with zero "
-                                    f"training records from {path}; use fewer hospitals or a "
-                                    "larger data.alpha")
-                task.write_partition(path, cfg["task"], staging / name, ids)
-            (staging / "partition.json").write_text(json.dumps(
-                {"source": str(path), "method": method, "sites": {
-                    n: {"records": len(ids), "test": int(records.is_test[ids].sum())}
-                    for n, ids in zip(names, assignment, strict=True)}}, indent=2))
-            try:
-                os.rename(staging, target)
-            except OSError:
-                if not target.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        for name, ids in zip(names, assignment, strict=True):
+            if not (~records.is_test[ids]).any():
+                raise DataError(f"data.partition={method} left site {name} with zero "
+                                f"training records from {path}; use fewer hospitals or a "
+                                "larger data.alpha")
+            task.write_partition(path, cfg["task"], staging / name, ids)
+        (staging / "partition.json").write_text(json.dumps(
+            {"source": str(path), "method": method, "sites": {
+                n: {"records": len(ids), "test": int(records.is_test[ids].sum())}
+                for n, ids in zip(names, assignment, strict=True)}}, indent=2))
+
+    write_folder_once(target, split)
     return {p.name: p for p in sorted(target.iterdir()) if p.is_dir()}

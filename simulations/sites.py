@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from client.tasks import DataError, get_task
+from simulations.cache import write_folder_once
 from simulations.partition import partition_sites
 
 GENERATOR_VERSION = 1  # bump when a generator's output changes
@@ -56,20 +54,13 @@ def synthetic_sites(
     target = cache_dir / "synthetic" / f"{task_cfg['name']}-{key}"
     names = [f"hospital_{i + 1:02d}" if num_sites < 100 else f"hospital_{i + 1:04d}"
              for i in range(num_sites)]
-    if not target.is_dir():
-        task = get_task(task_cfg["name"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            for name, profile in zip(names, task.site_profiles(task_cfg, num_sites, seed),
-                                     strict=True):
-                task.generate_site(staging / name, task_cfg, profile, seed)
-            (staging / "config.json").write_text(key_material)
-            try:
-                os.rename(staging, target)
-            except OSError:  # another run finished the same folder first
-                if not target.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    task = get_task(task_cfg["name"])
+
+    def generate(staging: Path) -> None:
+        for name, profile in zip(names, task.site_profiles(task_cfg, num_sites, seed),
+                                 strict=True):
+            task.generate_site(staging / name, task_cfg, profile, seed)
+        (staging / "config.json").write_text(key_material)
+
+    write_folder_once(target, generate)
     return {name: target / name for name in names}
