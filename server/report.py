@@ -229,6 +229,7 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     rounds = report["rounds"]
@@ -242,6 +243,7 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
                 marker="o")
         ax.set_title(f"global {name}")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(plots_dir / "global_metrics.png")
@@ -257,6 +259,7 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
                     marker=".", label=site)
         ax.set_title(f"{name} per site (own test split)")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(sites) <= 12:
             ax.legend(fontsize=8)
@@ -275,6 +278,7 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
                 ax.axhline(led["max_epsilon"], linestyle=":", color="gray")
         ax.set_title("cumulative ε per site (dotted: budget)")
         ax.set_xlabel("rounds trained")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("ε")
         ax.grid(alpha=0.3)
         if len(dp_sites) <= 12:
