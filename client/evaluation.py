@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -74,8 +73,3 @@ def evaluate(
 ) -> dict[str, float]:
     probs, labels = predict(model, dataset, device=device)
     return classification_metrics(labels, probs, num_classes)
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN: undefined metrics are written as null."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value

@@ -12,6 +12,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+# Expected and harmless under DP: Opacus's "Secure RNG turned off" (privacy.secure_noise
+# covers it) and torch's notice about a full backward hook on a first layer whose input needs
+# no gradient. Registered once, at import.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 
 @dataclass(frozen=True)
 class LocalTrainingConfig:
@@ -87,10 +93,6 @@ def train_local(
         if config.proximal_mu > 0:
             raise ValueError("FedProx's proximal term is not clipped per sample; it cannot be "
                              "combined with DP-SGD")
-        # Expected, harmless under DP: Opacus's "Secure RNG turned off" (secure_noise covers
-        # it) and the full-backward-hook notice for a first layer whose input needs no grad.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         engine = PrivacyEngine(accountant="rdp")  # the site's ledger does the accounting
         noise = torch.Generator(device=device).manual_seed(seed + 1)
         hooks, optimizer, loader = engine.make_private(

@@ -59,7 +59,8 @@ def build_server_app(
                 return MetricRecord(metrics) if metrics else None
             record = history.round(server_round)
             if metrics is None:  # deployment: example-weighted mean of the sites' metrics
-                metrics = _weighted_site_mean(record.sites)
+                metrics = {k: v for k, v in record.site_weighted.items()
+                           if k != protocol.NUM_EXAMPLES}
             record.global_metrics = metrics
             if on_round is not None:
                 on_round(record)
@@ -91,17 +92,6 @@ def build_server_app(
                      final_arrays.to_torch_state_dict() if final_arrays is not None else None)
 
     return app
-
-
-def _weighted_site_mean(sites: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    total = sum(m.get(protocol.NUM_EXAMPLES, 0.0) for m in sites.values())
-    if not sites or total <= 0:
-        return {}
-    names = set.intersection(*(set(m) for m in sites.values())) - {protocol.NUM_EXAMPLES}
-    return {
-        name: sum(m[name] * m[protocol.NUM_EXAMPLES] for m in sites.values()) / total
-        for name in sorted(names)
-    }
 
 
 # Deployment entry point (pyproject [tool.flwr.app.components]).

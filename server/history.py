@@ -17,6 +17,7 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> train metrics
     sites: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> eval metrics
     global_metrics: dict[str, float] | None = None
+    site_weighted: dict[str, float] = field(default_factory=dict)  # Flower's aggregate of `sites`
     failures: list[dict[str, Any]] = field(default_factory=list)  # replies that carried errors
     declined: dict[str, str] = field(default_factory=dict)  # site -> why it did not train
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> ledger summary

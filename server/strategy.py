@@ -53,7 +53,11 @@ class RecordingMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         ordered = self.history.record_replies(server_round, replies, stage="evaluate")
-        return super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc]
+        aggregated = super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc]
+        # Flower's example-weighted mean of the sites' metrics: the "global" metrics where the
+        # server has no pooled test set (deployment).
+        self.history.round(server_round).site_weighted = dict(aggregated or {})
+        return aggregated
 
 
 def build_strategy(

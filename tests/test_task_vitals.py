@@ -185,6 +185,12 @@ def test_bad_files_raise_clear_errors(tmp_path, small):
     (long / "labels.csv").write_text("stay_id,label\n7,0\n")
     with pytest.raises(DataError, match=r"events\.csv:2: expected stay_id, numeric time_hours"):
         TASK.load_site(long, {**small, "format": "long_csv"}, "h1")
+    (long / "events.csv").write_text("stay_id,time_hours,variable,value\n\n7,1.0,HR\n")
+    with pytest.raises(DataError, match=r"events\.csv:3: expected 4 fields"):
+        TASK.load_site(long, {**small, "format": "long_csv"}, "h1")
+    (long / "events.csv").write_text("stay,time_hours,variable,value\n7,1.0,HR,80\n")
+    with pytest.raises(DataError, match=r"events\.csv:1: header .* lacks \['stay_id'\]"):
+        TASK.load_site(long, {**small, "format": "long_csv"}, "h1")
 
 
 def test_a_site_without_usable_training_stays_is_an_error_naming_it(tmp_path, small):

@@ -29,7 +29,7 @@ import hashlib
 import math
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,6 +258,36 @@ def read_physionet_record(path: Path, observations: _Observations) -> Stay:
     return stay
 
 
+def _csv_records(
+    path: Path, required: tuple[str, ...], hint: str = ""
+) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """Header and ``(line number, fields)`` of every non-blank row of a CSV file.
+
+    A header without the ``required`` columns, or a row with the wrong number of fields,
+    raises :class:`DataError` naming the file and line.
+    """
+    handle = path.open(newline="", encoding="utf-8-sig")
+    reader = csv.reader(handle)
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        handle.close()
+        raise DataError(f"{path}:1: header {header} lacks {missing}; expected columns "
+                        f"{','.join(required)}" + (f" ({hint})" if hint else ""))
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        with handle:
+            for row in reader:
+                if not row or not "".join(row).strip():
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields "
+                                    f"({','.join(header)}), got {len(row)}: {','.join(row)!r}")
+                yield reader.line_num, row
+
+    return header, rows()
+
+
 @dataclass
 class LabelRow:
     stay_id: str
@@ -272,30 +302,18 @@ def read_labels(path: Path, id_column: str, label_column: str,
     if not path.is_file():
         raise DataError(f"{path}: missing; expected a CSV with columns {id_column},{label_column}")
     rows: dict[str, LabelRow] = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in (id_column, label_column) if c not in header]
-        if missing:
-            raise DataError(f"{path}:1: header {header} lacks {missing}; expected columns "
-                            f"{id_column},{label_column} (task.label_column)")
-        id_at, label_at = header.index(id_column), header.index(label_column)
-        for row in reader:
-            lineno = reader.line_num
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}:{lineno}: expected {len(header)} fields "
-                                f"({','.join(header)}), got {len(row)}: {','.join(row)!r}")
-            stay_id, label = row[id_at].strip(), row[label_at].strip()
-            if not label.lstrip("-").isdigit() or not 0 <= int(label) < num_classes:
-                raise DataError(f"{path}:{lineno}: {label_column}={label!r} for stay {stay_id}; "
-                                f"expected an integer 0..{num_classes - 1}")
-            if stay_id in rows:
-                raise DataError(f"{path}:{lineno}: stay {stay_id} is listed twice (first on "
-                                f"line {rows[stay_id].lineno})")
-            rows[stay_id] = LabelRow(stay_id, int(label), lineno,
-                                     dict(zip(header, (f.strip() for f in row), strict=True)))
+    header, records = _csv_records(path, (id_column, label_column), "task.label_column")
+    id_at, label_at = header.index(id_column), header.index(label_column)
+    for lineno, row in records:
+        stay_id, label = row[id_at].strip(), row[label_at].strip()
+        if not label.lstrip("-").isdigit() or not 0 <= int(label) < num_classes:
+            raise DataError(f"{path}:{lineno}: {label_column}={label!r} for stay {stay_id}; "
+                            f"expected an integer 0..{num_classes - 1}")
+        if stay_id in rows:
+            raise DataError(f"{path}:{lineno}: stay {stay_id} is listed twice (first on "
+                            f"line {rows[stay_id].lineno})")
+        rows[stay_id] = LabelRow(stay_id, int(label), lineno,
+                                 dict(zip(header, (f.strip() for f in row), strict=True)))
     return rows
 
 
@@ -304,32 +322,21 @@ def read_long_csv(path: Path, observations: _Observations) -> dict[str, Stay]:
     if not path.is_file():
         raise DataError(f"{path}: missing; expected a CSV with columns {','.join(EVENT_COLUMNS)}")
     stays: dict[str, Stay] = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [h.strip() for h in next(reader, [])]
-        if any(c not in header for c in EVENT_COLUMNS):
-            raise DataError(f"{path}:1: expected the header {','.join(EVENT_COLUMNS)}, "
-                            f"got {','.join(header)!r}")
-        at = [header.index(c) for c in EVENT_COLUMNS]
-        for row in reader:
-            lineno = reader.line_num
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}:{lineno}: expected {len(header)} fields "
-                                f"({','.join(header)}), got {len(row)}: {','.join(row)!r}")
-            stay_id, time_text, name, value_text = (row[i].strip() for i in at)
-            time_h, value = _parse_value(time_text), _parse_value(value_text)
-            if not stay_id or time_h is None or math.isnan(time_h) or value is None:
-                raise DataError(f"{path}:{lineno}: expected stay_id, numeric time_hours and a "
-                                f"numeric (or empty) value, got {','.join(row)!r}")
-            stay = stays.get(stay_id)
-            if stay is None:
-                stay = stays[stay_id] = Stay(stay_id)
-            if name in observations.statics:
-                observations.add_static(stay, name, value)
-            else:
-                observations.add(stay, time_h, name, value)
+    header, records = _csv_records(path, EVENT_COLUMNS)
+    at = [header.index(c) for c in EVENT_COLUMNS]
+    for lineno, row in records:
+        stay_id, time_text, name, value_text = (row[i].strip() for i in at)
+        time_h, value = _parse_value(time_text), _parse_value(value_text)
+        if not stay_id or time_h is None or math.isnan(time_h) or value is None:
+            raise DataError(f"{path}:{lineno}: expected stay_id, numeric time_hours and a "
+                            f"numeric (or empty) value, got {','.join(row)!r}")
+        stay = stays.get(stay_id)
+        if stay is None:
+            stay = stays[stay_id] = Stay(stay_id)
+        if name in observations.statics:
+            observations.add_static(stay, name, value)
+        else:
+            observations.add(stay, time_h, name, value)
     return stays
 
 
