@@ -7,7 +7,9 @@ as a string literal of its own. A reply from a site carries at most:
 - ``metrics`` (MetricRecord): numbers about the round (example counts, loss, metrics);
 - ``site``    (ConfigRecord): the site's public identity (its name), so the server can
   report per hospital without relying on Flower's random node ids, and the reply's status:
-  ``ok``, or ``declined`` with a reason (e.g. the round would exceed the site's privacy budget);
+  ``ok``, or ``declined`` with a reason (e.g. the round would exceed the site's privacy budget),
+  or ``refused`` with a reason (the site has not approved this app version, or its data is for
+  another task);
 - ``privacy`` (ConfigRecord): the site's privacy ledger summary (DP runs only): cumulative
   epsilon, delta, noise multiplier, sample rate, steps, rounds trained/declined.
 """
@@ -34,6 +36,7 @@ PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx; the site adds the p
 STATUS = "status"
 STATUS_OK = "ok"
 STATUS_DECLINED = "declined"
+STATUS_REFUSED = "refused"  # the site refused the run (unapproved app, another task), with a reason
 REASON = "reason"
 SKIPPED_PREFIX = "skipped."  # in the site record: counts of records the site's loader left out
 

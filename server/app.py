@@ -9,15 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from models import build_model
 from privacy import protocol
 from server import settings as run_settings
+from server.checkpoint import Checkpoint, load_checkpoint, resumable_config, save_checkpoint
 from server.history import RoundRecord, RunHistory
 from server.report import build_report, write_report
-from server.strategy import TooFewSites, build_strategy
+from server.rounds import run_rounds
+from server.strategy import build_strategy
+from server.validation import UpdateBounds
 
 # (server_round, arrays) -> metrics of the global model on data the server may see
 GlobalEvaluate = Callable[[int, ArrayRecord], Mapping[str, float]]
@@ -46,13 +49,19 @@ def build_server_app(
         config = cfg if cfg is not None else run_settings.compose(
             run_settings.overrides_from_run_config(context.run_config)
         )
-        out = Path(output_dir or config.get("report_dir") or f"outputs/run-{context.run_id}")
-        history = RunHistory()
+        resume_dir = config.get("resume")
+        checkpoint = load_checkpoint(Path(resume_dir)) if resume_dir else None
+        if checkpoint is not None:
+            config = resumable_config(checkpoint.config, config)
+        out = Path(resume_dir or output_dir or config.get("report_dir")
+                   or f"outputs/run-{context.run_id}")
+        history = checkpoint.history if checkpoint else RunHistory()
         strategy = build_strategy(config["strategy"], int(config["num_hospitals"]), history,
-                                  min_sites=int(config["min_sites"]))
+                                  min_sites=int(config["min_sites"]),
+                                  bounds=UpdateBounds.from_config(config.get("validation")))
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            # Called by Flower before round 1 (server_round=0) and after every round.
+            # Called before round 1 (server_round=0) and after every round.
             metrics = dict(global_evaluate(server_round, arrays)) if global_evaluate else None
             if server_round == 0:
                 history.initial_global = metrics
@@ -66,30 +75,33 @@ def build_server_app(
                 on_round(record)
             return MetricRecord(metrics) if metrics else None
 
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:
+            save_checkpoint(out, Checkpoint(
+                round=server_round, model={k: a.numpy() for k, a in arrays.items()},
+                strategy_state=strategy.state_arrays(), history=history, config=config))
+
         site_config = protocol.encode_run_settings(run_settings.site_settings(config))
-        initial_arrays = ArrayRecord(initial_model(config).state_dict())
-        stopped = None
-        try:
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=initial_arrays,
-                num_rounds=int(config["rounds"]),
-                timeout=float(config["simulation"]["round_timeout_s"]),
-                train_config=site_config,
-                evaluate_config=ConfigRecord(dict(site_config)),
-                evaluate_fn=evaluate_fn,
-            )
-            final_arrays = result.arrays
-        except TooFewSites as err:
-            stopped = str(err)
-            final_arrays = strategy.last_arrays
+        if checkpoint is not None:
+            arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.model.items()})
+            strategy.load_state_arrays(checkpoint.strategy_state)
+        else:
+            arrays = ArrayRecord(initial_model(config).state_dict())
+        outcome = run_rounds(
+            strategy, grid, history, arrays,
+            first_round=checkpoint.round + 1 if checkpoint else 1,
+            num_rounds=int(config["rounds"]),
+            timeout=float(config["simulation"]["round_timeout_s"]),
+            train_config=site_config,
+            evaluate_config=ConfigRecord(dict(site_config)),
+            evaluate_fn=evaluate_fn,
+            after_round=after_round,
+        )
         report = build_report(
             config, history, duration_s=time.perf_counter() - started,
             global_evaluation="pooled" if global_evaluate else "site_weighted_mean",
-            stopped=stopped,
+            stopped=outcome.stopped,
         )
-        write_report(out, report,
-                     final_arrays.to_torch_state_dict() if final_arrays is not None else None)
+        write_report(out, report, outcome.arrays.to_torch_state_dict())
 
     return app
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flwr.app import Message
@@ -20,14 +20,43 @@ class RoundRecord:
     site_weighted: dict[str, float] = field(default_factory=dict)  # Flower's aggregate of `sites`
     failures: list[dict[str, Any]] = field(default_factory=list)  # replies that carried errors
     declined: dict[str, str] = field(default_factory=dict)  # site -> why it did not train
+    refused: dict[str, str] = field(default_factory=dict)  # site -> why it refused the run
+    # site -> stage -> Flower's content id (SHA-256 Merkle hash) of the reply received: the same
+    # value the site's egress log holds for what it sent (client/egress.py)
+    received: dict[str, dict[str, str]] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> ledger summary
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> reason -> count
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    update_norms: dict[str, float] = field(default_factory=dict)  # site -> ||w_site - w_global||
+    timed_out: list[str] = field(default_factory=list)  # sites asked that did not answer in time
+    skipped_round: str | None = None  # why the global model was left unchanged this round
 
 
 @dataclass
 class RunHistory:
     initial_global: dict[str, float] | None = None
     rounds: dict[int, RoundRecord] = field(default_factory=dict)
+    node_sites: dict[int, str] = field(default_factory=dict)  # Flower node id -> site id
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form, for the checkpoint (server/checkpoint.py)."""
+        return {"initial_global": self.initial_global,
+                "rounds": [asdict(r) for _, r in sorted(self.rounds.items())],
+                "node_sites": {str(k): v for k, v in self.node_sites.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunHistory:
+        rounds = {int(r["round"]): RoundRecord(**r) for r in data.get("rounds", [])}
+        return cls(initial_global=data.get("initial_global"), rounds=rounds,
+                   node_sites={int(k): v for k, v in data.get("node_sites", {}).items()})
+
+    def record_timeouts(self, server_round: int, asked: Iterable[int],
+                        replies: Iterable[Message]) -> None:
+        """Sites that were sent a message but did not answer before the round timeout."""
+        answered = {msg.metadata.src_node_id for msg in replies}
+        missing = [self.node_sites.get(node, f"node {node}") for node in asked
+                   if node not in answered]
+        self.round(server_round).timed_out.extend(sorted(missing))
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord(server_round))
@@ -51,15 +80,22 @@ class RunHistory:
                 continue
             status = msg.content[protocol.SITE]
             site = str(status[protocol.SITE_ID])
+            self.node_sites[msg.metadata.src_node_id] = site
+            record.received.setdefault(site, {})[stage] = msg.content.object_id
             skipped = {k[len(protocol.SKIPPED_PREFIX):]: int(v) for k, v in status.items()
                         if k.startswith(protocol.SKIPPED_PREFIX)}
             if skipped:
                 record.skipped[site] = skipped
             if protocol.PRIVACY in msg.content:
                 record.privacy[site] = protocol.decode_ledger(msg.content[protocol.PRIVACY])
-            if status.get(protocol.STATUS, protocol.STATUS_OK) == protocol.STATUS_DECLINED:
+            state = status.get(protocol.STATUS, protocol.STATUS_OK)
+            if state == protocol.STATUS_DECLINED:
                 record.declined[site] = str(status.get(protocol.REASON, "declined"))
                 continue  # a declined site is left out of aggregation, never a zero update
+            if state == protocol.STATUS_REFUSED:
+                # e.g. the site has not approved this app version: it read none of its data
+                record.refused[site] = str(status.get(protocol.REASON, "refused"))
+                continue
             metrics = {k: float(v) for k, v in msg.content[protocol.METRICS].items()}
             (record.train if stage == "train" else record.sites)[site] = metrics
             good.append((site, msg))

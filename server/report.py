@@ -2,7 +2,8 @@
 
 ``report.json`` is the contract other tools and tests read::
 
-    {"run": {...}, "rounds": [{"round", "global", "sites", "failures"}], "initial": {"global"},
+    {"run": {...}, "rounds": [{"round", "global", "sites", "train", "failures", "declined",
+     "refused"}], "initial": {"global"},
      "final": {"global", "sites", "client_mean"}, "privacy": {site: {...}}}
 """
 
@@ -73,12 +74,20 @@ def build_report(
                 "train": _site_metrics(record.train),
                 "failures": record.failures,
                 "declined": dict(sorted(record.declined.items())),
+                "refused": dict(sorted(record.refused.items())),
+                "received": dict(sorted(record.received.items())),
+                "rejected": dict(sorted(record.rejected.items())),
+                "timed_out": list(record.timed_out),
+                "skipped": record.skipped_round,  # why the global model did not change
+                "update_norms": dict(sorted(record.update_norms.items())),
             }
         )
     last = rounds[-1] if rounds else {"global": {}, "sites": {}}
     sites = sorted({site for r in rounds for site in r["sites"]} |
                    {site for r in rounds for site in r["train"]} |
-                   {site for r in rounds for site in r["declined"]})
+                   {site for r in rounds for site in r["declined"]} |
+                   {site for r in rounds for site in r["refused"]} |
+                   {site for r in rounds for site in r["rejected"]})
     report = {
         "run": {
             "task": cfg["task"]["name"],
@@ -190,6 +199,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"{len(r['train'])} sites trained")
         if r["declined"]:
             line += "; declined: " + "; ".join(f"{s} ({why})" for s, why in r["declined"].items())
+        if r.get("refused"):
+            line += "; refused: " + "; ".join(f"{s} ({why})" for s, why in r["refused"].items())
+        if r.get("rejected"):
+            line += "; update rejected: " + "; ".join(f"{s} ({why})"
+                                                      for s, why in r["rejected"].items())
+        if r.get("timed_out"):
+            line += "; no answer in time: " + ", ".join(r["timed_out"])
+        if r.get("skipped"):
+            line += f"; ROUND SKIPPED, global model unchanged: {r['skipped']}"
         if r["failures"]:
             line += "; failed: " + "; ".join(f"{f['stage']} on node {f['node_id']}: "
                                             f"{f['reason']}" for f in r["failures"])

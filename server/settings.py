@@ -53,6 +53,18 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
         value = cfg["strategy"].get(key, 1.0)
         _check(_is_number(value) and 0 < value <= 1, f"strategy.{key}", "a number in (0, 1]",
                value)
+    if cfg["strategy"]["name"] == "trimmedavg":
+        beta = cfg["strategy"].get("beta")
+        _check(_is_number(beta) and 0 <= beta < 0.5, "strategy.beta", "a number in [0, 0.5)",
+               beta)
+    if cfg["strategy"]["name"] == "krum":
+        f = cfg["strategy"].get("num_malicious_nodes")
+        _check(_is_int(f) and f >= 0, "strategy.num_malicious_nodes", "an integer >= 0", f)
+    bound = cfg["validation"]["max_update_norm"]
+    _check(bound is None or (_is_number(bound) and bound > 0), "validation.max_update_norm",
+           "a number > 0 or null", bound)
+    _check(_is_int(cfg["validation"]["max_examples"]) and cfg["validation"]["max_examples"] >= 1,
+           "validation.max_examples", "an integer >= 1", cfg["validation"]["max_examples"])
     if cfg["strategy"]["name"] == "fedprox":
         mu = cfg["strategy"].get("proximal_mu")
         _check(_is_number(mu) and mu >= 0, "strategy.proximal_mu", "a number >= 0", mu)

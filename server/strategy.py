@@ -10,26 +10,55 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
+from privacy import protocol
 from server.history import RunHistory
+from server.validation import UpdateBounds, check_update
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,  # the site adds the proximal term (client/training.py)
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
+    # Robust aggregation against a broken or hostile site (issue 8): coordinate-wise median,
+    # trimmed mean (beta cut at each end), Krum (the update closest to its neighbours).
+    "fedmedian": FedMedian,
+    "trimmedavg": FedTrimmedAvg,
+    "krum": Krum,
 }
+
+# Server-side optimiser state that must survive a restart (FedAdam/FedYogi moments).
+STATEFUL_ATTRIBUTES = ("m_t", "v_t")
 
 
 class TooFewSites(RuntimeError):
-    """Fewer sites than ``min_sites`` trained in a round: the run stops cleanly."""
+    """Fewer usable updates than ``min_sites`` in a round: the round is skipped.
+
+    ``permanent`` when the sites that declined for their privacy budget alone leave fewer
+    than ``min_sites`` (a spent budget never comes back): the run then stops cleanly.
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class RecordingMixin:
     history: RunHistory
     min_sites: int = 1
+    bounds: UpdateBounds = UpdateBounds()
     last_arrays: ArrayRecord | None = None  # the global model sent out in the latest round
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
@@ -39,15 +68,48 @@ class RecordingMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         ordered = self.history.record_replies(server_round, replies, stage="train")
-        if len(ordered) < self.min_sites:
-            record = self.history.round(server_round)
+        record = self.history.round(server_round)
+        accepted = []
+        for msg in ordered:
+            site = str(msg.content[protocol.SITE][protocol.SITE_ID])
+            reason, norm = check_update(msg, self.last_arrays, self.bounds)
+            if norm is not None:
+                record.update_norms[site] = norm
+            if reason is None:
+                accepted.append(msg)
+            else:
+                record.rejected[site] = reason
+                record.train.pop(site, None)
+        if len(accepted) < self.min_sites:
+            # declined (privacy budget) sites will decline again; failed, rejected and late
+            # ones may come back next round
+            could_train = len(replies) + len(record.timed_out) - len(record.declined)
             raise TooFewSites(
-                f"round {server_round}: {len(ordered)} site(s) trained, fewer than "
+                f"round {server_round}: {len(accepted)} usable update(s), fewer than "
                 f"min_sites={self.min_sites} (declined: {record.declined or 'none'}; "
-                f"failed: {len(record.failures)})"
+                f"rejected: {record.rejected or 'none'}; failed: {len(record.failures)}; "
+                f"timed out: {record.timed_out or 'none'})",
+                permanent=could_train < self.min_sites,
             )
-        return super().aggregate_train(server_round, ordered)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        return _same_dtypes(arrays, self.last_arrays), metrics
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Server-side optimiser state as flat ``attribute/key`` arrays (for checkpoints)."""
+        state = {}
+        for attribute in STATEFUL_ATTRIBUTES:
+            for key, value in (getattr(self, attribute, None) or {}).items():
+                state[f"{attribute}/{key}"] = np.asarray(value)
+        return state
+
+    def load_state_arrays(self, state: Mapping[str, np.ndarray]) -> None:
+        for attribute in STATEFUL_ATTRIBUTES:
+            values = {k.split("/", 1)[1]: np.asarray(v) for k, v in state.items()
+                      if k.split("/", 1)[0] == attribute}
+            if values:
+                setattr(self, attribute, values)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -60,8 +122,19 @@ class RecordingMixin:
         return aggregated
 
 
+def _same_dtypes(arrays: ArrayRecord | None, like: ArrayRecord | None) -> ArrayRecord | None:
+    """Flower's FedAdam/FedYogi return float64 arrays for a float32 model; the global model
+    keeps the model's own dtypes (sites train float32, updates are validated against them)."""
+    if arrays is None or like is None:
+        return arrays
+    dtypes = {k: a.numpy().dtype for k, a in like.items()}
+    return ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=dtypes.get(k)))
+                        for k, a in arrays.items()})
+
+
 def build_strategy(
-    strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory, min_sites: int = 1
+    strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory, min_sites: int = 1,
+    bounds: UpdateBounds | None = None,
 ) -> Strategy:
     """Flower's strategy ``strategy_cfg.name`` with the remaining keys as its arguments.
 
@@ -81,4 +154,5 @@ def build_strategy(
     strategy = recording(**params)
     strategy.history = history
     strategy.min_sites = min_sites
+    strategy.bounds = bounds or UpdateBounds()
     return strategy

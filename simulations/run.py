@@ -16,11 +16,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.app import build_client_app
 from client.tasks import DataError
 from server.app import build_server_app
+from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
 from server.history import RoundRecord
 from server.settings import ConfigError, to_dict, validate
 from simulations.engine import run_in_process
@@ -28,6 +30,7 @@ from simulations.global_evaluation import pooled_test_evaluation
 from simulations.sites import site_folders
 
 console = Console(stderr=True)
+_job_started = False  # set once Hydra has composed the config and called main()
 
 
 def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -36,6 +39,11 @@ def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
     folders = site_folders(cfg)
     cfg = {**cfg, "num_hospitals": len(folders)}  # data.root decides the number of sites
+    first_round = 1
+    if cfg.get("resume"):  # refuse before anything starts if this is not the same run
+        checkpoint = load_checkpoint(out_dir)
+        resumable_config(checkpoint.config, cfg)
+        first_round = checkpoint.round + 1
     sites = {
         partition: {"site-id": site, "data-path": str(folder), "device": cfg["device"],
                     "threads": max(1, int(cfg["simulation"]["client_cpus"])),
@@ -69,7 +77,8 @@ def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         on_round=on_round,
     )
     with progress:
-        bar = progress.add_task("federated rounds", total=cfg["rounds"])
+        bar = progress.add_task("federated rounds", total=cfg["rounds"],
+                                completed=first_round - 1)
         run_in_process(
             server_app, build_client_app(sites), len(folders),
             client_cpus=float(cfg["simulation"]["client_cpus"]),
@@ -83,14 +92,21 @@ def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(hydra_cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
     try:
         validate(hydra_cfg)
         cfg = to_dict(hydra_cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
+        if cfg.get("resume"):
+            # the interrupted run's folder: its checkpoint and its sites' privacy ledgers
+            out_dir = Path(cfg["resume"])
         started = time.perf_counter()
         report = simulate(cfg, out_dir)
-    except (ConfigError, DataError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+    except (ConfigError, DataError, CheckpointError) as err:
+        # escape: a path or list in the message ("[a, b]") is not rich markup; soft_wrap: the
+        # message stays on one line, so a file name is never broken across lines
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(2)
     final = report["final"]["global"]
     console.print(
@@ -101,5 +117,25 @@ def main(hydra_cfg: DictConfig) -> None:
     )
 
 
+def cli() -> None:
+    """``main`` with one exit code for every bad configuration value: 2.
+
+    Hydra itself rejects an unknown group value (``task=nope``), an unknown key
+    (``privacy.accountant=...`` while ``privacy=off``) or a malformed override before ``main``
+    runs: it prints what is wrong, naming the key, and exits with 1, the code of a crash.
+    """
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code == 1 and not _job_started:
+            console.print("[bold red]error:[/] the configuration could not be composed (the "
+                          "message above names the key); `python -m simulations.run --help` "
+                          "lists the config groups and their choices; a group's keys exist only "
+                          "when that group is chosen (privacy.accountant needs privacy=dp)",
+                          soft_wrap=True)
+            sys.exit(2)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()
