@@ -29,6 +29,22 @@ from simulations.cache import write_folder_once
 PARTITIONS = ("iid", "dirichlet", "quantity", "column")
 
 
+def check_partition_settings(data: Mapping[str, Any]) -> None:
+    """``data.partition`` / ``data.alpha`` / ``data.site_column`` before anything is read: a bad
+    value names its key even when no ``data.path`` is given (it would otherwise be ignored)."""
+    method = data.get("partition", "iid")
+    if method not in PARTITIONS:
+        raise DataError(f"data.partition must be one of {list(PARTITIONS)}, got {method!r}")
+    alpha = data.get("alpha", 0.5)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        # numpy's Dirichlet would fail later with a message that names no key
+        raise DataError(f"data.alpha must be a number > 0 (Dirichlet concentration), "
+                        f"got {alpha!r}")
+    if method == "column" and data.get("path") and not data.get("site_column"):
+        raise DataError("data.partition=column needs data.site_column (the column naming "
+                        "each record's hospital)")
+
+
 def _split_by_proportions(ids: np.ndarray, proportions: np.ndarray) -> list[np.ndarray]:
     cuts = (np.cumsum(proportions)[:-1] * len(ids)).round().astype(int)
     return np.split(ids, cuts)
@@ -76,9 +92,12 @@ def _site_name(value: Any) -> str:
 def partition_sites(cfg: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
     """Write (once, cached by content) and return the site folders for ``data.path``."""
     data = cfg["data"]
+    check_partition_settings(data)
     path = Path(data["path"]).expanduser()
     if not path.exists():
-        raise DataError(f"data.path={path} does not exist")
+        raise DataError(f"data.path={path} does not exist; expected the pooled dataset to "
+                        f"split into hospitals (a file or folder in the {cfg['task']['name']} "
+                        "task's format)")
     method = str(data.get("partition", "iid"))
     column = data.get("site_column") if method == "column" else None
     num_sites = int(cfg["num_hospitals"])

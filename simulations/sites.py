@@ -17,7 +17,7 @@ from typing import Any
 
 from client.tasks import DataError, get_task
 from simulations.cache import write_folder_once
-from simulations.partition import partition_sites
+from simulations.partition import check_partition_settings, partition_sites
 
 GENERATOR_VERSION = 1  # bump when a generator's output changes
 
@@ -26,6 +26,7 @@ def site_folders(cfg: Mapping[str, Any]) -> dict[str, Path]:
     """Site id -> folder, in a stable order."""
     cache_dir = Path(cfg["data"]["cache_dir"]).expanduser()
     root, pooled = cfg["data"].get("root"), cfg["data"].get("path")
+    check_partition_settings(cfg["data"])
     if root and pooled:
         raise DataError("give either data.root (one folder per hospital) or data.path (one "
                         "pooled dataset to split), not both")
@@ -34,11 +35,15 @@ def site_folders(cfg: Mapping[str, Any]) -> dict[str, Path]:
     if root:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise DataError(f"data.root={root} is not a directory; expected one sub-folder "
-                            "per hospital")
+            what = "a file" if root.exists() else "it does not exist"
+            raise DataError(f"data.root={root} is not a directory ({what}); expected a folder "
+                            "with one sub-folder per hospital")
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
-            raise DataError(f"data.root={root} has no sub-folders; expected one per hospital")
+            files = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+            raise DataError(f"data.root={root} has no sub-folders; expected one per hospital"
+                            + (f" (found only files: {files[:5]}; for one pooled dataset "
+                               "use data.path)" if files else ""))
         return {p.name: p for p in folders}
     return synthetic_sites(cfg["task"], int(cfg["num_hospitals"]), int(cfg["seed"]), cache_dir)
 

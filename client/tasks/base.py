@@ -8,7 +8,7 @@ and tells the model builder what it is built for (:meth:`Task.input_spec`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,63 @@ from torch.utils.data import TensorDataset
 
 class DataError(ValueError):
     """A site's data is missing or not in the expected format; the message names the file."""
+
+
+# Byte-order marks of the encodings a spreadsheet's "Unicode text" export writes instead of UTF-8.
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _first_undecodable_line(path: Path) -> tuple[int, str]:
+    """Line number (1-based) and reason of the first line that is not UTF-8 (error path only)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return number, f"byte 0x{raw[err.start]:02x}: {err.reason}"
+    return 1, "invalid UTF-8"
+
+
+def text_lines(path: Path, expected: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file (line endings kept, as ``open(newline="")`` gives them,
+    so ``csv.reader`` can read them), streamed.
+
+    Every way the file can be unusable is a :class:`DataError` naming the file, with the line
+    where there is one, and ``expected`` (what the file should be): missing, a directory,
+    unreadable, not UTF-8 (a latin-1 or UTF-16 export, binary data), or holding a NUL byte
+    (binary data, or UTF-16 without a byte-order mark). Raw ``UnicodeDecodeError``s would name
+    neither the file nor the line, and NUL bytes would otherwise pass into ids and values.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory; expected {expected}")
+    if not path.exists():
+        raise DataError(f"{path}: missing; expected {expected}")
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(2)
+        if start in _UTF16_BOMS:
+            raise DataError(f"{path}: UTF-16 text (byte-order mark); expected {expected} "
+                            "encoded as UTF-8 (re-save it as UTF-8)")
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if "\x00" in line:
+                    raise DataError(f"{path}, line {number}: a NUL byte; expected {expected} as "
+                                    "UTF-8 text (is it a binary file or UTF-16 text?)")
+                yield line
+    except UnicodeDecodeError:
+        number, reason = _first_undecodable_line(path)
+        raise DataError(f"{path}, line {number}: not UTF-8 text ({reason}); expected {expected} "
+                        "encoded as UTF-8 (a latin-1/Windows export? re-save it as UTF-8)"
+                        ) from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err}); expected {expected}"
+                        ) from err
+
+
+def read_text_file(path: Path, expected: str) -> str:
+    """The whole text of a UTF-8 file; the same checks and messages as :func:`text_lines`."""
+    return "".join(text_lines(path, expected))
 
 
 @dataclass

@@ -13,6 +13,7 @@ Two site formats (``task.format``: ``npz``, ``folder`` or ``auto`` = npz if the 
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "l
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (an empty one: 2nd)
+NPZ_EXPECTED = "a MedMNIST-style .npz archive (np.savez) of uint8 images and integer labels"
 
 
 def _npz_path(folder: Path, task_cfg: Mapping[str, Any]) -> Path:
@@ -38,6 +41,8 @@ def _npz_path(folder: Path, task_cfg: Mapping[str, Any]) -> Path:
     if not folder.is_dir():
         raise DataError(f"site folder {folder} does not exist or is not a directory")
     path = folder / str(task_cfg.get("file", "scans.npz"))
+    if path.is_dir():
+        raise DataError(f"{path}: a directory; expected {NPZ_EXPECTED} with keys {NPZ_KEYS}")
     if not path.is_file():
         raise DataError(f"{path}: missing; expected a MedMNIST-style .npz with keys {NPZ_KEYS}")
     return path
@@ -56,6 +61,19 @@ def _format(folder: Path, task_cfg: Mapping[str, Any]) -> str:
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a MedMNIST-style file; a clear error for a missing key or broken file."""
     try:
+        with open(path, "rb") as handle:
+            signature = handle.read(4)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err}); expected "
+                        f"{NPZ_EXPECTED}") from err
+    # np.load falls back to unpickling whatever is not a zip or .npy file, and its message then
+    # advises allow_pickle=True: never advice to give about a file from elsewhere.
+    if not signature:
+        raise DataError(f"{path}: an empty file (0 bytes); expected {NPZ_EXPECTED}")
+    if signature not in ZIP_SIGNATURES:
+        kind = "a single .npy array" if signature.startswith(b"\x93NUM") else "not a zip archive"
+        raise DataError(f"{path}: {kind}; expected {NPZ_EXPECTED} with keys {NPZ_KEYS}")
+    try:
         with np.load(path, allow_pickle=False) as npz:
             required = [k for k in NPZ_KEYS if not k.startswith("val")]
             missing = [k for k in required if k not in npz.files]
@@ -67,8 +85,11 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in npz.files}
     except DataError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError,
+            RuntimeError, NotImplementedError) as err:
+        # a truncated or corrupted archive, a member that is not an .npy array, object arrays
+        raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); "
+                        f"expected {NPZ_EXPECTED}") from err
 
 
 def read_image_folder(folder: Path, task_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -81,8 +102,16 @@ def read_image_folder(folder: Path, task_cfg: Mapping[str, Any]) -> dict[str, np
     arrays: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         split_dir = folder / split
+        if split_dir.exists() and not split_dir.is_dir():
+            raise DataError(f"{split_dir}: a file; expected a folder {split}/<class>/*.png|jpg")
         if not split_dir.is_dir():
             raise DataError(f"{split_dir}: missing; expected {split}/<class>/*.png|jpg")
+        # an image outside any class folder has no label: an error, not silently left out
+        loose = sorted(p.name for p in split_dir.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if loose:
+            raise DataError(f"{split_dir}: images {loose[:3]} are not inside a class folder; "
+                            f"expected {split}/<class>/*.png|jpg")
         classes = list(names) if names else sorted(p.name for p in split_dir.iterdir()
                                                   if p.is_dir())
         images, labels = [], []
@@ -117,11 +146,12 @@ def read_site_arrays(folder: Path, task_cfg: Mapping[str, Any]) -> tuple[dict, P
     return read_npz(path), path
 
 
-def _read_split(
+def _checked_split(
     arrays: Mapping[str, np.ndarray], path: Path, split: str, task_cfg: Mapping[str, Any]
-) -> TensorDataset:
+) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images (N×H×W×C uint8) and labels (N,), checked against ``task.spec``."""
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-    if len(images) == 0 and images.ndim != 4:
+    if images.ndim >= 1 and len(images) == 0 and images.ndim != 4:
         images = np.zeros((0, task_cfg["spec"]["image_size"], task_cfg["spec"]["image_size"],
                            task_cfg["spec"]["channels"]), dtype=np.uint8)
     spec = task_cfg["spec"]
@@ -151,6 +181,13 @@ def _read_split(
             f"{path}: {split}_labels[{int(np.argmax(bad))}] = {labels[bad][0]} is outside the "
             f"declared classes 0..{num_classes - 1} (task.spec.num_classes={num_classes})"
         )
+    return images, labels
+
+
+def _read_split(
+    arrays: Mapping[str, np.ndarray], path: Path, split: str, task_cfg: Mapping[str, Any]
+) -> TensorDataset:
+    images, labels = _checked_split(arrays, path, split, task_cfg)
     # MedMNIST's usual normalisation: pixels to [-1, 1]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     return TensorDataset(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
@@ -180,8 +217,9 @@ class ImagesTask(Task):
         if site_column:
             raise DataError(f"{path}: images have no columns; data.partition=column needs a "
                             "tabular or notes task")
-        arrays, _ = read_site_arrays(path, task_cfg)
-        labels = [_labels_1d(arrays[f"{s}_labels"]) for s in ("train", "test")]
+        arrays, source = read_site_arrays(path, task_cfg)
+        # the same checks as a site's file: a pooled file's bad label must not reach a partition
+        labels = [_checked_split(arrays, source, s, task_cfg)[1] for s in ("train", "test")]
         return PooledRecords(
             labels=np.concatenate(labels).astype(np.int64),
             is_test=np.concatenate([np.zeros(len(labels[0]), bool), np.ones(len(labels[1]), bool)]),

@@ -39,7 +39,14 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
+from client.tasks.base import (
+    DataError,
+    PooledRecords,
+    SiteData,
+    SiteProfile,
+    Task,
+    read_text_file,
+)
 from client.tasks.registry import register_task
 
 FORMATS = ("csv", "jsonl")
@@ -134,6 +141,8 @@ def _site_file(folder: Path, task_cfg: Mapping[str, Any]) -> Path:
     path = folder / name
     if path.is_file():
         return path
+    if path.is_dir():
+        raise DataError(f"{path}: a directory; expected a notes file (CSV or JSONL, task.file)")
     if str(task_cfg.get("format", "auto")) == "auto":
         stem = Path(name).stem
         found = [folder / f"{stem}{s}" for s in SUFFIX_FORMATS if (folder / f"{stem}{s}").is_file()]
@@ -145,16 +154,8 @@ def _site_file(folder: Path, task_cfg: Mapping[str, Any]) -> Path:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err})") from err
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text ({err.reason}); "
-                        "expected a UTF-8 encoded notes file") from err
+    # not UTF-8 (latin-1, UTF-16, binary) or NUL bytes: an error naming file and line
+    return read_text_file(path, "a notes file (CSV or JSONL)")
 
 
 def _delimiter(path: Path, task_cfg: Mapping[str, Any]) -> str:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
+from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task, text_lines
 from client.tasks.registry import register_task
 
 SPLIT_FILES = ("train.csv", "test.csv")
@@ -154,34 +154,39 @@ def read_table(path: Path, task_cfg: Mapping[str, Any]) -> Table:
     """Parse one CSV file; a wrong number of fields is a DataError naming file and line."""
     header = str(task_cfg.get("header", "first_line"))
     delimiter = str(task_cfg.get("delimiter", ","))
+    expected = "a CSV table" + (" (task.header=none: records only, columns from task.columns)"
+                                if header == "none" else " with a header line")
+    # not UTF-8, NUL bytes, a directory: text_lines names the file (and line)
+    reader = csv.reader(text_lines(path, expected), delimiter=delimiter)
+    rows, lines = [], []
+    columns: list[str] | None = None
+    if header == "none":
+        columns = [str(c) for c in task_cfg["columns"]]
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
-            rows, lines = [], []
-            columns: list[str] | None = None
-            if header == "none":
-                columns = [str(c) for c in task_cfg["columns"]]
-            for fields in reader:
-                line = reader.line_num
-                if not fields or all(not f.strip() for f in fields) and len(fields) <= 1:
-                    continue  # a blank line is not a record
-                fields = [f.strip() for f in fields]
-                if columns is None:
-                    columns = fields
-                    continue
-                if len(fields) != len(columns):
-                    raise DataError(
-                        f"{path}, line {line}: {len(fields)} fields, expected {len(columns)} "
-                        f"({', '.join(columns)})" + (" as declared in task.columns"
-                                                     if header == "none" else " as in the header")
-                    )
-                rows.append(fields)
-                lines.append(line)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{path}: not a readable CSV file ({err})") from err
+        for fields in reader:
+            line = reader.line_num
+            if not fields or all(not f.strip() for f in fields) and len(fields) <= 1:
+                continue  # a blank line is not a record
+            fields = [f.strip() for f in fields]
+            if columns is None:
+                columns = fields
+                continue
+            if len(fields) != len(columns):
+                raise DataError(
+                    f"{path}, line {line}: {len(fields)} fields, expected {len(columns)} "
+                    f"({', '.join(columns)})" + (" as declared in task.columns"
+                                                 if header == "none" else " as in the header")
+                )
+            rows.append(fields)
+            lines.append(line)
+    except csv.Error as err:
+        raise DataError(f"{path}, line {reader.line_num}: not a readable CSV file ({err})"
+                        ) from err
     if columns is None:
         raise DataError(f"{path}: empty file; expected a header line naming the columns "
                         "(or task.header=none with task.columns)")
+    if header == "none" and not rows:
+        raise DataError(f"{path}: empty file; expected {expected}")
     duplicated = sorted({c for c in columns if columns.count(c) > 1})
     if duplicated:
         raise DataError(f"{path}: column names {duplicated} appear more than once")
@@ -306,6 +311,10 @@ def _site_files(folder: Path, task_cfg: Mapping[str, Any]) -> list[Path]:
                      and fnmatch.fnmatch(p.name, pattern) and p.name not in SPLIT_FILES)
     if len(matches) != 1:
         found = "none" if not matches else ", ".join(p.name for p in matches)
+        folders = sorted(p.name for p in folder.iterdir() if p.is_dir()
+                         and fnmatch.fnmatch(p.name, pattern))
+        if folders:
+            found += f" (directories {folders} match the pattern but are not files)"
         raise DataError(f"{folder}: expected train.csv + test.csv, or exactly one file matching "
                         f"{pattern!r} (task.file); found {found}")
     return matches

@@ -30,6 +30,7 @@ import math
 import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,15 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
+from client.tasks.base import (
+    DataError,
+    PooledRecords,
+    SiteData,
+    SiteProfile,
+    Task,
+    read_text_file,
+    text_lines,
+)
 from client.tasks.registry import register_task
 
 FORMATS = ("auto", "physionet", "long_csv")
@@ -112,15 +121,15 @@ def static_width(name: str) -> int:
 def _variables(task_cfg: Mapping[str, Any]) -> list[str]:
     variables = [str(v) for v in task_cfg.get("variables") or []]
     if not variables or len(set(variables)) != len(variables):
-        raise ValueError(f"task.variables must be a non-empty list of distinct names, "
-                         f"got {variables}")
+        raise DataError(f"task.variables must be a non-empty list of distinct names, "
+                        f"got {variables}")
     return variables
 
 
 def _statics(task_cfg: Mapping[str, Any]) -> list[str]:
     statics = [str(v) for v in task_cfg.get("static") or []]
     if "RecordID" in statics:
-        raise ValueError("task.static must not contain RecordID (an identifier, not a feature)")
+        raise DataError("task.static must not contain RecordID (an identifier, not a feature)")
     return statics
 
 
@@ -129,14 +138,14 @@ def _check_spec(task_cfg: Mapping[str, Any]) -> None:
     variables, statics = _variables(task_cfg), _statics(task_cfg)
     width = sum(static_width(s) for s in statics)
     if int(spec["num_variables"]) != len(variables):
-        raise ValueError(f"task.spec.num_variables={spec['num_variables']} but task.variables "
-                         f"lists {len(variables)} variables; they must agree")
+        raise DataError(f"task.spec.num_variables={spec['num_variables']} but task.variables "
+                        f"lists {len(variables)} variables; they must agree")
     if int(spec["num_static"]) != width:
-        raise ValueError(f"task.spec.num_static={spec['num_static']} but task.static "
-                         f"{statics} encodes to {width} columns (2 per descriptor, "
-                         f"{len(ICU_TYPES)} for ICUType); they must agree")
+        raise DataError(f"task.spec.num_static={spec['num_static']} but task.static "
+                        f"{statics} encodes to {width} columns (2 per descriptor, "
+                        f"{len(ICU_TYPES)} for ICUType); they must agree")
     if int(spec["num_classes"]) < 2:
-        raise ValueError("task.spec.num_classes must be >= 2")
+        raise DataError("task.spec.num_classes must be >= 2")
 
 
 def is_test_stay(stay_id: str, test_fraction: float) -> bool:
@@ -179,7 +188,9 @@ class _Observations:
             self.counts["missing_value_observations"] += 1
             return
         limits = PHYSIOLOGY.get(name)
-        if limits is not None and not limits.low <= value <= limits.high:
+        # an infinite value (inf, 1e400) is an entry error for every variable, known or not
+        if not math.isfinite(value) or (limits is not None
+                                        and not limits.low <= value <= limits.high):
             self.counts["implausible_value_observations"] += 1
             return
         stay.hours.append(time_h)
@@ -192,7 +203,9 @@ class _Observations:
         if value == MISSING or math.isnan(value):
             return  # recorded as missing (its flag says so)
         low, high = STATIC_RANGES.get(name, (-math.inf, math.inf))
-        if not low <= value <= high:
+        # ICUType is a code: anything but the four challenge units is an entry error
+        if (not math.isfinite(value) or not low <= value <= high
+                or (name == "ICUType" and value not in ICU_TYPES)):
             self.counts["implausible_static_values"] += 1
             return
         stay.static[name] = value
@@ -223,10 +236,7 @@ def _parse_value(text: str) -> float | None:
 
 def read_physionet_record(path: Path, observations: _Observations) -> Stay:
     """One ``<RecordID>.txt``: descriptors at the top at 00:00, then time-stamped measurements."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable text file ({err})") from err
+    lines = read_text_file(path, "a PhysioNet 2012 record (Time,Parameter,Value)").splitlines()
     if not lines or tuple(c.strip() for c in lines[0].split(",")) != RECORD_HEADER:
         first = lines[0] if lines else "(empty file)"
         raise DataError(f"{path}:1: expected the header 'Time,Parameter,Value', got {first!r}")
@@ -266,18 +276,18 @@ def _csv_records(
     A header without the ``required`` columns, or a row with the wrong number of fields,
     raises :class:`DataError` naming the file and line.
     """
-    handle = path.open(newline="", encoding="utf-8-sig")
-    reader = csv.reader(handle)
-    header = [h.strip() for h in next(reader, [])]
+    lines = text_lines(path, f"a CSV file with columns {','.join(required)}")
+    reader = csv.reader(lines)
+    header = [h.strip() for h in _next_row(reader, path, [])]
     missing = [c for c in required if c not in header]
     if missing:
-        handle.close()
+        lines.close()
         raise DataError(f"{path}:1: header {header} lacks {missing}; expected columns "
                         f"{','.join(required)}" + (f" ({hint})" if hint else ""))
 
     def rows() -> Iterator[tuple[int, list[str]]]:
-        with handle:
-            for row in reader:
+        with closing(lines):
+            while (row := _next_row(reader, path, None)) is not None:
                 if not row or not "".join(row).strip():
                     continue
                 if len(row) != len(header):
@@ -286,6 +296,13 @@ def _csv_records(
                 yield reader.line_num, row
 
     return header, rows()
+
+
+def _next_row(reader: Any, path: Path, default: list[str] | None) -> list[str] | None:
+    try:
+        return next(reader, default)
+    except csv.Error as err:  # e.g. a quoted field cut off by a truncated copy
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
 
 
 @dataclass
@@ -299,8 +316,6 @@ class LabelRow:
 def read_labels(path: Path, id_column: str, label_column: str,
                 num_classes: int) -> dict[str, LabelRow]:
     """An outcomes / labels CSV: stay id -> label (file order kept); every row checked."""
-    if not path.is_file():
-        raise DataError(f"{path}: missing; expected a CSV with columns {id_column},{label_column}")
     rows: dict[str, LabelRow] = {}
     header, records = _csv_records(path, (id_column, label_column), "task.label_column")
     id_at, label_at = header.index(id_column), header.index(label_column)
@@ -319,15 +334,13 @@ def read_labels(path: Path, id_column: str, label_column: str,
 
 def read_long_csv(path: Path, observations: _Observations) -> dict[str, Stay]:
     """``stay_id,time_hours,variable,value`` rows (any order) -> stays."""
-    if not path.is_file():
-        raise DataError(f"{path}: missing; expected a CSV with columns {','.join(EVENT_COLUMNS)}")
     stays: dict[str, Stay] = {}
     header, records = _csv_records(path, EVENT_COLUMNS)
     at = [header.index(c) for c in EVENT_COLUMNS]
     for lineno, row in records:
         stay_id, time_text, name, value_text = (row[i].strip() for i in at)
         time_h, value = _parse_value(time_text), _parse_value(value_text)
-        if not stay_id or time_h is None or math.isnan(time_h) or value is None:
+        if not stay_id or time_h is None or not math.isfinite(time_h) or value is None:
             raise DataError(f"{path}:{lineno}: expected stay_id, numeric time_hours and a "
                             f"numeric (or empty) value, got {','.join(row)!r}")
         stay = stays.get(stay_id)
@@ -346,9 +359,13 @@ def _format(folder: Path, task_cfg: Mapping[str, Any]) -> str:
         raise DataError(f"task.format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if not folder.is_dir():
         raise DataError(f"site folder {folder} does not exist or is not a directory")
+    records = folder / _name(task_cfg, "records_dir")
+    if fmt != "long_csv" and records.exists() and not records.is_dir():
+        raise DataError(f"{records}: a file; expected a folder of <RecordID>.txt files "
+                        "(PhysioNet 2012 layout, task.records_dir)")
     if fmt != "auto":
         return fmt
-    if (folder / _name(task_cfg, "records_dir")).is_dir():
+    if records.is_dir():
         return "physionet"
     if (folder / _name(task_cfg, "events_file")).is_file():
         return "long_csv"
