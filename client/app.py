@@ -1,13 +1,18 @@
 """The ClientApp each hospital runs: receive the global model, train or evaluate, reply.
 
 Handlers stay protocol-shaped and short; the work is done by plain functions in
-``client/training.py`` and ``client/evaluation.py``.
+``client/training.py`` and ``client/evaluation.py``. Before anything touches the site's data a
+handler checks that the site accepts the run (an approved app version, the site's own task);
+otherwise it replies with a refusal. Every reply, refusals and errors included, leaves through
+``client/egress.py``, which logs it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -16,13 +21,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import egress
+from client.approval import approval_refusal
 from client.evaluation import evaluate
 from client.privacy_budget import load_ledger, plan_ledger, save_ledger, site_budget
-from client.site import PARTITION_ID, SiteSettings, simulated_site_from_root
+from client.secure_aggregation import TrainOutcome, register_secure_aggregation
+from client.site import PARTITION_ID, SITE_CONFIG, SiteSettings, simulated_site_from_root
 from client.tasks import SiteData, get_task
 from client.training import (
     DPConfig,
     LocalTrainingConfig,
+    StepHook,
     dp_schedule,
     resolve_device,
     site_seed,
@@ -30,6 +39,11 @@ from client.training import (
 )
 from models import build_model
 from privacy import protocol
+
+# A child of Flower's logger: refusals show on the SuperNode's console like Flower's own lines.
+log = logging.getLogger("flwr.medsilo.site")
+
+SiteHandler = Callable[[Message, Context, SiteSettings], Message]
 
 
 @lru_cache(maxsize=64)
@@ -43,34 +57,65 @@ def load_site_data(site: SiteSettings, task_cfg: Mapping[str, Any]) -> SiteData:
     return _load_site_cached(task_cfg["name"], str(site.data_path), task_json, site.site_id)
 
 
+def refusal_reason(site: SiteSettings, settings: Mapping[str, Any]) -> str | None:
+    """Why this site will not run this message, or ``None``: checked before any data is read.
+
+    The site decides (its configuration wins over the server's): the running app must be a
+    version the site approved, and the run must be for the task the site's data is for.
+    """
+    reason = approval_refusal(site.require_approval, site.approved_app_hashes)
+    if reason is not None:
+        return reason
+    task = settings.get("task", {}).get("name")
+    if site.task is not None and task != site.task:
+        return f"this site's data is for task {site.task!r}; the run asks for task {task!r}"
+    return None
+
+
 def _prepare(
-    msg: Message, site: SiteSettings
-) -> tuple[dict[str, Any], SiteData, torch.nn.Module, str]:
+    msg: Message, site: SiteSettings, settings: Mapping[str, Any]
+) -> tuple[SiteData, torch.nn.Module, str]:
     if site.threads > 0:
         torch.set_num_threads(site.threads)
-    settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
     task_cfg = settings["task"]
     data = load_site_data(site, task_cfg)
     model = build_model(settings["model"], get_task(task_cfg["name"]).input_spec(task_cfg))
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
-    return settings, data, model, resolve_device(site.device)
+    return data, model, resolve_device(site.device)
 
 
 def _reply(
     msg: Message,
+    context: Context,
     site: SiteSettings,
     metrics: Mapping[str, float],
     model: torch.nn.Module | None = None,
     *,
     ledger: Mapping[str, Any] | None = None,
     declined: str | None = None,
+    refused: str | None = None,
     skipped: Mapping[str, int] | None = None,
+    arrays: ArrayRecord | None = None,
+    secagg: Mapping[str, Any] | None = None,
+    kind: str | None = None,
 ) -> Message:
+    """The site's reply, built in one place and sent through the egress door.
+
+    ``model`` (plain update) or ``arrays`` (e.g. a masked update) become the ``arrays`` record;
+    ``secagg`` a secure-aggregation stage's record; ``kind`` names the content for the egress
+    log (default: update / metrics; a decline or refusal always logs as such).
+    """
     status: dict[str, Any] = {protocol.SITE_ID: site.site_id, protocol.STATUS: protocol.STATUS_OK}
     # counts only (never the records): what the site's loader left out and why
     status.update({f"{protocol.SKIPPED_PREFIX}{k}": int(v) for k, v in (skipped or {}).items()})
+    if kind is None:
+        kind = "update" if model is not None or arrays is not None else "metrics"
     if declined is not None:
         status.update({protocol.STATUS: protocol.STATUS_DECLINED, protocol.REASON: declined})
+        kind = "privacy-ledger"
+    if refused is not None:
+        status.update({protocol.STATUS: protocol.STATUS_REFUSED, protocol.REASON: refused})
+        kind = "refusal"
     content = RecordDict(
         {
             protocol.METRICS: MetricRecord(dict(metrics)),
@@ -79,9 +124,19 @@ def _reply(
     )
     if model is not None:
         content[protocol.ARRAYS] = ArrayRecord(model.cpu().state_dict())
+    elif arrays is not None:
+        content[protocol.ARRAYS] = arrays
     if ledger is not None:
         content[protocol.PRIVACY] = protocol.encode_ledger(ledger)
-    return Message(content=content, reply_to=msg)
+    if secagg is not None:
+        content[protocol.SECAGG] = ConfigRecord(dict(secagg))
+    return egress.send(msg, content, kind=kind, site=site, context=context)
+
+
+def refuse(msg: Message, context: Context, site: SiteSettings, reason: str) -> Message:
+    """A clear refusal the server reports; nothing of the site's data was read."""
+    log.warning("site %s refuses %s: %s", site.site_id, msg.metadata.message_type, reason)
+    return _reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
 
 
 def _local_config(settings: Mapping[str, Any], msg: Message) -> LocalTrainingConfig:
@@ -99,10 +154,12 @@ def _local_config(settings: Mapping[str, Any], msg: Message) -> LocalTrainingCon
 
 def train_with_dp(
     msg: Message, context: Context, site: SiteSettings, settings: Mapping[str, Any],
-    data: SiteData, model: torch.nn.Module, device: str,
-) -> Message:
+    data: SiteData, model: torch.nn.Module, device: str, step_hook: StepHook | None = None,
+) -> TrainOutcome:
     """DP-SGD for one round, or a clear decline if the round would exceed the site's budget."""
-    privacy_cfg, config = settings["privacy"], _local_config(settings, msg)
+    privacy_cfg, config = dict(settings["privacy"]), _local_config(settings, msg)
+    if site.delta is not None:  # the site's own δ wins over the server's
+        privacy_cfg["delta"] = site.delta
     ledger = load_ledger(site, context) or plan_ledger(
         privacy_cfg, len(data.train), config.batch_size, config.epochs,
         int(settings["plan"]["rounds"]), site_budget(site, privacy_cfg),
@@ -117,56 +174,111 @@ def train_with_dp(
         save_ledger(site, context, ledger)
         reason = (f"round {server_round} would raise epsilon from {ledger.epsilon():.4g} to "
                   f"{after:.4g}, above this site's budget max_epsilon={ledger.max_epsilon:.4g}")
-        return _reply(msg, site, {protocol.NUM_EXAMPLES: 0}, ledger=ledger.report(),
-                      declined=reason)
+        return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, ledger=ledger.report(),
+                            declined=reason)
     dp = DPConfig(noise_multiplier=ledger.noise_multiplier,
                   max_grad_norm=float(privacy_cfg["max_grad_norm"]),
                   secure_noise=bool(privacy_cfg.get("secure_noise", False)))
     seed = site_seed(int(settings["seed"]), site.site_id, server_round)
-    result = train_local(model, data.train, config, seed=seed, device=device, dp=dp)
+    result = train_local(model, data.train, config, seed=seed, device=device, dp=dp,
+                         step_hook=step_hook)
     if int(result["steps"]) != steps:  # the ledger must account for exactly what ran
         raise RuntimeError(f"DP-SGD ran {result['steps']} steps but {steps} were accounted")
     ledger.record_round(steps)
     save_ledger(site, context, ledger)
     metrics = {protocol.NUM_EXAMPLES: len(data.train), **result}
-    return _reply(msg, site, metrics, model, ledger=ledger.report())
+    return TrainOutcome(model, metrics, ledger=ledger.report())
+
+
+def train_round(
+    msg: Message, context: Context, site: SiteSettings,
+    step_hook_for: Callable[[str, int], StepHook | None] | None = None,
+) -> TrainOutcome:
+    """One local round on the global model in ``msg``: refused, declined, or trained (plain or
+    DP-SGD). Shared by the plain ``train`` handler and secure aggregation's masked-input stage."""
+    settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
+    if (reason := refusal_reason(site, settings)) is not None:
+        log.warning("site %s refuses %s: %s", site.site_id, msg.metadata.message_type, reason)
+        return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, refused=reason)
+    data, model, device = _prepare(msg, site, settings)
+    step_hook = (step_hook_for(site.site_id, int(settings["server_round"]))
+                 if step_hook_for is not None else None)
+    if settings.get("privacy", {}).get("name", "off") != "off":
+        return train_with_dp(msg, context, site, settings, data, model, device, step_hook)
+    seed = site_seed(int(settings["seed"]), site.site_id, settings["server_round"])
+    result = train_local(model, data.train, _local_config(settings, msg), seed=seed,
+                         device=device, step_hook=step_hook)
+    return TrainOutcome(model, {protocol.NUM_EXAMPLES: len(data.train), **result})
+
+
+def site_handler(
+    site_of: Callable[[Context], SiteSettings],
+) -> Callable[[SiteHandler], Callable[[Message, Context], Message]]:
+    """Turn ``handler(msg, context, site)`` into a Flower handler whose failures, too, leave
+    only through the egress log (as the error reply Flower would have sent)."""
+
+    def decorate(handler: SiteHandler) -> Callable[[Message, Context], Message]:
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            site = site_of(context)
+            try:
+                return handler(msg, context, site)
+            except Exception as err:  # any failure becomes a logged error reply
+                return egress.send_error(msg, err, site=site, context=context)
+
+        return run
+
+    return decorate
 
 
 def build_client_app(
     simulated_sites: Mapping[int, Mapping[str, Any]] | None = None,
+    *,
+    step_hook_for: Callable[[str, int], StepHook | None] | None = None,
 ) -> ClientApp:
     """The ClientApp. ``simulated_sites`` maps a simulation partition-id to that site's node
-    config; in deployment it is ``None`` and the SuperNode's own node config is used."""
+    config; in deployment it is ``None`` and the SuperNode's own node config (or the site
+    configuration file it names) is used, with app approval required unless the site turns it
+    off. Simulated sites skip approval unless their node config asks for it.
+    ``step_hook_for(site_id, server_round)`` (simulation only: the privacy audit) gives the
+    hook run at every local training step of that site and round, or None."""
     app = ClientApp()
 
     def site_of(context: Context) -> SiteSettings:
         node_config: Mapping[str, Any] = context.node_config
         if simulated_sites is not None:
             node_config = simulated_sites[int(node_config[PARTITION_ID])]
-        elif "data-path" not in node_config and PARTITION_ID in node_config:
+            return SiteSettings.from_node_config(node_config, simulation=True)
+        if "data-path" not in node_config and SITE_CONFIG not in node_config \
+                and PARTITION_ID in node_config:
             # `flwr run .` on Flower's simulation engine: virtual SuperNodes have only a
             # partition id; the i-th sub-folder of the run's data.root is site i.
             node_config = simulated_site_from_root(context.run_config, node_config)
+            return SiteSettings.from_node_config(node_config, simulation=True)
         return SiteSettings.from_node_config(node_config)
 
     @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        site = site_of(context)
-        settings, data, model, device = _prepare(msg, site)
-        if settings.get("privacy", {}).get("name", "off") != "off":
-            return train_with_dp(msg, context, site, settings, data, model, device)
-        seed = site_seed(int(settings["seed"]), site.site_id, settings["server_round"])
-        result = train_local(model, data.train, _local_config(settings, msg), seed=seed,
-                             device=device)
-        metrics = {protocol.NUM_EXAMPLES: len(data.train), **result}
-        return _reply(msg, site, metrics, model)
+    @site_handler(site_of)
+    def train(msg: Message, context: Context, site: SiteSettings) -> Message:
+        outcome = train_round(msg, context, site, step_hook_for)
+        return _reply(msg, context, site, outcome.metrics, outcome.model, ledger=outcome.ledger,
+                      declined=outcome.declined, refused=outcome.refused)
+
+    # secagg=on: the same training, reached through the four secure-aggregation stages
+    register_secure_aggregation(
+        app, site_handler(site_of),
+        lambda msg, context, site: train_round(msg, context, site, step_hook_for), _reply,
+        refusal_reason)
 
     @app.evaluate()
-    def evaluate_global(msg: Message, context: Context) -> Message:
-        site = site_of(context)
-        _, data, model, device = _prepare(msg, site)
+    @site_handler(site_of)
+    def evaluate_global(msg: Message, context: Context, site: SiteSettings) -> Message:
+        settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
+        if (reason := refusal_reason(site, settings)) is not None:
+            return refuse(msg, context, site, reason)
+        data, model, device = _prepare(msg, site, settings)
         metrics = evaluate(model.to(device), data.test, data.num_classes, device=device)
-        return _reply(msg, site, {protocol.NUM_EXAMPLES: len(data.test), **metrics},
+        return _reply(msg, context, site, {protocol.NUM_EXAMPLES: len(data.test), **metrics},
                       skipped=data.skipped)
 
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,14 @@ class DPConfig:
     noise_multiplier: float
     max_grad_norm: float
     secure_noise: bool = False  # noise from a ChaCha20 CSPRNG (privacy/secure_noise.py)
-    grad_sample_mode: str = "hooks"
+    # How Opacus gets per-sample gradient norms: hooks | ghost | ew | functorch. None: the
+    # model's own choice (its ``grad_sample_mode`` class attribute, chosen by measurement for
+    # its layers: simulations/benchmarks/training.py), else hooks.
+    grad_sample_mode: str | None = None
+
+
+def grad_sample_mode_for(model: nn.Module, dp: DPConfig) -> str:
+    return dp.grad_sample_mode or getattr(model, "grad_sample_mode", None) or "hooks"
 
 
 def dp_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -67,6 +74,13 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+# Run on every local step after backward() and before optimizer.step(), empty Poisson batches
+# included: (model, the step's sample rate q = 1/len(loader), records in this batch). The privacy
+# audit (simulations/audit/federated.py) injects its white-box gradient canaries here, where
+# DP-SGD has per-sample gradients but has not yet clipped, summed or noised them.
+StepHook = Callable[[nn.Module, float, int], None]
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset,
@@ -75,6 +89,7 @@ def train_local(
     seed: int,
     device: str = "cpu",
     dp: DPConfig | None = None,
+    step_hook: StepHook | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``dataset``; returns the mean training loss and step count.
 
@@ -87,6 +102,7 @@ def train_local(
     model.to(device).train()
     optimizer = make_optimizer(model, config)
     hooks = None
+    criterion = nn.CrossEntropyLoss()
     if dp is not None:
         from opacus import PrivacyEngine
 
@@ -95,17 +111,23 @@ def train_local(
                              "combined with DP-SGD")
         engine = PrivacyEngine(accountant="rdp")  # the site's ledger does the accounting
         noise = torch.Generator(device=device).manual_seed(seed + 1)
-        hooks, optimizer, loader = engine.make_private(
+        mode = grad_sample_mode_for(model, dp)
+        private = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True, noise_generator=noise, wrap_model=False,
-            grad_sample_mode=dp.grad_sample_mode,
+            grad_sample_mode=mode, **({"criterion": criterion} if mode == "ghost" else {}),
         )
+        # Ghost clipping returns a criterion whose backward() runs both passes (norms, then
+        # the clipped sum); the others return (hooks, optimizer, loader).
+        if mode == "ghost":
+            hooks, optimizer, criterion, loader = private
+        else:
+            hooks, optimizer, loader = private
         if dp.secure_noise:
             from privacy.secure_noise import use_secure_noise
 
             optimizer = use_secure_noise(optimizer)
-    criterion = nn.CrossEntropyLoss()
     anchor = _proximal_anchor(model) if config.proximal_mu > 0 else None
     total_loss, total_examples, steps = 0.0, 0, 0
     try:
@@ -121,6 +143,8 @@ def train_local(
                 if anchor is not None:
                     objective = loss + 0.5 * config.proximal_mu * _sq_distance(model, anchor)
                 objective.backward()
+                if step_hook is not None:
+                    step_hook(model, 1.0 / len(loader), len(labels))
                 optimizer.step()
                 if len(labels):
                     total_loss += float(loss.detach()) * len(labels)

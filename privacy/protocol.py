@@ -97,3 +97,23 @@ def decode_run_settings(record: ConfigRecord) -> dict[str, Any]:
     settings = unflatten(flat)
     settings["server_round"] = int(record.get(SERVER_ROUND, 0))
     return settings
+
+
+# Secure aggregation (privacy/secagg/, conf/secagg/on.yaml): with secagg=on a training round is
+# four train messages with these actions (``train.<action>``) instead of one plain ``train``.
+# Stage messages carry their protocol fields in the ``secagg`` ConfigRecord
+# (privacy/secagg/messages.py names them); the masked update travels in ``arrays`` under
+# MASKED_UPDATE as one uint32 vector: the site's clipped, weighted model delta followed by its
+# weight, both quantized into the ring Z_2^32.
+SECAGG = "secagg"
+SECAGG_ADVERTISE_KEYS = "secagg_advertise_keys"
+SECAGG_SHARE_KEYS = "secagg_share_keys"
+SECAGG_MASKED_INPUT = "secagg_masked_input"
+SECAGG_UNMASK = "secagg_unmask"
+MASKED_UPDATE = "masked-update"
+# The public parameters every site needs to encode its update identically (in ``secagg``).
+SECAGG_CLIP = "clip"  # per-coordinate bound on a site's model delta
+SECAGG_MAX_EXAMPLES = "max-site-examples"  # public cap: a site's weight = min(1, n / cap)
+SECAGG_NUM_SITES = "num-sites"  # sites in the round: fixes the quantization scale
+# The server's own reply to its strategy: the unmasked average, marked with this site id.
+SECURE_AGGREGATE = "secure-aggregate"

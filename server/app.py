@@ -18,7 +18,8 @@ from server import settings as run_settings
 from server.checkpoint import Checkpoint, load_checkpoint, resumable_config, save_checkpoint
 from server.history import RoundRecord, RunHistory
 from server.report import build_report, write_report
-from server.rounds import run_rounds
+from server.rounds import plain_exchange, run_rounds
+from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import build_strategy
 from server.validation import UpdateBounds
 
@@ -80,6 +81,11 @@ def build_server_app(
                 round=server_round, model={k: a.numpy() for k, a in arrays.items()},
                 strategy_state=strategy.state_arrays(), history=history, config=config))
 
+        exchange = plain_exchange
+        if config["secagg"]["name"] == "on":
+            strategy.secure_aggregation = True
+            exchange = SecureAggregation(SecAggSettings.from_config(config["secagg"]), history,
+                                         seed=int(config["seed"])).exchange
         site_config = protocol.encode_run_settings(run_settings.site_settings(config))
         if checkpoint is not None:
             arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.model.items()})
@@ -95,6 +101,7 @@ def build_server_app(
             evaluate_config=ConfigRecord(dict(site_config)),
             evaluate_fn=evaluate_fn,
             after_round=after_round,
+            exchange=exchange,
         )
         report = build_report(
             config, history, duration_s=time.perf_counter() - started,

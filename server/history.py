@@ -30,6 +30,7 @@ class RoundRecord:
     update_norms: dict[str, float] = field(default_factory=dict)  # site -> ||w_site - w_global||
     timed_out: list[str] = field(default_factory=list)  # sites asked that did not answer in time
     skipped_round: str | None = None  # why the global model was left unchanged this round
+    secure_aggregation: dict[str, Any] | None = None  # server/secure_aggregation.py's record
 
 
 @dataclass

@@ -80,6 +80,8 @@ def build_report(
                 "timed_out": list(record.timed_out),
                 "skipped": record.skipped_round,  # why the global model did not change
                 "update_norms": dict(sorted(record.update_norms.items())),
+                # secagg=on: sites aggregated / dropped, abort reason, bytes each site uploaded
+                "secure_aggregation": record.secure_aggregation,
             }
         )
     last = rounds[-1] if rounds else {"global": {}, "sites": {}}
@@ -204,6 +206,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if r.get("rejected"):
             line += "; update rejected: " + "; ".join(f"{s} ({why})"
                                                       for s, why in r["rejected"].items())
+        secure = r.get("secure_aggregation")
+        if secure:
+            line += (f"; secure aggregation of {len(secure['aggregated'])} sites"
+                     + (f", dropped and recovered: {', '.join(secure['dropped'])}"
+                        if secure["dropped"] and not secure["aborted"] else "")
+                     + (f", ABORTED (nothing revealed): {secure['aborted']}"
+                        if secure["aborted"] else ""))
         if r.get("timed_out"):
             line += "; no answer in time: " + ", ".join(r["timed_out"])
         if r.get("skipped"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -27,6 +27,13 @@ from server.history import RunHistory
 from server.strategy import TooFewSites
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+# How the training messages of a round are exchanged: Grid.send_and_receive, or the four
+# stages of secure aggregation (server/secure_aggregation.py).
+Exchange = Callable[[Grid, list[Message], float], list[Message]]
+
+
+def plain_exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    return list(grid.send_and_receive(messages, timeout=timeout))
 
 
 @dataclass
@@ -48,12 +55,13 @@ def run_rounds(
     evaluate_config: ConfigRecord,
     evaluate_fn: EvaluateFn | None = None,
     after_round: Callable[[int, ArrayRecord], None] | None = None,
+    exchange: Exchange = plain_exchange,
 ) -> RunOutcome:
     if first_round == 1 and evaluate_fn is not None:
         evaluate_fn(0, arrays)
     for server_round in range(first_round, num_rounds + 1):
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = exchange(grid, messages, timeout)
         history.record_timeouts(server_round, [m.metadata.dst_node_id for m in messages],
                                 replies)
         try:

@@ -69,8 +69,29 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
         mu = cfg["strategy"].get("proximal_mu")
         _check(_is_number(mu) and mu >= 0, "strategy.proximal_mu", "a number >= 0", mu)
     _validate_privacy(cfg)
-    _check(cfg["secagg"]["name"] == "off", "secagg",
-           "'off' (secure aggregation is not built yet)", cfg["secagg"]["name"])
+    _validate_secagg(cfg)
+
+
+def _validate_secagg(cfg: DictConfig | Mapping[str, Any]) -> None:
+    secagg = cfg["secagg"]
+    _check(secagg["name"] in ("off", "on"), "secagg", "'off' or 'on'", secagg["name"])
+    if secagg["name"] == "off":
+        return
+    _check(cfg["strategy"]["name"] in ("fedavg", "fedprox", "fedadam", "fedyogi"), "strategy",
+           "fedavg, fedprox, fedadam or fedyogi with secagg=on (robust strategies need each "
+           "site's update, which secure aggregation hides)", cfg["strategy"]["name"])
+    for key in ("threshold", "neighbours"):
+        value = secagg.get(key)
+        _check(value is None or (_is_int(value) and value >= 2), f"secagg.{key}",
+               "an integer >= 2 or null", value)
+    _check(_is_number(secagg["clip"]) and secagg["clip"] > 0, "secagg.clip", "a number > 0",
+           secagg["clip"])
+    _check(_is_int(secagg["max_site_examples"]) and secagg["max_site_examples"] >= 1,
+           "secagg.max_site_examples", "an integer >= 1", secagg["max_site_examples"])
+    _check(_is_number(secagg["stage_timeout_s"]) and secagg["stage_timeout_s"] > 0,
+           "secagg.stage_timeout_s", "a number > 0", secagg["stage_timeout_s"])
+    _check(cfg["num_hospitals"] >= 2, "num_hospitals", "at least 2 with secagg=on",
+           cfg["num_hospitals"])
 
 
 def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:

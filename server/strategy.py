@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
 
 from privacy import protocol
 from server.history import RunHistory
+from server.secure_aggregation import is_secure_aggregate
 from server.validation import UpdateBounds, check_update
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -59,6 +60,7 @@ class RecordingMixin:
     history: RunHistory
     min_sites: int = 1
     bounds: UpdateBounds = UpdateBounds()
+    secure_aggregation: bool = False
     last_arrays: ArrayRecord | None = None  # the global model sent out in the latest round
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
@@ -69,7 +71,13 @@ class RecordingMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        # secagg=on: one server-made reply carries the unmasked mean; the sites' replies carry
+        # only their status, loss and privacy ledger (server/secure_aggregation.py)
+        secure = [msg for msg in replies if is_secure_aggregate(msg)]
+        replies = [msg for msg in replies if not is_secure_aggregate(msg)]
         ordered = self.history.record_replies(server_round, replies, stage="train")
+        if self.secure_aggregation:
+            ordered = secure
         record = self.history.round(server_round)
         accepted = []
         for msg in ordered:
@@ -82,15 +90,22 @@ class RecordingMixin:
             else:
                 record.rejected[site] = reason
                 record.train.pop(site, None)
-        if len(accepted) < self.min_sites:
+        usable = len(accepted)
+        if self.secure_aggregation:  # one aggregate stands for the sites it summed
+            usable = len((record.secure_aggregation or {}).get("aggregated", [])) if accepted \
+                else 0
+        if usable < self.min_sites:
             # declined (privacy budget) sites will decline again; failed, rejected and late
             # ones may come back next round
-            could_train = len(replies) + len(record.timed_out) - len(record.declined)
+            could_train = (len(replies) + len(record.timed_out) - len(record.declined)
+                           - len(record.refused))
             raise TooFewSites(
-                f"round {server_round}: {len(accepted)} usable update(s), fewer than "
+                f"round {server_round}: {usable} usable update(s), fewer than "
                 f"min_sites={self.min_sites} (declined: {record.declined or 'none'}; "
+                f"refused: {record.refused or 'none'}; "
                 f"rejected: {record.rejected or 'none'}; failed: {len(record.failures)}; "
-                f"timed out: {record.timed_out or 'none'})",
+                f"timed out: {record.timed_out or 'none'}; secure aggregation aborted: "
+                f"{(record.secure_aggregation or {}).get('aborted') or 'no'})",
                 permanent=could_train < self.min_sites,
             )
         arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client.app import build_client_app
 from client.tasks import DataError
+from client.training import StepHook
 from server.app import build_server_app
 from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
 from server.history import RoundRecord
@@ -33,8 +35,11 @@ console = Console(stderr=True)
 _job_started = False  # set once Hydra has composed the config and called main()
 
 
-def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Run one simulation and return the report (also written to ``out_dir``)."""
+def simulate(cfg: dict[str, Any], out_dir: Path, *,
+             step_hook_for: Callable[[str, int], StepHook | None] | None = None
+             ) -> dict[str, Any]:
+    """Run one simulation and return the report (also written to ``out_dir``).
+    ``step_hook_for``: see ``client.app.build_client_app`` (the privacy audit's canaries)."""
     import json
 
     folders = site_folders(cfg)
@@ -80,7 +85,7 @@ def simulate(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         bar = progress.add_task("federated rounds", total=cfg["rounds"],
                                 completed=first_round - 1)
         run_in_process(
-            server_app, build_client_app(sites), len(folders),
+            server_app, build_client_app(sites, step_hook_for=step_hook_for), len(folders),
             client_cpus=float(cfg["simulation"]["client_cpus"]),
             client_gpus=float(cfg["simulation"]["client_gpus"]),
         )

@@ -1,0 +1,219 @@
+"""The one door out of a site: every reply a hospital sends is built here and logged first.
+
+:func:`send` (a reply with content) and :func:`send_error` (a handler failed) are the only
+places in ``client/`` that construct a Flower ``Message``; a test keeps it that way. Before a
+reply leaves, one JSON line is appended to ``<state-dir>/egress.jsonl``::
+
+    {"time": "2026-11-22T10:00:00.123+00:00", "site": "hospital_a", "run_id": 42, "round": 3,
+     "message_type": "train", "kind": "update", "bytes": 3641, "sha256": "<64 hex>",
+     "records": {"arrays": 3320, "metrics": 151, "site": 95}}
+
+``sha256`` is Flower's own object id of the reply's content (``RecordDict.object_id``): a Merkle
+hash over every record, and the id under which Flower ships the content, so the coordinator can
+match it against what it received (the report lists it per round). ``bytes`` is the size of
+the serialized content objects Flower transmits (message metadata aside); ``records`` splits it
+per record. A privacy officer reads the log with ``python -m client.egress summarize LOG``.
+
+The line is written (and flushed to disk) before the reply is returned to Flower: a reply that
+could not be logged never leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from client.site import SiteSettings
+from privacy import protocol
+
+EGRESS_LOG = "egress.jsonl"
+
+# What a reply carries, as a privacy officer would name it.
+EGRESS_KINDS = {
+    "update": "model weights after local training",
+    "masked-update": "a secure-aggregation masked model update (meaningless alone)",
+    "metrics": "numbers about a round: example counts, loss, evaluation metrics",
+    "privacy-ledger": "the site's DP ledger summary (epsilon spent), with no model",
+    "refusal": "the site refused the run (unapproved app or another task), with the reason",
+    "error": "the site failed to handle a message; the error text left the site",
+    "secagg-keys": "secure aggregation: the site's public keys",
+    "secagg-shares": "secure aggregation: encrypted secret shares for other sites",
+    "secagg-unmask": "secure aggregation: shares revealed to remove masks",
+}
+
+# A child of Flower's logger: its lines reach the SuperNode's console like Flower's own.
+log = logging.getLogger("flwr.medsilo.egress")
+
+
+def _server_round(msg: Message) -> int | None:
+    """The round the incoming message belongs to (Flower's strategies put it in the config)."""
+    content = msg.content if msg.has_content() else None
+    if content is not None:
+        for record in content.config_records.values():
+            if protocol.SERVER_ROUND in record:
+                return int(record[protocol.SERVER_ROUND])
+    return None
+
+
+def content_size(content: RecordDict) -> tuple[int, dict[str, int]]:
+    """Bytes of the serialized objects Flower ships for ``content``: total and per record."""
+    per_record = {
+        name: sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+        for name, record in content.items()
+    }
+    return sum(per_record.values()) + len(content.deflate()), per_record
+
+
+def _append(path: Path, entry: Mapping[str, Any]) -> None:
+    """One line, one write, flushed to disk: the log survives a crash right after sending."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _log_reply(
+    msg: Message, *, kind: str, site: SiteSettings, context: Context, server_round: int | None,
+    size: int, sha256: str, **details: Any,
+) -> dict[str, Any]:
+    if kind not in EGRESS_KINDS:
+        raise ValueError(f"egress kind {kind!r} is not one of {sorted(EGRESS_KINDS)}")
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "site": site.site_id,
+        "run_id": int(context.run_id),
+        "round": server_round if server_round is not None else _server_round(msg),
+        "message_type": msg.metadata.message_type,
+        "kind": kind,
+        "bytes": size,
+        "sha256": sha256,
+        **details,
+    }
+    if site.state_dir is not None:
+        _append(site.state_dir / EGRESS_LOG, entry)
+    return entry
+
+
+def send(
+    msg: Message, content: RecordDict, *, kind: str, site: SiteSettings, context: Context,
+    server_round: int | None = None,
+) -> Message:
+    """The reply to ``msg`` carrying ``content``, logged as ``kind`` before it leaves.
+
+    ``server_round`` defaults to the round in the incoming message's config.
+    """
+    size, per_record = content_size(content)
+    _log_reply(msg, kind=kind, site=site, context=context, server_round=server_round,
+               size=size, sha256=content.object_id, records=per_record)
+    return Message(content=content, reply_to=msg)
+
+
+def send_error(
+    msg: Message, error: BaseException, *, site: SiteSettings, context: Context
+) -> Message:
+    """The error reply Flower would send for a failed handler, logged like any reply.
+
+    Only the reason text (Flower's format) leaves; the line holds it verbatim, with its size
+    and SHA-256.
+    """
+    reason = f"{type(error)}:<'{error}'>"
+    log.error("handler for %s failed; replying with an error", msg.metadata.message_type,
+              exc_info=error)
+    payload = reason.encode("utf-8")
+    _log_reply(msg, kind="error", site=site, context=context, server_round=None,
+               size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), reason=reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                   reply_to=msg)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"egress log {path} does not exist")
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from err
+    return entries
+
+
+def summarize(entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Messages, bytes, kinds and rounds per run: what left the site, in numbers."""
+    runs: dict[int, dict[str, Any]] = defaultdict(
+        lambda: {"messages": 0, "bytes": 0, "kinds": Counter(), "bytes_by_kind": Counter(),
+                 "rounds": set(), "first": None, "last": None})
+    for entry in entries:
+        run = runs[int(entry["run_id"])]
+        run["messages"] += 1
+        run["bytes"] += int(entry["bytes"])
+        run["kinds"][entry["kind"]] += 1
+        run["bytes_by_kind"][entry["kind"]] += int(entry["bytes"])
+        if entry.get("round") is not None:
+            run["rounds"].add(int(entry["round"]))
+        run["first"] = run["first"] or entry["time"]
+        run["last"] = entry["time"]
+    return {
+        "messages": sum(r["messages"] for r in runs.values()),
+        "bytes": sum(r["bytes"] for r in runs.values()),
+        "runs": {
+            run_id: {**r, "kinds": dict(r["kinds"]), "bytes_by_kind": dict(r["bytes_by_kind"]),
+                     "rounds": sorted(r["rounds"])}
+            for run_id, r in sorted(runs.items())
+        },
+    }
+
+
+def render_summary(summary: Mapping[str, Any], source: str) -> str:
+    lines = [f"Egress log {source}: {summary['messages']} message(s), {summary['bytes']:,} bytes "
+             f"left this site in {len(summary['runs'])} run(s)."]
+    for run_id, run in summary["runs"].items():
+        rounds = run["rounds"]
+        span = f"rounds {rounds[0]}-{rounds[-1]}" if rounds else "no rounds"
+        lines += ["", f"run {run_id}: {run['messages']} message(s), {run['bytes']:,} bytes, "
+                      f"{span}, {run['first']} .. {run['last']}"]
+        for kind, count in sorted(run["kinds"].items()):
+            lines.append(f"  {kind:<15} {count:>5} message(s) {run['bytes_by_kind'][kind]:>12,} "
+                         f"bytes  ({EGRESS_KINDS.get(kind, 'unknown kind')})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.egress",
+        description="What left this hospital: summarize a site's egress log.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("summarize", help="messages, bytes, kinds and rounds per run")
+    cmd.add_argument("log", type=Path, help=f"the site's <state-dir>/{EGRESS_LOG}")
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        summary = summarize(read_log(args.log))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else render_summary(summary, str(args.log)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

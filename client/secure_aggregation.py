@@ -1,0 +1,135 @@
+"""The site's side of secure aggregation: four ``train.<action>`` handlers on the ClientApp.
+
+The server drives the stages (server/secure_aggregation.py); the cryptography is in
+``privacy/secagg/``. Between messages the site's secret state (its private keys until stage 3,
+then the shares it holds) lives only in Flower's ``Context.state`` at the site. Every reply
+leaves through ``client/egress.py`` like any other, with its content kind: ``secagg-keys``,
+``secagg-shares``, ``masked-update`` and ``secagg-unmask``.
+
+Stage 3 trains exactly as a plain round does (the same function, DP-SGD and budget checks
+included), then sends only the *masked* update: the model delta clipped to ``clip`` per
+coordinate, weighted by ``min(1, n / max_site_examples)``, with that weight appended, quantized
+into Z_2^32 and masked (privacy/secagg/update.py). A site that declines (privacy budget) or
+refuses answers with its status and no vector; the others' sum is recovered without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from client.site import SiteSettings
+from client.training import site_seed
+from privacy import protocol
+from privacy.secagg import advertise_keys, masked_input, share_keys, unmask
+from privacy.secagg.update import encode_update, site_weight
+
+STATE = "secagg-state"  # the site's protocol secrets, in Context.state (never sent)
+PUBLIC = "secagg-public"  # the round's public encoding parameters, in Context.state
+
+
+@dataclass
+class TrainOutcome:
+    """What one local round produced (client/app.py ``train_round``)."""
+
+    model: torch.nn.Module | None  # None when the site declined or refused
+    metrics: dict[str, float]
+    ledger: dict[str, Any] | None = None
+    declined: str | None = None
+    refused: str | None = None
+    skipped: dict[str, int] | None = None
+
+
+TrainRound = Callable[[Message, Context, SiteSettings], TrainOutcome]
+Reply = Callable[..., Message]  # client/app.py's reply builder: every reply goes through egress
+
+
+def register_secure_aggregation(
+    app: ClientApp,
+    handler: Callable[[Callable[[Message, Context, SiteSettings], Message]],
+                      Callable[[Message, Context], Message]],
+    train_round: TrainRound,
+    reply: Reply,
+    refusal: Callable[[SiteSettings, dict[str, Any]], str | None],
+) -> None:
+    """Add the four SecAgg stage handlers to ``app``. ``handler`` wraps a site handler (site
+    settings resolved, failures logged and replied through egress); ``refusal`` says why the
+    site will not take part in this run (unapproved app, another task), or None."""
+
+    def save(context: Context, state: dict[str, Any]) -> None:
+        context.state[STATE] = ConfigRecord(state)
+
+    def load(context: Context) -> dict[str, Any]:
+        if STATE not in context.state:
+            raise RuntimeError("secure aggregation message out of order: this site has no "
+                               "protocol state for the round (did it restart mid-round?)")
+        return dict(context.state[STATE])
+
+    def fields(msg: Message) -> dict[str, Any]:
+        return dict(msg.content[protocol.SECAGG])
+
+    @app.train(protocol.SECAGG_ADVERTISE_KEYS)
+    @handler
+    def advertise(msg: Message, context: Context, site: SiteSettings) -> Message:
+        # an unapproved app or another task: refuse before taking part at all
+        settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
+        if (reason := refusal(site, settings)) is not None:
+            return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
+        received = fields(msg)
+        public_keys = (protocol.SECAGG_CLIP, protocol.SECAGG_MAX_EXAMPLES,
+                       protocol.SECAGG_NUM_SITES)
+        context.state[PUBLIC] = ConfigRecord({k: received.pop(k) for k in public_keys})
+        state, out = advertise_keys(received)
+        save(context, state)
+        return reply(msg, context, site, {}, secagg=out, kind="secagg-keys")
+
+    @app.train(protocol.SECAGG_SHARE_KEYS)
+    @handler
+    def share(msg: Message, context: Context, site: SiteSettings) -> Message:
+        state, out = share_keys(load(context), fields(msg))
+        save(context, state)
+        return reply(msg, context, site, {}, secagg=out, kind="secagg-shares")
+
+    @app.train(protocol.SECAGG_MASKED_INPUT)
+    @handler
+    def masked(msg: Message, context: Context, site: SiteSettings) -> Message:
+        state = load(context)
+        outcome = train_round(msg, context, site)
+        if outcome.model is None:  # declined or refused: no vector, a dropout to the others
+            del context.state[STATE]
+            return reply(msg, context, site, outcome.metrics, ledger=outcome.ledger,
+                         declined=outcome.declined, refused=outcome.refused)
+        public = dict(context.state[PUBLIC])
+        received = msg.content[protocol.ARRAYS].to_torch_state_dict()
+        trained = outcome.model.cpu().state_dict()
+        delta = [(trained[k].double() - received[k].double()).numpy() for k in received]
+        weight = site_weight(int(outcome.metrics[protocol.NUM_EXAMPLES]),
+                             int(public[protocol.SECAGG_MAX_EXAMPLES]))
+        settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
+        # stochastic rounding need not be secret (the masks hide the update): seeded, so the
+        # same seed gives the same aggregate
+        seed = site_seed(int(settings["seed"]), site.site_id, settings["server_round"]) + 2
+        vector, clipped = encode_update(delta, weight, clip=float(public[protocol.SECAGG_CLIP]),
+                                        num_sites=int(public[protocol.SECAGG_NUM_SITES]),
+                                        rng=seed)
+        state, header, masked_vector = masked_input(state, fields(msg), vector)
+        save(context, state)
+        # the example count stays inside the masked sum: it is not sent in the clear
+        metrics = {k: v for k, v in outcome.metrics.items() if k != protocol.NUM_EXAMPLES}
+        metrics["secagg_clipped_fraction"] = clipped
+        return reply(msg, context, site, metrics, ledger=outcome.ledger, secagg=header,
+                     arrays=ArrayRecord({protocol.MASKED_UPDATE: Array(masked_vector)}),
+                     kind="masked-update")
+
+    @app.train(protocol.SECAGG_UNMASK)
+    @handler
+    def reveal(msg: Message, context: Context, site: SiteSettings) -> Message:
+        state, out = unmask(load(context), fields(msg))
+        save(context, state)
+        return reply(msg, context, site, {}, secagg=out, kind="secagg-unmask")
+
