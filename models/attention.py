@@ -1,8 +1,10 @@
 """A small transformer encoder for clinical notes that Opacus can train.
 
 Built from layers with per-sample gradient support only: ``nn.Embedding`` (hashed word and
-bigram ids, positions), ``nn.Linear`` (q, k, v, out, feed-forward, head) and ``nn.LayerNorm``;
-attention itself is ``F.scaled_dot_product_attention``, which has no parameters. Not
+bigram ids, positions), ``nn.Linear`` (token projection, fused q/k/v, out, feed-forward, head)
+and ``nn.LayerNorm`` without affine parameters (each is followed by a linear map that absorbs
+any scale and shift); attention itself is ``F.scaled_dot_product_attention``, which has no
+parameters. Not
 ``nn.MultiheadAttention`` (Opacus rejects it) nor Opacus's ``DPMultiheadAttention`` (wrong with
 ``batch_first=True`` and more than one head in Opacus 1.6.0, upstream #774).
 
@@ -10,6 +12,13 @@ Input (see ``client/tasks/notes.py``): ``tokens`` int64 ``B×L×2`` (per word po
 hashed word id and the hashed id of the bigram it starts; 0 = none) and ``mask`` bool ``B×L``
 (True where there is a word). Padded positions never influence the output: they are excluded
 as attention keys and from the pooled mean, so whatever ids they hold does not matter.
+
+Cost under DP-SGD (Opacus hooks, measured in simulations/benchmarks/training.py): a per-sample
+gradient is dense, so a ``vocab_buckets × d_model`` token table costs B × 8192 × 64 floats per
+step (several passes over ~67 MB: 2.9× a non-private epoch). ``token_dim`` factorises the
+table (ALBERT-style: ``vocab_buckets × token_dim`` then a linear map to ``d_model``), which
+keeps every bucket its own vector and brings DP-SGD to about 1.5×. Ghost clipping avoids the
+dense table but runs a second backward pass and measured slower here.
 """
 
 from __future__ import annotations
@@ -29,23 +38,22 @@ class EncoderLayer(nn.Module):
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.attn_norm = nn.LayerNorm(d_model)
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
-        self.value = nn.Linear(d_model, d_model)
+        self.attn_norm = nn.LayerNorm(d_model, elementwise_affine=False)
+        # q, k and v in one layer: one per-sample gradient (one batched matmul) instead of three
+        self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.ff_norm = nn.LayerNorm(d_model)
+        self.ff_norm = nn.LayerNorm(d_model, elementwise_affine=False)
         self.ff_in = nn.Linear(d_model, ff_dim)
         self.ff_out = nn.Linear(ff_dim, d_model)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
+        return x.reshape(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         h = self.attn_norm(x)
-        q, k, v = self._heads(self.query(h)), self._heads(self.key(h)), self._heads(self.value(h))
+        q, k, v = (self._heads(t) for t in self.qkv(h).chunk(3, dim=-1))
         # key_mask B×1×1×L (True = may be attended to): padded words are never keys
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         a = a.transpose(1, 2).reshape(batch, length, width)
@@ -55,6 +63,8 @@ class EncoderLayer(nn.Module):
 
 class NoteEncoder(nn.Module):
     """Hashed word + bigram embeddings, positions, ``num_layers`` blocks, masked mean, head."""
+
+    grad_sample_mode = "hooks"  # how DP-SGD gets per-sample gradients (client/training.py)
 
     def __init__(
         self,
@@ -67,12 +77,15 @@ class NoteEncoder(nn.Module):
         ff_dim: int = 128,
         dropout: float = 0.1,
         embedding_std: float = 0.1,
+        token_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.max_len = max_len
         # One table for word and bigram ids (the tokenizer hashes them apart); no padding_idx:
         # Opacus's Embedding grad sampler ignores it, and padded positions get no gradient anyway.
-        self.token_embedding = nn.Embedding(vocab_buckets, d_model)
+        # token_dim (None: d_model, no projection) factorises it to keep DP-SGD cheap.
+        self.token_embedding = nn.Embedding(vocab_buckets, token_dim or d_model)
+        self.token_projection = nn.Linear(token_dim, d_model, bias=False) if token_dim else None
         self.position_embedding = nn.Embedding(max_len, d_model)
         # Small initial embeddings: the pre-norm residual stream then adapts quickly under SGD.
         nn.init.normal_(self.token_embedding.weight, std=embedding_std)
@@ -80,7 +93,7 @@ class NoteEncoder(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, num_heads, ff_dim) for _ in range(num_layers)
         )
-        self.final_norm = nn.LayerNorm(d_model)
+        self.final_norm = nn.LayerNorm(d_model, elementwise_affine=False)
         # Dropout on the embeddings and the pooled vector only: inside the blocks its random
         # masks cost about a third of a CPU training step for little gain at this size.
         self.dropout = nn.Dropout(dropout)
@@ -97,12 +110,15 @@ class NoteEncoder(nn.Module):
         # does not depend on them, and attention costs length².
         used = mask.any(dim=0).nonzero()
         length = int(used.max()) + 1 if len(used) else 1
-        tokens, mask = tokens[:, :length], mask[:, :length]
+        tokens, mask = tokens[:, :length].contiguous(), mask[:, :length]
         batch = tokens.shape[0]
         # A real batch dimension (repeat, not expand): Opacus computes per-sample gradients
         # of the position table from this input.
         positions = torch.arange(length, device=tokens.device).unsqueeze(0).repeat(batch, 1)
-        x = self.token_embedding(tokens).sum(dim=2) + self.position_embedding(positions)
+        words = self.token_embedding(tokens).sum(dim=2)
+        if self.token_projection is not None:
+            words = self.token_projection(words)
+        x = words + self.position_embedding(positions)
         x = self.dropout(x)
         # A note with no words at all would have no key to attend to (softmax of all -inf =
         # NaN); let it attend everywhere instead, its pooled vector is zero regardless.

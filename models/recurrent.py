@@ -1,8 +1,9 @@
 """Recurrent classifiers for hourly ICU time series that Opacus can train.
 
-The recurrent layer is Opacus's ``DPLSTM`` / ``DPGRU``: per-step ``nn.Linear`` cells whose
-per-sample gradients Opacus can compute (``nn.LSTM``'s fused kernel has none). They are slower
-than ``nn.LSTM`` (a Python loop over hours), so hidden sizes stay small.
+The recurrent layer is ``models/dp_recurrent.py``'s ``FastRNN``: without DP it runs the kernel
+behind ``nn.LSTM`` / ``nn.GRU`` (same function, same initialisation); under Opacus DP-SGD it
+computes its own vectorised per-sample gradients (Opacus's ``DPLSTM`` unrolls hours in Python
+and is 3-4× slower than ``nn.LSTM`` even without DP).
 
 Input: ``series`` (B, hours, 3V) = values carried forward, observed masks and time since the
 last observation (the task builds it), and ``static`` (B, S) descriptors. The last hidden
@@ -13,15 +14,16 @@ head. No BatchNorm, no in-place ops.
 from __future__ import annotations
 
 import torch
-from opacus.layers import DPGRU, DPLSTM
 from torch import nn
 
+from models.dp_recurrent import CELLS, FastRNN
 from models.registry import register_model
-
-CELLS = {"lstm": DPLSTM, "gru": DPGRU}
 
 
 class VitalsRNN(nn.Module):
+    # Per-sample gradients: Opacus hooks (Linear samplers + FastRNN's own recurrence sampler).
+    grad_sample_mode = "hooks"
+
     def __init__(
         self,
         num_variables: int,
@@ -37,10 +39,8 @@ class VitalsRNN(nn.Module):
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
         self.num_variables = num_variables
-        self.rnn = CELLS[cell](
-            input_size=3 * num_variables, hidden_size=hidden_size, num_layers=num_layers,
-            batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
-        )
+        self.rnn = FastRNN(cell, input_size=3 * num_variables, hidden_size=hidden_size,
+                           num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0)
         self.static = nn.Sequential(nn.Linear(num_static, static_size), nn.ReLU()) \
             if num_static > 0 else None
         fused = 2 * hidden_size + (static_size if num_static > 0 else 0)
@@ -53,7 +53,7 @@ class VitalsRNN(nn.Module):
         if series.shape[-1] != 3 * self.num_variables:
             raise ValueError(f"series has {series.shape[-1]} features per hour; expected "
                              f"3 x {self.num_variables} (values, masks, time since observed)")
-        outputs, _ = self.rnn(series)
+        outputs = self.rnn(series)
         # The last hour carries the trajectory; the mean over hours keeps early information
         # that a small recurrent state forgets.
         summary = [outputs[:, -1], outputs.mean(dim=1)]

@@ -1,10 +1,17 @@
 """Local-epoch cost per clinical task, non-private vs DP-SGD, measured side by side.
 
-    python -m simulations.benchmarks.training [--repeats 3] [--demo]
+    python -m simulations.benchmarks.training [--repeats 3] [--demo] [--no-reference]
 
 For each task: one site's synthetic data at the default sizes, the task's default model, one
-local epoch with the default optimizer, alternating non-private and DP-SGD (Opacus hooks)
-runs so that machine noise hits both alike; prints the median times and the DP/plain ratio.
+local epoch with the default optimizer, alternating non-private and DP-SGD runs so that machine
+noise hits both alike; prints the median times and the DP/plain ratio, in wall-clock seconds
+and in CPU seconds of this process (the machine may be shared: CPU time is what contention
+disturbs least). DP-SGD uses the per-sample gradient method each model declares
+(``grad_sample_mode``, see client/training.py).
+
+The recurrent model's non-private baseline is the fused ``nn.LSTM`` / ``nn.GRU`` kernel (what
+``models/dp_recurrent.py`` runs without DP). For reference, unless ``--no-reference``, the same
+vitals model is also timed with Opacus's ``DPLSTM`` (what it used before), non-private and DP.
 ``--demo`` also times ``python -m simulations.run task=<task>`` end to end for each task.
 """
 
@@ -17,19 +24,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from client.tasks import get_task
-from client.training import DPConfig, LocalTrainingConfig, train_local
+from client.training import DPConfig, LocalTrainingConfig, grad_sample_mode_for, train_local
 from models import build_model
 from server.settings import compose
 
 TASKS = ("images", "vitals", "notes", "tabular")
 
 
-def epoch_times(task_name: str, repeats: int) -> dict[str, float]:
+class _OpacusRecurrent(nn.Module):
+    """Opacus's DPLSTM / DPGRU behind FastRNN's interface (every hour's state), for reference."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        from opacus.layers import DPGRU, DPLSTM
+
+        self.rnn = {"lstm": DPLSTM, "gru": DPGRU}[cell](
+            input_size, hidden_size, num_layers=num_layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def _with_opacus_recurrent(model: nn.Module) -> nn.Module:
+    first = model.rnn.layers[0]
+    model.rnn = _OpacusRecurrent(first.cell, first.input_projection.in_features,
+                                 first.hidden_size, len(model.rnn.layers))
+    return model
+
+
+def epoch_times(task_name: str, repeats: int,
+                adapt: Callable[[nn.Module], nn.Module] | None = None) -> dict:
     cfg = compose([f"task={task_name}"])
     task = get_task(task_name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,20 +69,34 @@ def epoch_times(task_name: str, repeats: int) -> dict[str, float]:
         data = task.load_site(Path(tmp) / "site", cfg["task"], "site")
     config = LocalTrainingConfig(epochs=1, batch_size=cfg["batch_size"], lr=cfg["lr"],
                                  optimizer=cfg["optimizer"])
-    times: dict[str, list[float]] = {"plain": [], "dp": []}
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = build_model(cfg["model"], task.input_spec(cfg["task"]))
+        return adapt(model) if adapt else model
+
+    wall: dict[str, list[float]] = {"plain": [], "dp": []}
+    cpu: dict[str, list[float]] = {"plain": [], "dp": []}
     for rep in range(repeats + 1):  # the first pair warms up and is discarded
         for mode in ("plain", "dp"):
-            torch.manual_seed(0)
-            model = build_model(cfg["model"], task.input_spec(cfg["task"]))
-            dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0) if mode == "dp" else None
-            started = time.perf_counter()
-            train_local(model, data.train, config, seed=rep, dp=dp)
+            model = build()
+            started, started_cpu = time.perf_counter(), time.process_time()
+            train_local(model, data.train, config, seed=rep, dp=dp if mode == "dp" else None)
             if rep:
-                times[mode].append(time.perf_counter() - started)
-    plain, dp = statistics.median(times["plain"]), statistics.median(times["dp"])
-    return {"task": task_name, "model": cfg["model"]["name"], "train_examples": len(data.train),
-            "epoch_s": round(plain, 4), "dp_epoch_s": round(dp, 4),
-            "dp_ratio": round(dp / plain, 2)}
+                wall[mode].append(time.perf_counter() - started)
+                cpu[mode].append(time.process_time() - started_cpu)
+    med = {f"{k}_{m}": statistics.median(v[m]) for k, v in (("wall", wall), ("cpu", cpu))
+           for m in ("plain", "dp")}
+    return {"task": task_name, "model": cfg["model"]["name"],
+            "grad_sample_mode": grad_sample_mode_for(build(), dp),
+            "train_examples": len(data.train),
+            "epoch_s": round(med["wall_plain"], 4), "dp_epoch_s": round(med["wall_dp"], 4),
+            "dp_ratio": round(med["wall_dp"] / med["wall_plain"], 2),
+            "cpu_epoch_s": round(med["cpu_plain"], 4), "cpu_dp_epoch_s": round(med["cpu_dp"], 4),
+            "cpu_dp_ratio": round(med["cpu_dp"] / med["cpu_plain"], 2),
+            "dp_ratios_per_repeat": [round(d / p, 2) for p, d in zip(wall["plain"], wall["dp"],
+                                                                      strict=True)]}
 
 
 def demo_time(task_name: str) -> float:
@@ -62,24 +107,40 @@ def demo_time(task_name: str) -> float:
         return round(time.perf_counter() - started, 1)
 
 
+def _print_row(name: str, row: dict, demo: bool) -> None:
+    print(f"{name:17} {row['model']:10} {row['grad_sample_mode']:6} {row['train_examples']:>5} "
+          f"{row['epoch_s']:>8.3f} {row['dp_epoch_s']:>8.3f} {row['dp_ratio']:>8.2f} "
+          f"{row['cpu_dp_ratio']:>8.2f}" + (f"  {row['demo_s']:>6.1f}" if demo else ""),
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--demo", action="store_true")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the Opacus DPLSTM reference rows for the recurrent model")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     args = parser.parse_args()
     torch.set_num_threads(1)  # a simulated site gets one core
     rows = []
-    print(f"{'task':8} {'model':10} {'n':>5} {'epoch s':>8} {'DP s':>8} {'DP/plain':>8}"
-          + ("  demo s" if args.demo else ""))
+    print(f"{'task':17} {'model':10} {'mode':6} {'n':>5} {'epoch s':>8} {'DP s':>8} "
+          f"{'DP/plain':>8} {'cpu ratio':>8}" + ("  demo s" if args.demo else ""))
     for name in args.tasks:
         row = epoch_times(name, args.repeats)
         if args.demo:
             row["demo_s"] = demo_time(name)
         rows.append(row)
-        print(f"{name:8} {row['model']:10} {row['train_examples']:>5} {row['epoch_s']:>8.3f} "
-              f"{row['dp_epoch_s']:>8.3f} {row['dp_ratio']:>8.2f}"
-              + (f"  {row['demo_s']:>6.1f}" if args.demo else ""), flush=True)
+        _print_row(name, row, args.demo)
+        if name == "vitals" and not args.no_reference:
+            reference = epoch_times(name, args.repeats, adapt=_with_opacus_recurrent)
+            reference["model"] = "DPLSTM"
+            rows.append(reference)
+            _print_row("vitals [DPLSTM]", reference, False)
+            print(f"{'':17} DP with FastRNN / plain with Opacus DPLSTM: "
+                  f"{row['dp_epoch_s'] / reference['epoch_s']:.2f}; Opacus DPLSTM DP / "
+                  f"FastRNN plain (nn.LSTM kernel): "
+                  f"{reference['dp_epoch_s'] / row['epoch_s']:.2f}", flush=True)
     print(json.dumps(rows))
 
 
