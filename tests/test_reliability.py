@@ -237,3 +237,65 @@ def test_the_checkpoint_holds_the_last_round_and_no_temporary_file_is_left(unint
     assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint-")] == []
     for r in uninterrupted["rounds"]:
         assert r["skipped"] is None and r["rejected"] == {}, r
+
+
+# --- stragglers: a site that does not answer in time ---------------------------------------
+
+class _GridWithAStraggler:
+    """Three sites; node 3 misses the round-1 deadline (its reply never arrives in time)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str]] = []
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            server_round = int(msg.content["config"]["server-round"])
+            self.sent.append((server_round, kind))
+            if node == 3 and server_round == 1:
+                continue  # the straggler: still training when the timeout expires
+            site = f"hospital_{node}"
+            status = ConfigRecord({protocol.SITE_ID: site, protocol.STATUS: protocol.STATUS_OK})
+            if kind == "train":
+                arrays = ArrayRecord({k: Array(a.numpy() + 0.1)
+                                      for k, a in msg.content[protocol.ARRAYS].items()})
+                content = RecordDict({protocol.ARRAYS: arrays, protocol.SITE: status,
+                                      protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10})})
+            else:
+                content = RecordDict({protocol.SITE: status, protocol.METRICS: MetricRecord(
+                    {protocol.NUM_EXAMPLES: 10, "loss": 0.5})})
+            reply = Message(content=content, reply_to=msg)  # from msg.dst_node_id
+            replies.append(reply)
+        return replies
+
+
+@pytest.mark.parametrize("min_sites,expect_skip", [(2, False), (3, True)])
+def test_a_late_site_is_left_out_and_named_and_too_few_answers_skip_the_round(
+    monkeypatch, min_sites, expect_skip
+):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.rounds import run_rounds
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what the ServerApp process sets
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    history = RunHistory()
+    strategy = build_strategy({"name": "fedavg"}, 3, history, min_sites=min_sites)
+    outcome = run_rounds(strategy, _GridWithAStraggler(), history, GLOBAL, first_round=1,
+                         num_rounds=2, timeout=1.0, train_config=ConfigRecord(),
+                         evaluate_config=ConfigRecord())
+    first, second = history.round(1), history.round(2)
+    assert first.timed_out == ["node 3"]  # never answered before: known by its node id
+    assert sorted(first.train) == ["hospital_1", "hospital_2"]
+    assert (first.skipped_round is not None) == expect_skip
+    if expect_skip:
+        assert "fewer than min_sites=3" in first.skipped_round
+    assert outcome.stopped is None and second.timed_out == []  # the run went on
+    assert sorted(second.train) == ["hospital_1", "hospital_2", "hospital_3"]
+    expected = 0.1 if expect_skip else 0.2  # a skipped round leaves the global model unchanged
+    assert np.allclose(outcome.arrays["w"].numpy(), expected)
