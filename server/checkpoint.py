@@ -14,9 +14,8 @@ checkpoint file cannot execute code.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from privacy.files import write_atomically
 from server.history import RunHistory
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -54,16 +54,9 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
                    for k, v in checkpoint.strategy_state.items()})
     arrays[_META] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), dtype=np.uint8)
     path = run_dir / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomically(path, buffer.getvalue())
     return path
 
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy.files import write_atomically
 
 CURVE = ec.SECP384R1()  # P-384: Flower's SuperNode authentication and our TLS keys
 CONNECTION_NAME = "medsilo"
@@ -73,19 +73,10 @@ class Provisioned:
 
 
 def _write(path: Path, data: bytes, *, private: bool, force: bool) -> None:
-    """Write atomically; a private key is 0600 from its first byte (never readable by others)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A private key is 0600 from its first byte (never readable by others)."""
     if path.exists() and not force:
         raise ProvisionError(f"{path} exists; pass --force to overwrite it")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, mode=0o600 if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from privacy.files import write_atomically
 from server.history import RunHistory
 
 HEADLINE_METRICS = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1")
@@ -128,19 +127,6 @@ def _privacy_section(
     ledgers = history.latest_ledgers()
     return {site: {"dp": True, **ledgers[site]} for site in sorted(set(sites) | set(ledgers))
             if site in ledgers}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: never a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(value: Any) -> str:
@@ -334,7 +320,7 @@ def write_report(
         cfg = report["run"]["config"]
         torch.save({"state_dict": dict(final_state_dict), "model": cfg["model"],
                     "task": cfg["task"]}, buffer)
-        _atomic_write(out_dir / "model.pt", buffer.getvalue())
-    _atomic_write(out_dir / "report.md", render_markdown(report).encode())
+        write_atomically(out_dir / "model.pt", buffer.getvalue())
+    write_atomically(out_dir / "report.md", render_markdown(report).encode())
     # report.json last: its presence means the run's outputs are complete.
-    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2).encode())
+    write_atomically(out_dir / "report.json", json.dumps(report, indent=2).encode())

@@ -223,6 +223,10 @@ def test_resume_refuses_a_different_run_or_a_missing_checkpoint(tmp_path):
         [sys.executable, "-m", "simulations.run", f"hydra.run.dir={tmp_path / 'x'}",
          f"resume={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "checkpoint.npz" in proc.stdout + proc.stderr
+    # a checkpoint is data only: a pickled object inside is refused, never unpickled
+    np.savez(tmp_path / "checkpoint.npz", __meta__=np.array([object()], dtype=object))
+    with pytest.raises(CheckpointError, match="not a readable medsilo checkpoint"):
+        load_checkpoint(tmp_path)
     (tmp_path / "checkpoint.npz").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable medsilo checkpoint"):
         load_checkpoint(tmp_path)
@@ -234,7 +238,7 @@ def test_the_checkpoint_holds_the_last_round_and_no_temporary_file_is_left(unint
     assert checkpoint.round == 3
     assert set(checkpoint.strategy_state) and all(
         k.split("/")[0] in ("m_t", "v_t") for k in checkpoint.strategy_state)  # FedAdam moments
-    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint-")] == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []
     for r in uninterrupted["rounds"]:
         assert r["skipped"] is None and r["rejected"] == {}, r
 
