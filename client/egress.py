@@ -34,7 +34,6 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from client.site import SiteSettings
 from privacy import protocol
@@ -66,15 +65,6 @@ def _server_round(msg: Message) -> int | None:
             if protocol.SERVER_ROUND in record:
                 return int(record[protocol.SERVER_ROUND])
     return None
-
-
-def content_size(content: RecordDict) -> tuple[int, dict[str, int]]:
-    """Bytes of the serialized objects Flower ships for ``content``: total and per record."""
-    per_record = {
-        name: sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
-        for name, record in content.items()
-    }
-    return sum(per_record.values()) + len(content.deflate()), per_record
 
 
 def _append(path: Path, entry: Mapping[str, Any]) -> None:
@@ -119,7 +109,7 @@ def send(
 
     ``server_round`` defaults to the round in the incoming message's config.
     """
-    size, per_record = content_size(content)
+    size, per_record = protocol.content_size(content)
     _log_reply(msg, kind=kind, site=site, context=context, server_round=server_round,
                size=size, sha256=content.object_id, records=per_record)
     return Message(content=content, reply_to=msg)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 # Record names inside a Message's RecordDict.
 ARRAYS = "arrays"
@@ -72,6 +73,19 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return nested
+
+
+def content_size(content: RecordDict) -> tuple[int, dict[str, int]]:
+    """Bytes of the serialized objects Flower ships for ``content``: total and per record.
+
+    One measure for both sides: a site's egress log and the server's report count the same
+    bytes for the same reply.
+    """
+    per_record = {
+        name: sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+        for name, record in content.items()
+    }
+    return sum(per_record.values()) + len(content.deflate()), per_record
 
 
 def encode_ledger(summary: Mapping[str, Any]) -> ConfigRecord:

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from privacy import protocol
@@ -39,26 +38,19 @@ from server.history import RunHistory
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    threshold: int | None = None  # t; None: a majority of each neighbourhood
-    neighbours: int | None = None  # SecAgg+ degree k; None: full SecAgg (every pair)
-    clip: float = 0.5  # per-coordinate bound on a site's model delta
-    max_site_examples: int = 100_000  # public weighting cap (privacy/secagg/update.py)
-    stage_timeout_s: float = 300.0
+    """``conf/secagg/on.yaml`` (its comments say what each value means)."""
+
+    threshold: int | None
+    neighbours: int | None
+    clip: float
+    max_site_examples: int
+    stage_timeout_s: float
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SecAggSettings:
-        return cls(
-            threshold=None if cfg.get("threshold") is None else int(cfg["threshold"]),
-            neighbours=None if cfg.get("neighbours") is None else int(cfg["neighbours"]),
-            clip=float(cfg.get("clip", cls.clip)),
-            max_site_examples=int(cfg.get("max_site_examples", cls.max_site_examples)),
-            stage_timeout_s=float(cfg.get("stage_timeout_s", cls.stage_timeout_s)),
-        )
-
-
-def wire_bytes(content: RecordDict) -> int:
-    """Bytes of a message's content as serialised for the network (protobuf)."""
-    return recorddict_to_proto(content).ByteSize()
+        return cls(threshold=cfg["threshold"], neighbours=cfg["neighbours"],
+                   clip=float(cfg["clip"]), max_site_examples=int(cfg["max_site_examples"]),
+                   stage_timeout_s=float(cfg["stage_timeout_s"]))
 
 
 @dataclass
@@ -87,8 +79,6 @@ class SecureAggregation:
         template = messages[0]
         server_round = int(template.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
         record = SecureRoundRecord()
-        global_arrays: ArrayRecord = template.content[protocol.ARRAYS]
-        record.plaintext_update_bytes = wire_bytes(RecordDict({protocol.ARRAYS: global_arrays}))
         try:
             return self._exchange(grid, messages, timeout, server_round, record)
         finally:
@@ -98,6 +88,8 @@ class SecureAggregation:
                   record: SecureRoundRecord) -> list[Message]:
         template = messages[0]
         global_arrays: ArrayRecord = template.content[protocol.ARRAYS]
+        plaintext = RecordDict({protocol.ARRAYS: global_arrays})
+        record.plaintext_update_bytes = protocol.content_size(plaintext)[0]
         nodes = [msg.metadata.dst_node_id for msg in messages]
         index_of = {node: i for i, node in enumerate(nodes)}
         site_of: dict[int, str] = {}
@@ -123,7 +115,7 @@ class SecureAggregation:
                 site_of[index] = site
                 self.history.node_sites[reply.metadata.src_node_id] = site
                 record.upload_bytes[site] = (record.upload_bytes.get(site, 0)
-                                             + wire_bytes(reply.content))
+                                             + protocol.content_size(reply.content)[0])
                 received[index] = reply
             return received
 

@@ -15,10 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from client import egress
 from client.app import build_client_app
 from client.approval import running_app_hash
-from client.egress import EGRESS_LOG, content_size, read_log, summarize
+from client.egress import EGRESS_LOG, read_log, summarize
 from client.site import SiteSettings
 from client.tasks import get_task
 from privacy import protocol
+from privacy.protocol import content_size
 from server.app import initial_model
 from server.settings import compose, site_settings
 from tests.conftest import ROOT

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from client.egress import EGRESS_LOG, read_log
+from privacy import protocol
 from privacy.secagg import setup
 from privacy.secagg.loopback import run_round
 from privacy.secagg.update import decode_mean, encode_update, mean_error_bound, site_weight
@@ -127,3 +129,21 @@ def test_the_report_states_bytes_uploaded_per_site(runs):
     # no site sent its example count or weights in the clear
     for metrics in secure["rounds"][0]["train"].values():
         assert metrics["num_examples"] == 0
+
+
+def test_under_secagg_no_plain_update_leaves_a_site_and_both_sides_count_the_same_bytes(runs):
+    _, _, secure_dir, secure = runs
+    for site_dir in sorted((secure_dir / "sites").iterdir()):
+        entries = read_log(site_dir / EGRESS_LOG)
+        stages = [e for e in entries if e["message_type"].startswith("train.secagg_")]
+        kinds = {e["kind"] for e in entries}
+        assert "update" not in kinds and "masked-update" in kinds, kinds
+        assert {e["message_type"] for e in entries} <= {
+            "evaluate", *(f"train.{a}" for a in (protocol.SECAGG_ADVERTISE_KEYS,
+                                                 protocol.SECAGG_SHARE_KEYS,
+                                                 protocol.SECAGG_MASKED_INPUT,
+                                                 protocol.SECAGG_UNMASK))}
+        # what the server reports a site uploaded is what the site logged as sent
+        reported = sum(r["secure_aggregation"]["upload_bytes"].get(site_dir.name, 0)
+                       for r in secure["rounds"])
+        assert reported == sum(e["bytes"] for e in stages) > 0
