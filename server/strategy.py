@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 from privacy import protocol
 from server.history import RunHistory
 from server.secure_aggregation import is_secure_aggregate
-from server.validation import UpdateBounds, check_update
+from server.validation import UpdateBounds, check_update, reference_arrays
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -80,9 +80,10 @@ class RecordingMixin:
             ordered = secure
         record = self.history.round(server_round)
         accepted = []
+        reference = reference_arrays(self.last_arrays) if self.last_arrays is not None else None
         for msg in ordered:
             site = str(msg.content[protocol.SITE][protocol.SITE_ID])
-            reason, norm = check_update(msg, self.last_arrays, self.bounds)
+            reason, norm = check_update(msg, reference, self.bounds)
             if norm is not None:
                 record.update_norms[site] = norm
             if reason is None:

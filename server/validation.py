@@ -32,10 +32,17 @@ class UpdateBounds:
                    max_examples=int(cfg.get("max_examples", cls.max_examples)))
 
 
+def reference_arrays(global_arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The global model as numpy arrays: decoded once per round, compared with every reply."""
+    return {k: a.numpy() for k, a in global_arrays.items()}
+
+
 def check_update(
-    reply: Message, global_arrays: ArrayRecord | None, bounds: UpdateBounds
+    reply: Message, global_arrays: ArrayRecord | Mapping[str, np.ndarray] | None,
+    bounds: UpdateBounds,
 ) -> tuple[str | None, float | None]:
-    """``(reason, update_norm)``: ``reason`` is None when the update may be aggregated."""
+    """``(reason, update_norm)``: ``reason`` is None when the update may be aggregated.
+    ``global_arrays``: the model sent out, as an ArrayRecord or :func:`reference_arrays`."""
     content = reply.content
     if protocol.ARRAYS not in content:
         return "the reply carries no model arrays", None
@@ -50,7 +57,8 @@ def check_update(
     arrays = content[protocol.ARRAYS]
     if global_arrays is None:
         return None, None
-    expected = {k: a.numpy() for k, a in global_arrays.items()}
+    expected = (reference_arrays(global_arrays) if isinstance(global_arrays, ArrayRecord)
+                else global_arrays)
     got_keys = set(arrays.keys())
     if got_keys != set(expected):
         missing, extra = sorted(set(expected) - got_keys), sorted(got_keys - set(expected))
