@@ -25,13 +25,14 @@ from client import egress
 from client.approval import approval_refusal
 from client.evaluation import evaluate
 from client.privacy_budget import load_ledger, plan_ledger, save_ledger, site_budget
-from client.secure_aggregation import TrainOutcome, register_secure_aggregation
+from client.secure_aggregation import register_secure_aggregation
 from client.site import PARTITION_ID, SITE_CONFIG, SiteSettings, simulated_site_from_root
 from client.tasks import SiteData, get_task
 from client.training import (
     DPConfig,
     LocalTrainingConfig,
     StepHook,
+    TrainOutcome,
     dp_schedule,
     resolve_device,
     site_seed,
@@ -114,6 +115,8 @@ def _reply(
         status.update({protocol.STATUS: protocol.STATUS_DECLINED, protocol.REASON: declined})
         kind = "privacy-ledger"
     if refused is not None:
+        # every refusal (train, evaluate, a SecAgg stage) is logged at the site, here
+        log.warning("site %s refuses %s: %s", site.site_id, msg.metadata.message_type, refused)
         status.update({protocol.STATUS: protocol.STATUS_REFUSED, protocol.REASON: refused})
         kind = "refusal"
     content = RecordDict(
@@ -135,7 +138,6 @@ def _reply(
 
 def refuse(msg: Message, context: Context, site: SiteSettings, reason: str) -> Message:
     """A clear refusal the server reports; nothing of the site's data was read."""
-    log.warning("site %s refuses %s: %s", site.site_id, msg.metadata.message_type, reason)
     return _reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
 
 
@@ -198,7 +200,6 @@ def train_round(
     DP-SGD). Shared by the plain ``train`` handler and secure aggregation's masked-input stage."""
     settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
     if (reason := refusal_reason(site, settings)) is not None:
-        log.warning("site %s refuses %s: %s", site.site_id, msg.metadata.message_type, reason)
         return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, refused=reason)
     data, model, device = _prepare(msg, site, settings)
     step_hook = (step_hook_for(site.site_id, int(settings["server_round"]))

@@ -16,33 +16,19 @@ refuses answers with its status and no vector; the others' sum is recovered with
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.site import SiteSettings
-from client.training import site_seed
+from client.training import TrainOutcome, site_seed
 from privacy import protocol
 from privacy.secagg import advertise_keys, masked_input, share_keys, unmask
 from privacy.secagg.update import encode_update, site_weight
 
 STATE = "secagg-state"  # the site's protocol secrets, in Context.state (never sent)
 PUBLIC = "secagg-public"  # the round's public encoding parameters, in Context.state
-
-
-@dataclass
-class TrainOutcome:
-    """What one local round produced (client/app.py ``train_round``)."""
-
-    model: torch.nn.Module | None  # None when the site declined or refused
-    metrics: dict[str, float]
-    ledger: dict[str, Any] | None = None
-    declined: str | None = None
-    refused: str | None = None
-    skipped: dict[str, int] | None = None
 
 
 TrainRound = Callable[[Message, Context, SiteSettings], TrainOutcome]

@@ -7,6 +7,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,18 @@ class DPConfig:
 
 def grad_sample_mode_for(model: nn.Module, dp: DPConfig) -> str:
     return dp.grad_sample_mode or getattr(model, "grad_sample_mode", None) or "hooks"
+
+
+@dataclass
+class TrainOutcome:
+    """What one local round produced (client/app.py ``train_round``): the trained model, or
+    ``None`` when the site declined (privacy budget) or refused (unapproved app, other task)."""
+
+    model: nn.Module | None
+    metrics: dict[str, float]
+    ledger: dict[str, Any] | None = None
+    declined: str | None = None
+    refused: str | None = None
 
 
 def dp_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
