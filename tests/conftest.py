@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,6 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MEDSILO_CACHE", str(tmp_path_factory.getbasetemp() / "medsilo-cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """Small models train fastest (and reproducibly) on one thread of a shared 2-core machine,
+    as a simulated site does (threads=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_simulation_cli(out_dir: Path, *overrides: str, timeout: float = 300) -> dict:

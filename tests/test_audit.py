@@ -32,14 +32,7 @@ from simulations.audit.membership import (
     membership_metrics,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread of a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
 
 
 # ---- the ε lower bound (Steinke, Nasr, Jagielski 2023) -------------------------------------

@@ -414,3 +414,15 @@ def test_secagg_of_quantized_updates_matches_the_plaintext_sum():
     plaintext = sum(np.clip(updates[i].astype(np.float64), -1, 1) for i in survivors)
     aggregate = dequantize(result.total, 1.0, 6, len(survivors))
     assert np.abs(aggregate - plaintext).max() <= quantization_error_bound(1.0, 6, 5)
+
+
+def test_a_site_forgets_its_private_keys_and_self_mask_seed_once_its_masked_input_is_out():
+    game = Round(4)
+    routed = game.server.route_shares(game.shares())
+    before = game.states[1]
+    secrets = [value for key, value in before.items()
+               if key in ("c-private-key", "s-private-key", "self-mask-seed")]
+    assert len(secrets) == 3 and all(isinstance(v, bytes) and len(v) >= 32 for v in secrets)
+    after, _, _ = masked_input(before, routed[1], game.vectors[1])
+    kept = [v for value in after.values() for v in (value if isinstance(value, list) else [value])]
+    assert not any(secret in kept for secret in secrets)

@@ -194,15 +194,6 @@ def test_padding_never_changes_the_output():
     assert torch.isfinite(model(tokens, torch.zeros_like(mask))).all()  # a note with no words
 
 
-@pytest.fixture
-def one_thread():
-    """Small models train faster on one thread, and the CPU is shared with other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook")
 def test_default_encoder_passes_opacus_validation_and_a_dp_sgd_step(cfg, one_thread):
     from opacus import PrivacyEngine

@@ -36,15 +36,6 @@ def cfg():
                     "task.synthetic.test_size=20"])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: intra-op threads only add contention (a site trains with threads=1 too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _site(tmp_path, rows, name="processed.cleveland.data"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text("\n".join(rows) + "\n")

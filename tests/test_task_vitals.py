@@ -16,6 +16,8 @@ from client.training import LocalTrainingConfig, train_local
 from models import build_model
 from server.settings import compose
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 TASK = get_task("vitals")
 OUTCOMES_HEADER = "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death"
 
@@ -23,15 +25,6 @@ OUTCOMES_HEADER = "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_deat
 @pytest.fixture(scope="module")
 def cfg():
     return compose(["task=vitals"])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """As a simulated site trains (threads=1): small recurrent steps only lose from threading."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
