@@ -31,6 +31,9 @@ class RoundRecord:
     timed_out: list[str] = field(default_factory=list)  # sites asked that did not answer in time
     skipped_round: str | None = None  # why the global model was left unchanged this round
     secure_aggregation: dict[str, Any] | None = None  # server/secure_aggregation.py's record
+    asked: int = 0  # sites sent the training message this round (sites_per_round sampling)
+    started_at: float | None = None  # wall-clock time (Unix seconds) the round began
+    duration_s: float | None = None  # wall seconds of the round, training through evaluation
 
 
 @dataclass

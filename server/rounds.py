@@ -16,6 +16,7 @@ things ``Strategy.start`` cannot do and a multi-day collaboration needs:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,7 +61,10 @@ def run_rounds(
     if first_round == 1 and evaluate_fn is not None:
         evaluate_fn(0, arrays)
     for server_round in range(first_round, num_rounds + 1):
+        started, clock = time.time(), time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        history.round(server_round).started_at = started
+        history.round(server_round).asked = len(messages)
         replies = exchange(grid, messages, timeout)
         history.record_timeouts(server_round, [m.metadata.dst_node_id for m in messages],
                                 replies)
@@ -80,6 +84,7 @@ def run_rounds(
             strategy.aggregate_evaluate(server_round, replies)
         if evaluate_fn is not None:
             evaluate_fn(server_round, arrays)
+        history.round(server_round).duration_s = time.perf_counter() - clock
         if after_round is not None:
             after_round(server_round, arrays)
     return RunOutcome(arrays)

@@ -7,6 +7,7 @@ one schema and one set of checks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _check(_is_int(cfg["seed"]) and cfg["seed"] >= 0, "seed", "an integer >= 0", cfg["seed"])
     _check(cfg["optimizer"] in ("sgd", "adam"), "optimizer", "one of ['sgd', 'adam']",
            cfg["optimizer"])
+    per_round = cfg.get("sites_per_round")
+    _check(per_round is None or (_is_int(per_round) and per_round >= 1)
+           or (isinstance(per_round, float) and 0 < per_round < 1), "sites_per_round",
+           "an integer >= 1, a fraction in (0, 1) of num_hospitals, or null (every site)",
+           per_round)
+    _validate_simulation(cfg["simulation"])
     _check(cfg["device"] in DEVICES, "device", f"one of {list(DEVICES)}", cfg["device"])
     _check(cfg["model"]["name"] in registered_models(), "model.name",
            f"one of {registered_models()}", cfg["model"]["name"])
@@ -70,6 +77,26 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
         _check(_is_number(mu) and mu >= 0, "strategy.proximal_mu", "a number >= 0", mu)
     _validate_privacy(cfg)
     _validate_secagg(cfg)
+
+
+def _validate_simulation(simulation: DictConfig | Mapping[str, Any]) -> None:
+    address = simulation.get("ray_address")
+    _check(address is None or (isinstance(address, str) and address.strip() != ""),
+           "simulation.ray_address", "a Ray cluster address such as '10.0.0.5:6379' (or "
+           "'auto') or null", address)
+    store = simulation.get("object_store_mb")
+    _check(store is None or (_is_int(store) and store >= 78), "simulation.object_store_mb",
+           "an integer >= 78 (Ray's minimum, MiB) or null", store)
+
+
+def sites_per_round(cfg: Mapping[str, Any]) -> int:
+    """How many sites train in a round: ``sites_per_round`` resolved against num_hospitals."""
+    value, total = cfg.get("sites_per_round"), int(cfg["num_hospitals"])
+    if value is None:
+        return total
+    if isinstance(value, float):
+        return max(1, min(total, math.ceil(value * total)))
+    return min(total, int(value))
 
 
 def _validate_secagg(cfg: DictConfig | Mapping[str, Any]) -> None:

@@ -7,10 +7,12 @@ pooled evaluation and progress callback live in them). Nothing else calls it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flwr.clientapp import ClientApp
@@ -26,6 +28,7 @@ def run_in_process(
     client_gpus: float,
     ray_init: Mapping[str, Any] | None = None,
     verbose: bool = False,
+    seed: int = 0,
 ) -> None:
     from flwr.simulation import run_simulation
 
@@ -41,7 +44,7 @@ def run_in_process(
                       "logging_level": logging.INFO if verbose else logging.ERROR,
                       **dict(ray_init or {})},
     }
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), seeded_node_ids(seed):
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=server_app,
@@ -50,3 +53,31 @@ def run_in_process(
             backend_config=backend_config,
             verbose_logging=verbose,
         )
+
+
+@contextlib.contextmanager
+def seeded_node_ids(seed: int) -> Iterator[None]:
+    """Simulated SuperNodes get node ids drawn from ``seed`` instead of ``os.urandom``.
+
+    Flower registers virtual SuperNode i (partition i, our i-th site) as the i-th node, with a
+    random 64-bit id; the strategy samples sites per round from the sorted node ids
+    (``server/strategy.py``). Seeded ids make "which hospitals train in round r" the same for
+    the same seed, run after run. Flower 1.41 draws the ids in its in-memory link state (the
+    engine's only state); the draw is replaced there for the duration of the run.
+    """
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    original = in_memory_linkstate.generate_rand_int_from_bytes
+    draw = random.Random(f"medsilo-simulated-node-ids:{seed}")
+
+    def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
+        while True:
+            value = draw.getrandbits(8 * num_bytes)
+            if not exclude or value not in exclude:
+                return value
+
+    in_memory_linkstate.generate_rand_int_from_bytes = seeded
+    try:
+        yield
+    finally:
+        in_memory_linkstate.generate_rand_int_from_bytes = original

@@ -88,6 +88,7 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
             server_app, build_client_app(sites, step_hook_for=step_hook_for), len(folders),
             client_cpus=float(cfg["simulation"]["client_cpus"]),
             client_gpus=float(cfg["simulation"]["client_gpus"]),
+            seed=int(cfg["seed"]),
         )
     report_path = out_dir / "report.json"
     if not report_path.is_file():
