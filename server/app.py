@@ -59,7 +59,9 @@ def build_server_app(
         history = checkpoint.history if checkpoint else RunHistory()
         strategy = build_strategy(config["strategy"], int(config["num_hospitals"]), history,
                                   min_sites=int(config["min_sites"]),
-                                  bounds=UpdateBounds.from_config(config.get("validation")))
+                                  bounds=UpdateBounds.from_config(config.get("validation")),
+                                  sites_per_round=run_settings.sites_per_round(config),
+                                  seed=int(config["seed"]), num_rounds=int(config["rounds"]))
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             # Called before round 1 (server_round=0) and after every round.

@@ -53,6 +53,11 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
            "an integer >= 1, a fraction in (0, 1) of num_hospitals, or null (every site)",
            per_round)
     _validate_simulation(cfg["simulation"])
+    if per_round is not None:
+        for key in ("fraction_train", "fraction_evaluate"):
+            value = cfg["strategy"].get(key, 1.0)
+            _check(value == 1.0, f"strategy.{key}", "1.0 when sites_per_round is set (both "
+                   "would choose the sites of a round; set one)", value)
     _check(cfg["device"] in DEVICES, "device", f"one of {list(DEVICES)}", cfg["device"])
     _check(cfg["model"]["name"] in registered_models(), "model.name",
            f"one of {registered_models()}", cfg["model"]["name"])
@@ -84,6 +89,9 @@ def _validate_simulation(simulation: DictConfig | Mapping[str, Any]) -> None:
     _check(address is None or (isinstance(address, str) and address.strip() != ""),
            "simulation.ray_address", "a Ray cluster address such as '10.0.0.5:6379' (or "
            "'auto') or null", address)
+    cap = simulation.get("pooled_eval_sites")
+    _check(cap is None or (_is_int(cap) and cap >= 1), "simulation.pooled_eval_sites",
+           "an integer >= 1 or null (every site)", cap)
     store = simulation.get("object_store_mb")
     _check(store is None or (_is_int(store) and store >= 78), "simulation.object_store_mb",
            "an integer >= 78 (Ray's minimum, MiB) or null", store)

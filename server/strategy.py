@@ -7,11 +7,14 @@ history and hands Flower the replies in site order, then lets Flower aggregate.
 from __future__ import annotations
 
 import math
+import random
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -56,16 +59,54 @@ class TooFewSites(RuntimeError):
         self.permanent = permanent
 
 
+class SampledGrid:
+    """A view of Flower's Grid that shows only the sites sampled for one stage of a round; the
+    strategy's own configure_train/configure_evaluate then address exactly those (everything
+    else is Flower's Grid)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class RecordingMixin:
     history: RunHistory
     min_sites: int = 1
     bounds: UpdateBounds = UpdateBounds()
     secure_aggregation: bool = False
     last_arrays: ArrayRecord | None = None  # the global model sent out in the latest round
+    # Per-round sampling (issue 9): None = every site. The sample is drawn from the sorted node
+    # ids with a generator seeded by (seed, round, stage), so the same seed picks the same
+    # sites (simulated node ids are seeded too: simulations/engine.py).
+    num_sites: int = 1  # hospitals the server waits for before the first round
+    sites_per_round: int | None = None
+    sample_seed: int = 0
+    final_round: int | None = None  # its evaluation asks every site (complete final table)
+
+    def _sample(self, grid: Grid, server_round: int, stage: str) -> Grid:
+        if self.sites_per_round is None:
+            return grid
+        while len(nodes := sorted(grid.get_node_ids())) < self.num_sites:
+            time.sleep(1)  # as Flower's sample_nodes: wait until every hospital is connected
+        if stage == "evaluate" and server_round == self.final_round:
+            return SampledGrid(grid, nodes)
+        draw = random.Random(f"medsilo-sample:{self.sample_seed}:{server_round}:{stage}")
+        return SampledGrid(grid, sorted(draw.sample(nodes, min(self.sites_per_round,
+                                                               len(nodes)))))
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         self.last_arrays = arrays
+        grid = self._sample(grid, server_round, "train")
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        grid = self._sample(grid, server_round, "evaluate")
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -150,11 +191,14 @@ def _same_dtypes(arrays: ArrayRecord | None, like: ArrayRecord | None) -> ArrayR
 
 def build_strategy(
     strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory, min_sites: int = 1,
-    bounds: UpdateBounds | None = None,
+    bounds: UpdateBounds | None = None, *, sites_per_round: int | None = None, seed: int = 0,
+    num_rounds: int | None = None,
 ) -> Strategy:
     """Flower's strategy ``strategy_cfg.name`` with the remaining keys as its arguments.
 
     The server waits until all ``num_sites`` hospitals are connected before the first round.
+    ``sites_per_round`` (fewer than ``num_sites``): each round trains and evaluates a seeded
+    sample of that many sites; the evaluation of round ``num_rounds`` asks every site.
     """
     params = dict(strategy_cfg)
     name = params.pop("name")
@@ -162,6 +206,11 @@ def build_strategy(
         raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
     base = STRATEGIES[name]
     recording = type(f"Recorded{base.__name__}", (RecordingMixin, base), {})
+    sampled = sites_per_round is not None and sites_per_round < num_sites
+    if sampled:
+        # the mixin shows Flower exactly the sampled sites (fraction 1: Flower takes them all;
+        # server/settings.py refuses a fraction below 1 together with sites_per_round)
+        params.update(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
     fraction_train = float(params.get("fraction_train", 1.0))
     fraction_evaluate = float(params.get("fraction_evaluate", 1.0))
     params.setdefault("min_available_nodes", num_sites)
@@ -171,4 +220,8 @@ def build_strategy(
     strategy.history = history
     strategy.min_sites = min_sites
     strategy.bounds = bounds or UpdateBounds()
+    strategy.num_sites = num_sites
+    if sampled:
+        strategy.sites_per_round, strategy.sample_seed = sites_per_round, seed
+        strategy.final_round = num_rounds
     return strategy

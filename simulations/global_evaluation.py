@@ -2,10 +2,15 @@
 
 That is what a research simulation wants to compare strategies; in deployment no such pool
 exists and the report uses the example-weighted mean of the sites' own evaluations instead.
+
+With many sites (``simulation.pooled_eval_sites``, default 50) the pool is the test splits of a
+seeded sample of that many sites, fixed for the whole run: every round is scored on the same
+records, and the server's memory and evaluation time stay those of 50 sites at 1000.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,10 +23,21 @@ from client.tasks import get_task
 from models import build_model
 
 
+def pooled_sites(cfg: Mapping[str, Any], site_ids: list[str]) -> list[str]:
+    """The sites whose test splits make the pool: all, or a seeded sample of
+    ``simulation.pooled_eval_sites`` of them (in site order)."""
+    cap = cfg["simulation"].get("pooled_eval_sites")
+    if cap is None or len(site_ids) <= int(cap):
+        return list(site_ids)
+    draw = random.Random(f"medsilo-pooled-evaluation:{cfg['seed']}")
+    return sorted(draw.sample(sorted(site_ids), int(cap)))
+
+
 def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path]):
     task_cfg = cfg["task"]
     task = get_task(task_cfg["name"])
-    sites = [task.load_site(folder, task_cfg, site) for site, folder in folders.items()]
+    sites = [task.load_site(folders[site], task_cfg, site)
+             for site in pooled_sites(cfg, list(folders))]
     pooled = ConcatDataset([s.test for s in sites])
     num_classes = int(task_cfg["spec"]["num_classes"])
 

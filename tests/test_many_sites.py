@@ -1,0 +1,144 @@
+"""Many hospitals (issue 9): per-round sampling, exact accounting under partial participation."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import create_accountant
+
+from server.history import RunHistory
+from server.settings import ConfigError, compose, sites_per_round
+from server.strategy import build_strategy
+from simulations.engine import seeded_node_ids
+from tests.conftest import run_simulation_cli
+
+
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+def _sampled(strategy, grid, server_round, stage):
+    return sorted(strategy._sample(grid, server_round, stage).get_node_ids())
+
+
+def test_sampling_is_seeded_per_round_and_the_last_evaluation_asks_everyone(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)  # what the ServerApp process sets
+    nodes = [7 * i + 3 for i in range(100)]
+    grid = FakeGrid(reversed(nodes))  # the order Flower lists nodes in does not matter
+    strategy = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+                              seed=4, num_rounds=3)
+    again = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+                           seed=4, num_rounds=3)
+    other_seed = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+                                seed=5, num_rounds=3)
+    rounds = [_sampled(strategy, grid, r, "train") for r in (1, 2, 3)]
+    assert all(len(set(s)) == 10 and set(s) <= set(nodes) for s in rounds)
+    assert rounds == [_sampled(again, FakeGrid(nodes), r, "train") for r in (1, 2, 3)]
+    assert len({tuple(s) for s in rounds}) == 3  # a new sample every round
+    assert rounds != [_sampled(other_seed, grid, r, "train") for r in (1, 2, 3)]
+    assert len(_sampled(strategy, grid, 2, "evaluate")) == 10
+    assert _sampled(strategy, grid, 3, "evaluate") == sorted(nodes)
+    # Flower's own configure_train addresses exactly the sampled sites
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == rounds[0]
+
+
+def test_without_sites_per_round_every_site_trains():
+    grid = FakeGrid(range(1, 6))
+    strategy = build_strategy({"name": "fedavg"}, 5, RunHistory(), sites_per_round=None)
+    assert _sampled(strategy, grid, 1, "train") == [1, 2, 3, 4, 5]
+    assert sites_per_round(compose(["num_hospitals=8"])) == 8
+    assert sites_per_round(compose(["num_hospitals=8", "sites_per_round=0.25"])) == 2
+    assert sites_per_round(compose(["num_hospitals=8", "sites_per_round=20"])) == 8
+
+
+@pytest.mark.parametrize("override", ["sites_per_round=0", "sites_per_round=1.5",
+                                      "sites_per_round=abc"])
+def test_a_bad_sites_per_round_is_named(override):
+    with pytest.raises(ConfigError, match="sites_per_round"):
+        compose([override])
+
+
+def test_sites_per_round_and_a_strategy_fraction_cannot_both_choose():
+    with pytest.raises(ConfigError, match="strategy.fraction_train"):
+        compose(["sites_per_round=3", "strategy.fraction_train=0.5"])
+
+
+def test_simulated_node_ids_are_seeded_and_flowers_draw_is_restored():
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    original = in_memory_linkstate.generate_rand_int_from_bytes
+
+    def draws(seed):
+        with seeded_node_ids(seed):
+            return [in_memory_linkstate.generate_rand_int_from_bytes(8, {0}) for _ in range(5)]
+
+    assert draws(1) == draws(1) != draws(2)
+    assert all(0 < value < 2**64 for value in draws(1))
+    assert in_memory_linkstate.generate_rand_int_from_bytes is original
+
+
+# ---- end to end -------------------------------------------------------------------------
+
+PARTIAL = ("task=tabular", "num_hospitals=6", "sites_per_round=3", "rounds=5",
+           "local_epochs=1", "privacy=dp", "privacy.noise_multiplier=1.0",
+           "privacy.target_epsilon=null", "seed=3")
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("partial")
+    return out, run_simulation_cli(out, *PARTIAL, f"data.cache_dir={out / 'cache'}")
+
+
+def test_a_site_is_charged_only_for_the_rounds_it_trained(partial):
+    _, report = partial
+    trained = {}
+    for rnd in report["rounds"]:
+        assert len(rnd["train"]) == 3 and rnd["asked"] == 3
+        for site in rnd["train"]:
+            trained.setdefault(site, []).append(rnd["round"])
+    assert 2 in {len(r) for r in trained.values()}, trained  # the case the issue names
+    for site, ledger in report["privacy"].items():
+        rounds = trained.get(site, [])
+        assert ledger["rounds_trained"] == len(rounds), site
+        if not rounds:
+            continue
+        steps_per_round = ledger["steps"] // len(rounds)
+        assert ledger["steps"] == steps_per_round * len(rounds)
+        accountant = create_accountant(mechanism=ledger["accountant"])
+        accountant.history = [(ledger["noise_multiplier"], ledger["sample_rate"],
+                               ledger["steps"])]
+        assert ledger["epsilon"] == pytest.approx(accountant.get_epsilon(ledger["delta"]),
+                                                  rel=1e-9), site
+        # ε grew only in the rounds the site trained
+        assert len(ledger["epsilon_per_round"]) == len(rounds)
+
+
+def test_same_seed_samples_the_same_sites_and_gives_the_same_metrics(partial, tmp_path):
+    out, report = partial
+    again = run_simulation_cli(tmp_path, *PARTIAL, f"data.cache_dir={out / 'cache'}")
+    assert [sorted(r["train"]) for r in again["rounds"]] == \
+        [sorted(r["train"]) for r in report["rounds"]]
+    assert again["final"] == report["final"]
+
+
+def test_two_hundred_sites_five_per_round(tmp_path):
+    report = run_simulation_cli(tmp_path, "task=tabular", "num_hospitals=200",
+                                "sites_per_round=5", "rounds=3", "local_epochs=1",
+                                f"data.cache_dir={tmp_path / 'cache'}")
+    assert report["run"]["num_hospitals"] == 200
+    trained = [set(r["train"]) for r in report["rounds"]]
+    assert all(len(sites) == 5 for sites in trained)
+    assert len(set().union(*trained)) > 5  # different hospitals in different rounds
+    assert [len(r["sites"]) for r in report["rounds"]] == [5, 5, 200]  # final: every site
+    assert report["final"]["global"]["loss"] < report["initial"]["global"]["loss"]
+    assert not any(r["failures"] or r["timed_out"] for r in report["rounds"])
