@@ -61,7 +61,9 @@ def build_server_app(
                                   min_sites=int(config["min_sites"]),
                                   bounds=UpdateBounds.from_config(config.get("validation")),
                                   sites_per_round=run_settings.sites_per_round(config),
-                                  seed=int(config["seed"]), num_rounds=int(config["rounds"]))
+                                  seed=int(config["seed"]),
+                                  final_round=(int(config["rounds"]) if config.get(
+                                      "final_evaluation", "all") == "all" else None))
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             # Called before round 1 (server_round=0) and after every round.

@@ -52,6 +52,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
            or (isinstance(per_round, float) and 0 < per_round < 1), "sites_per_round",
            "an integer >= 1, a fraction in (0, 1) of num_hospitals, or null (every site)",
            per_round)
+    _check(cfg.get("final_evaluation", "all") in ("all", "sampled"), "final_evaluation",
+           "'all' or 'sampled'", cfg.get("final_evaluation"))
     _validate_simulation(cfg["simulation"])
     if per_round is not None:
         for key in ("fraction_train", "fraction_evaluate"):

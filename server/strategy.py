@@ -192,13 +192,13 @@ def _same_dtypes(arrays: ArrayRecord | None, like: ArrayRecord | None) -> ArrayR
 def build_strategy(
     strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory, min_sites: int = 1,
     bounds: UpdateBounds | None = None, *, sites_per_round: int | None = None, seed: int = 0,
-    num_rounds: int | None = None,
+    final_round: int | None = None,
 ) -> Strategy:
     """Flower's strategy ``strategy_cfg.name`` with the remaining keys as its arguments.
 
     The server waits until all ``num_sites`` hospitals are connected before the first round.
     ``sites_per_round`` (fewer than ``num_sites``): each round trains and evaluates a seeded
-    sample of that many sites; the evaluation of round ``num_rounds`` asks every site.
+    sample of that many sites; the evaluation of round ``final_round`` (if any) asks every site.
     """
     params = dict(strategy_cfg)
     name = params.pop("name")
@@ -223,5 +223,5 @@ def build_strategy(
     strategy.num_sites = num_sites
     if sampled:
         strategy.sites_per_round, strategy.sample_seed = sites_per_round, seed
-        strategy.final_round = num_rounds
+        strategy.final_round = final_round
     return strategy

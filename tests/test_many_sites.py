@@ -32,11 +32,11 @@ def test_sampling_is_seeded_per_round_and_the_last_evaluation_asks_everyone(monk
     nodes = [7 * i + 3 for i in range(100)]
     grid = FakeGrid(reversed(nodes))  # the order Flower lists nodes in does not matter
     strategy = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
-                              seed=4, num_rounds=3)
+                              seed=4, final_round=3)
     again = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
-                           seed=4, num_rounds=3)
+                           seed=4, final_round=3)
     other_seed = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
-                                seed=5, num_rounds=3)
+                                seed=5, final_round=3)
     rounds = [_sampled(strategy, grid, r, "train") for r in (1, 2, 3)]
     assert all(len(set(s)) == 10 and set(s) <= set(nodes) for s in rounds)
     assert rounds == [_sampled(again, FakeGrid(nodes), r, "train") for r in (1, 2, 3)]
@@ -44,6 +44,9 @@ def test_sampling_is_seeded_per_round_and_the_last_evaluation_asks_everyone(monk
     assert rounds != [_sampled(other_seed, grid, r, "train") for r in (1, 2, 3)]
     assert len(_sampled(strategy, grid, 2, "evaluate")) == 10
     assert _sampled(strategy, grid, 3, "evaluate") == sorted(nodes)
+    sampled_only = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+                                  seed=4, final_round=None)  # final_evaluation=sampled
+    assert len(_sampled(sampled_only, grid, 3, "evaluate")) == 10
     # Flower's own configure_train addresses exactly the sampled sites
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -61,9 +64,9 @@ def test_without_sites_per_round_every_site_trains():
 
 
 @pytest.mark.parametrize("override", ["sites_per_round=0", "sites_per_round=1.5",
-                                      "sites_per_round=abc"])
+                                      "sites_per_round=abc", "final_evaluation=some"])
 def test_a_bad_sites_per_round_is_named(override):
-    with pytest.raises(ConfigError, match="sites_per_round"):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
         compose([override])
 
 
