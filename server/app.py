@@ -110,6 +110,7 @@ def build_server_app(
         report = build_report(
             config, history, duration_s=time.perf_counter() - started,
             global_evaluation="pooled" if global_evaluate else "site_weighted_mean",
+            pooled_sites=getattr(global_evaluate, "sites", None),
             stopped=outcome.stopped,
         )
         write_report(out, report, outcome.arrays.to_torch_state_dict())

@@ -3,8 +3,14 @@
 ``report.json`` is the contract other tools and tests read::
 
     {"run": {...}, "rounds": [{"round", "global", "sites", "train", "failures", "declined",
-     "refused"}], "initial": {"global"},
-     "final": {"global", "sites", "client_mean"}, "privacy": {site: {...}}}
+     "refused", "asked", "started_at", "duration_s", ...}], "initial": {"global"},
+     "final": {"global", "sites", "client_mean"}, "privacy": {site: {...}},
+     "sites": {site: {"rounds_asked", "rounds_trained", "last_round_trained", "num_examples",
+                      "final", "dp", ["epsilon", ...]}}}
+
+``sites.csv`` holds the ``sites`` table as one row per site. Above ``MANY_SITES`` sites,
+report.md and the plots summarize sites (quantiles, worst sites, distributions) instead of
+listing each one (server/site_summary.py).
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from privacy.files import write_atomically
+from server import site_summary
 from server.history import RunHistory
-
-HEADLINE_METRICS = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1")
+from server.site_summary import HEADLINE_METRICS, MANY_SITES, shorten
 
 
 def _clean(value: Any) -> Any:
@@ -60,6 +66,7 @@ def build_report(
     *,
     duration_s: float,
     global_evaluation: str,
+    pooled_sites: list[str] | None = None,
     stopped: str | None = None,
 ) -> dict[str, Any]:
     rounds = []
@@ -81,6 +88,9 @@ def build_report(
                 "update_norms": dict(sorted(record.update_norms.items())),
                 # secagg=on: sites aggregated / dropped, abort reason, bytes each site uploaded
                 "secure_aggregation": record.secure_aggregation,
+                "asked": record.asked,  # sites sent the training message (sampling)
+                "started_at": record.started_at,
+                "duration_s": record.duration_s,
             }
         )
     last = rounds[-1] if rounds else {"global": {}, "sites": {}}
@@ -89,6 +99,8 @@ def build_report(
                    {site for r in rounds for site in r["declined"]} |
                    {site for r in rounds for site in r["refused"]} |
                    {site for r in rounds for site in r["rejected"]})
+    dp = cfg["privacy"]["name"] != "off"
+    privacy = _privacy_section(cfg, history, sites)
     report = {
         "run": {
             "task": cfg["task"]["name"],
@@ -100,6 +112,8 @@ def build_report(
             "privacy": "dp" if cfg["privacy"]["name"] != "off" else "off",
             "secure_aggregation": cfg["secagg"]["name"] != "off",
             "global_evaluation": global_evaluation,
+            # simulation: whose test splits the global metrics pool (simulation.pooled_eval_sites)
+            "pooled_evaluation_sites": pooled_sites,
             "duration_s": round(duration_s, 3),
             "stopped_early": stopped,
             "versions": {pkg: version(pkg) for pkg in ("flwr", "torch", "opacus")},
@@ -112,8 +126,9 @@ def build_report(
             "sites": last["sites"],
             "client_mean": client_mean(last["sites"]),
         },
-        "privacy": _privacy_section(cfg, history, sites),
+        "privacy": privacy,
         "data": {site: {"skipped": history.latest_skipped().get(site, {})} for site in sites},
+        "sites": site_summary.site_table(rounds, last["sites"], privacy, dp=dp),
     }
     return _clean(report)
 
@@ -133,8 +148,17 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _named(entries: Mapping[str, str] | list[str], sep: str = "; ") -> str:
+    """Sites of a round line, with their reasons: at most a few, then "and N more"."""
+    if isinstance(entries, Mapping):
+        return shorten([f"{s} ({why})" for s, why in entries.items()], sep=sep)
+    return shorten(list(entries), sep=sep)
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     run, final = report["run"], report["final"]
+    site_rows = report.get("sites", {})
+    many = len(site_rows) > MANY_SITES
     lines = [
         f"# medsilo run: {run['task']} / {run['model']} / {run['strategy']}",
         "",
@@ -148,13 +172,24 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if run["privacy"] == "off":
         lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
                      "what the model reveals about an individual patient record.")
+    elif many:
+        lines += _privacy_summary_markdown(site_rows)
     else:
         lines += _privacy_markdown(report["privacy"])
+        never = [s for s, row in site_rows.items()
+                 if row.get("privacy") == site_summary.NEVER_TRAINED]
+        if never:
+            lines += ["", "No ε for " + ", ".join(never) + ": never trained, no records used."]
     if run.get("stopped_early"):
         lines += ["", f"**The run stopped early:** {run['stopped_early']}"]
     pooled = run["global_evaluation"] == "pooled"
     where = ("the union of all sites' test splits" if pooled
              else "each site's test split, example-weighted mean")
+    pool = run.get("pooled_evaluation_sites")
+    if pooled and pool is not None and len(pool) < run["num_hospitals"]:
+        where = (f"the union of the test splits of {len(pool)} of the {run['num_hospitals']} "
+                 "sites (a seeded sample fixed for the run: `simulation.pooled_eval_sites`; "
+                 "report.json `run.pooled_evaluation_sites`)")
     lines += [
         "",
         "## Final metrics",
@@ -162,16 +197,30 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"*Global* = the final global model on {where}; *client mean* = unweighted mean over "
         "sites; per site = on that site's own test split.",
         "",
-        "| | examples | " + " | ".join(HEADLINE_METRICS) + " |",
-        "|---|---:|" + "---:|" * len(HEADLINE_METRICS),
+        "| | examples | rounds trained | " + " | ".join(HEADLINE_METRICS) + " |",
+        "|---|---:|---:|" + "---:|" * len(HEADLINE_METRICS),
     ]
-    rows = [("**global**", "", final["global"]), ("**client mean**", "", final["client_mean"])]
-    rows += [(site, m.get("num_examples", ""), m) for site, m in final["sites"].items()]
-    for name, n, metrics in rows:
+    rows = [("**global**", "", "", final["global"]),
+            ("**client mean**", "", "", final["client_mean"])]
+    if not many:
+        rows += [(site, m.get("num_examples", ""),
+                  site_rows.get(site, {}).get("rounds_trained", ""), m)
+                 for site, m in final["sites"].items()]
+    for name, n, trained, metrics in rows:
         values = " | ".join(_fmt(metrics.get(k)) for k in HEADLINE_METRICS)
-        lines.append(f"| {name} | {n} | {values} |")
+        lines.append(f"| {name} | {n} | {trained} | {values} |")
+    if many:
+        lines += _sites_summary_markdown(report)
     skipped = {s: d["skipped"] for s, d in report.get("data", {}).items() if d["skipped"]}
-    if skipped:
+    if skipped and many:
+        totals: dict[str, int] = {}
+        for counts in skipped.values():
+            for why, n in counts.items():
+                totals[why] = totals.get(why, 0) + n
+        lines += ["", f"Records the loaders of {len(skipped)} sites left out (counted, not "
+                  "silently dropped): " + ", ".join(f"{n} {why}" for why, n in totals.items())
+                  + "; per site in report.json `data`."]
+    elif skipped:
         lines += ["", "Records the sites' loaders left out (counted, not silently dropped): "
                   + "; ".join(f"{s}: " + ", ".join(f"{n} {why}" for why, n in d.items())
                               for s, d in skipped.items())]
@@ -184,43 +233,136 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         g = r["global"]
         line = (f"- round {r['round']}: global loss {_fmt(g.get('loss'))}, accuracy "
                 f"{_fmt(g.get('accuracy'))}, AUROC {_fmt(g.get('auroc'))}; "
-                f"{len(r['train'])} sites trained")
+                f"{len(r['train'])}"
+                + (f" of {r['asked']} asked" if r.get("asked") else "") + " sites trained")
+        if r.get("duration_s") is not None:
+            line += f" in {r['duration_s']:.1f} s"
         if r["declined"]:
-            line += "; declined: " + "; ".join(f"{s} ({why})" for s, why in r["declined"].items())
+            line += "; declined: " + _named(r["declined"])
         if r.get("refused"):
-            line += "; refused: " + "; ".join(f"{s} ({why})" for s, why in r["refused"].items())
+            line += "; refused: " + _named(r["refused"])
         if r.get("rejected"):
-            line += "; update rejected: " + "; ".join(f"{s} ({why})"
-                                                      for s, why in r["rejected"].items())
+            line += "; update rejected: " + _named(r["rejected"])
         secure = r.get("secure_aggregation")
         if secure:
             line += (f"; secure aggregation of {len(secure['aggregated'])} sites"
-                     + (f", dropped and recovered: {', '.join(secure['dropped'])}"
+                     + (f", dropped and recovered: {_named(secure['dropped'], ', ')}"
                         if secure["dropped"] and not secure["aborted"] else "")
                      + (f", ABORTED (nothing revealed): {secure['aborted']}"
                         if secure["aborted"] else ""))
         if r.get("timed_out"):
-            line += "; no answer in time: " + ", ".join(r["timed_out"])
+            line += "; no answer in time: " + _named(r["timed_out"], ", ")
         if r.get("skipped"):
             line += f"; ROUND SKIPPED, global model unchanged: {r['skipped']}"
         if r["failures"]:
-            line += "; failed: " + "; ".join(f"{f['stage']} on node {f['node_id']}: "
-                                            f"{f['reason']}" for f in r["failures"])
+            line += "; failed: " + _named([f"{f['stage']} on node {f['node_id']}: {f['reason']}"
+                                           for f in r["failures"]])
         lines.append(line)
-    lines += ["", "Plots: `plots/global_metrics.png`, `plots/sites_<metric>.png`.", ""]
+    lines += ["", "Plots: `plots/global_metrics.png`, `plots/sites_<metric>.png`"
+              + (" (median and p10–p90 band over sites)" if many else "")
+              + ", `plots/participation.png`.", ""]
     return "\n".join(lines)
+
+
+def _quantile_row(name: str, values: Any, digits: int = 3) -> str:
+    summary = site_summary.quantiles(values)
+    cells = " | ".join("n/a" if summary[q] is None else f"{summary[q]:.{digits}f}"
+                       for q, _ in site_summary.QUANTILES)
+    return f"| {name} | {summary['n']} | {cells} |"
+
+
+def _quantile_header() -> list[str]:
+    names = [q for q, _ in site_summary.QUANTILES]
+    return ["| | sites | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+
+
+def _sites_summary_markdown(report: Mapping[str, Any]) -> list[str]:
+    """Many sites: quantiles over sites and the worst sites instead of one row per site."""
+    table = report["sites"]
+    run = report["run"]
+    evaluated = sum(1 for row in table.values() if row.get("final") is not None)
+    lines = ["", f"### Across sites ({len(table)} sites in this run's rounds; {evaluated} "
+             "evaluated in the final round)", "",
+             "Final metrics over the sites evaluated in the final round; rounds trained over all "
+             f"{len(table)} sites (asked to train or evaluated at least once).", ""]
+    lines += _quantile_header()
+    for name in HEADLINE_METRICS:
+        lines.append(_quantile_row(name, site_summary.metric_values(table, name).values()))
+    lines.append(_quantile_row("rounds trained", [r["rounds_trained"] for r in table.values()],
+                               digits=1))
+    if run["privacy"] != "off":
+        lines.append(_quantile_row("ε spent", site_summary.epsilon_values(table).values()))
+    never_asked = int(run["num_hospitals"]) - len(table)
+    if never_asked > 0:
+        lines += ["", f"{never_asked} of {run['num_hospitals']} sites were never sampled in any "
+                  "round and appear in no table."]
+    metric = site_summary.ranking_metric(table)
+    if metric is not None:
+        values = site_summary.metric_values(table, metric)
+        undefined = evaluated - len(values)
+        lines += ["", f"Worst {min(len(values), site_summary.WORST_SHOWN)} sites by {metric} "
+                  "(lowest, final round)"
+                  + (f"; {undefined} evaluated sites have it undefined" if undefined else "")
+                  + ":", "",
+                  "| site | " + metric + " | accuracy | examples | rounds trained |",
+                  "|---|---:|---:|---:|---:|"]
+        for site, value in site_summary.extremes(values, highest=False):
+            row = table[site]
+            final = row["final"]
+            lines.append(f"| {site} | {_fmt(value)} | {_fmt(final.get('accuracy'))} | "
+                         f"{final.get('num_examples', '')} | {row['rounds_trained']} |")
+    lines += ["", "Every site's participation, final metrics and privacy: `sites.csv` "
+              "(one row per site) and report.json `sites`."]
+    return lines
+
+
+def _privacy_summary_markdown(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Many DP sites: ε quantiles and the sites that spent the most, not one row per site."""
+    lines = list(_PRIVACY_EXPLANATION)
+    epsilons = site_summary.epsilon_values(table)
+    never_note = site_summary.NEVER_TRAINED
+    never = sorted(s for s, row in table.items() if row.get("privacy") == never_note)
+    missing = sorted(s for s, row in table.items()
+                     if row.get("epsilon") is None and row.get("privacy") != never_note)
+    lines += _quantile_header()
+    lines.append(_quantile_row("ε spent", epsilons.values()))
+    lines.append(_quantile_row("rounds trained", [r["rounds_trained"] for r in table.values()],
+                               digits=1))
+    if never:
+        lines += ["", f"{len(never)} sites have no ε because they never trained (no records "
+                  f"used): {shorten(never)}."]
+    if missing:  # trained, yet no accountant number: say so rather than guess one
+        lines += ["", f"**{len(missing)} sites trained but report no ε** (see `privacy` in "
+                  f"sites.csv): {shorten(missing)}."]
+    if epsilons:
+        lines += ["", f"Highest ε ({min(len(epsilons), site_summary.WORST_SHOWN)} sites):", "",
+                  "| site | ε spent | δ | steps | rounds trained |",
+                  "|---|---:|---:|---:|---:|"]
+        for site, eps in site_summary.extremes(epsilons, highest=True):
+            row = table[site]
+            lines.append(f"| {site} | {_fmt(eps)} | {row.get('delta') or 0:.1e} | "
+                         f"{row.get('steps')} | {row['rounds_trained']} |")
+    lines += ["", "Each site's ε: `sites.csv` and report.json `sites` / `privacy`; "
+              "distribution: `plots/privacy_epsilon.png`."]
+    return lines
+
+
+# What (ε, δ) means, shown above the per-site table or the summary over sites.
+_PRIVACY_EXPLANATION = [
+    "Each hospital trained with DP-SGD (per-example gradient clipping + Gaussian noise) and",
+    "accounted for its own privacy over every round it trained. **(ε, δ)-DP per patient "
+    "record at each site** means: whether or not any one patient's record was in that site's",
+    "training data, the probability of any outcome of the whole collaboration (all updates",
+    "the site sent, hence the final model) changes by at most a factor e^ε, except with",
+    "probability δ. Smaller ε is stronger; δ is set below 1/(number of the site's training",
+    "records) so that it cannot cover leaking one record outright.",
+    "",
+]
 
 
 def _privacy_markdown(privacy: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = [
-        "Each hospital trained with DP-SGD (per-example gradient clipping + Gaussian noise) and",
-        "accounted for its own privacy over every round it trained. **(ε, δ)-DP per patient "
-        "record at each site** means: whether or not any one patient's record was in that site's",
-        "training data, the probability of any outcome of the whole collaboration (all updates",
-        "the site sent, hence the final model) changes by at most a factor e^ε, except with",
-        "probability δ. Smaller ε is stronger; δ is set below 1/(number of the site's training",
-        "records) so that it cannot cover leaking one record outright.",
-        "",
+        *_PRIVACY_EXPLANATION,
         "| site | ε spent | δ | budget (max ε) | noise σ | sample rate q | steps | rounds "
         "trained | rounds declined | accountant |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -264,7 +406,11 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
     plt.close(fig)
 
     sites = sorted({s for r in rounds for s in r["sites"]})
+    many = len(report.get("sites", {})) > MANY_SITES
     for name in ("accuracy", "auroc", "loss"):
+        if many:
+            written.append(_plot_site_distribution(plt, rounds, name, plots_dir))
+            continue
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for site in sites:
             ys = [r["sites"].get(site, {}).get(name) for r in rounds]
@@ -282,7 +428,9 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
         plt.close(fig)
 
     dp_sites = {s: led for s, led in report["privacy"].items() if led.get("dp")}
-    if dp_sites:
+    if dp_sites and many:
+        written.append(_plot_epsilon_histogram(plt, report["sites"], plots_dir))
+    elif dp_sites:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for site, led in dp_sites.items():
             eps = led.get("epsilon_per_round") or []
@@ -300,7 +448,92 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
         written.append(plots_dir / "privacy_epsilon.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
+    written.append(_plot_participation(plt, report, plots_dir))
     return written
+
+
+def _plot_site_distribution(plt: Any, rounds: list[Mapping[str, Any]], name: str,
+                            plots_dir: Path) -> Path:
+    """Median and p10–p90 band over the sites evaluated each round, with how many there were.
+
+    With sampling each round evaluates different sites, so the count matters for reading the
+    band: a band over 5 sites says less than one over 500.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    xs, low, mid, high, counts = [], [], [], [], []
+    for r in rounds:
+        values = [m[name] for m in r["sites"].values()
+                  if m.get(name) is not None and math.isfinite(m[name])]
+        xs.append(r["round"])
+        counts.append(len(values))
+        q = np.percentile(values, [10, 50, 90]) if values else [np.nan] * 3
+        low.append(q[0])
+        mid.append(q[1])
+        high.append(q[2])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.fill_between(xs, low, high, alpha=0.3, label="p10–p90 over sites")
+    ax.plot(xs, mid, marker=".", label="median over sites")
+    ax.set_title(f"{name} across sites (own test split)")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    count_ax = ax.twinx()
+    count_ax.plot(xs, counts, color="gray", linestyle=":", marker="x", label="sites evaluated")
+    count_ax.set_ylabel("sites evaluated")
+    count_ax.set_ylim(bottom=0)
+    count_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    count_ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = plots_dir / f"sites_{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_epsilon_histogram(plt: Any, table: Mapping[str, Mapping[str, Any]],
+                            plots_dir: Path) -> Path:
+    """Final ε across the sites that trained (sites that never trained have no ε)."""
+    epsilons = list(site_summary.epsilon_values(table).values())
+    budgets = {row.get("max_epsilon") for row in table.values()} - {None}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.hist(epsilons, bins=min(30, max(1, len(set(epsilons)))))
+    for budget in budgets:
+        ax.axvline(budget, linestyle=":", color="gray")
+    never = len(table) - len(epsilons)
+    ax.set_title(f"final ε across {len(epsilons)} sites"
+                 + (f" ({never} never trained: no ε)" if never else ""))
+    ax.set_xlabel("ε spent")
+    ax.set_ylabel("sites")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = plots_dir / "privacy_epsilon.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_participation(plt: Any, report: Mapping[str, Any], plots_dir: Path) -> Path:
+    """How many rounds each site trained: with sampling, not every site contributes equally."""
+    from matplotlib.ticker import MaxNLocator
+
+    table = report.get("sites", {})
+    trained = [row["rounds_trained"] for row in table.values()]
+    top = max([len(report["rounds"]), *trained, 1])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.hist(trained, bins=np.arange(-0.5, top + 1.5, 1.0), rwidth=0.85)
+    ax.set_title(f"rounds trained per site ({len(table)} sites in this run's rounds)")
+    ax.set_xlabel("rounds trained")
+    ax.set_ylabel("sites")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = plots_dir / "participation.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(
@@ -308,13 +541,16 @@ def write_report(
     report: Mapping[str, Any],
     final_state_dict: Mapping[str, Any] | None,
 ) -> None:
-    """Write report.json, report.md, plots/ and model.pt into ``out_dir``."""
+    """Write report.json, report.md, sites.csv, plots/ and model.pt into ``out_dir``."""
     import io
 
     import torch
 
     out_dir = Path(out_dir)
     plot_report(report, out_dir / "plots")
+    # every site's row, for a spreadsheet: report.md summarizes when there are many
+    write_atomically(out_dir / "sites.csv",
+                     site_summary.sites_csv(report.get("sites", {})).encode())
     if final_state_dict is not None:
         buffer = io.BytesIO()
         cfg = report["run"]["config"]

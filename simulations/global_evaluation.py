@@ -36,8 +36,8 @@ def pooled_sites(cfg: Mapping[str, Any], site_ids: list[str]) -> list[str]:
 def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path]):
     task_cfg = cfg["task"]
     task = get_task(task_cfg["name"])
-    sites = [task.load_site(folders[site], task_cfg, site)
-             for site in pooled_sites(cfg, list(folders))]
+    names = pooled_sites(cfg, list(folders))
+    sites = [task.load_site(folders[site], task_cfg, site) for site in names]
     pooled = ConcatDataset([s.test for s in sites])
     num_classes = int(task_cfg["spec"]["num_classes"])
 
@@ -46,4 +46,5 @@ def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path]):
         model.load_state_dict(arrays.to_torch_state_dict())
         return evaluate(model, pooled, num_classes)
 
+    evaluate_global.sites = names  # type: ignore[attr-defined]  # named in the report
     return evaluate_global

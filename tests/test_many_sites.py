@@ -145,3 +145,12 @@ def test_two_hundred_sites_five_per_round(tmp_path):
     assert [len(r["sites"]) for r in report["rounds"]] == [5, 5, 200]  # final: every site
     assert report["final"]["global"]["loss"] < report["initial"]["global"]["loss"]
     assert not any(r["failures"] or r["timed_out"] for r in report["rounds"])
+    # the server's pooled evaluation: a fixed sample of 50 sites' test splits, named
+    assert len(set(report["run"]["pooled_evaluation_sites"])) == 50
+    md = (tmp_path / "report.md").read_text()
+    assert "50 of the 200 sites" in md and len(md.splitlines()) < 150  # summarized, no 200 rows
+    participation = {site: entry["rounds_trained"] for site, entry in report["sites"].items()}
+    assert len(participation) == 200
+    assert sum(participation.values()) == 15
+    assert {s for s, n in participation.items() if n} == set().union(*trained)
+    assert len((tmp_path / "sites.csv").read_text().splitlines()) == 201
