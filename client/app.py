@@ -214,15 +214,19 @@ def train_round(
 
 def site_handler(
     site_of: Callable[[Context], SiteSettings],
+    prepare_site: Callable[[str], Any] | None = None,
 ) -> Callable[[SiteHandler], Callable[[Message, Context], Message]]:
     """Turn ``handler(msg, context, site)`` into a Flower handler whose failures, too, leave
-    only through the egress log (as the error reply Flower would have sent)."""
+    only through the egress log (as the error reply Flower would have sent).
+    ``prepare_site(site_id)`` runs first (simulation: write a synthetic site on first use)."""
 
     def decorate(handler: SiteHandler) -> Callable[[Message, Context], Message]:
         @functools.wraps(handler)
         def run(msg: Message, context: Context) -> Message:
             site = site_of(context)
             try:
+                if prepare_site is not None:
+                    prepare_site(site.site_id)
                 return handler(msg, context, site)
             except Exception as err:  # any failure becomes a logged error reply
                 return egress.send_error(msg, err, site=site, context=context)
@@ -236,13 +240,16 @@ def build_client_app(
     simulated_sites: Mapping[int, Mapping[str, Any]] | None = None,
     *,
     step_hook_for: Callable[[str, int], StepHook | None] | None = None,
+    prepare_site: Callable[[str], Any] | None = None,
 ) -> ClientApp:
     """The ClientApp. ``simulated_sites`` maps a simulation partition-id to that site's node
     config; in deployment it is ``None`` and the SuperNode's own node config (or the site
     configuration file it names) is used, with app approval required unless the site turns it
     off. Simulated sites skip approval unless their node config asks for it.
     ``step_hook_for(site_id, server_round)`` (simulation only: the privacy audit) gives the
-    hook run at every local training step of that site and round, or None."""
+    hook run at every local training step of that site and round, or None.
+    ``prepare_site(site_id)`` (simulation only) writes a synthetic site's files the first time
+    the site is asked for anything (simulations/sites.py)."""
     app = ClientApp()
 
     def site_of(context: Context) -> SiteSettings:
@@ -259,7 +266,7 @@ def build_client_app(
         return SiteSettings.from_node_config(node_config)
 
     @app.train()
-    @site_handler(site_of)
+    @site_handler(site_of, prepare_site)
     def train(msg: Message, context: Context, site: SiteSettings) -> Message:
         outcome = train_round(msg, context, site, step_hook_for)
         return _reply(msg, context, site, outcome.metrics, outcome.model, ledger=outcome.ledger,
@@ -267,12 +274,12 @@ def build_client_app(
 
     # secagg=on: the same training, reached through the four secure-aggregation stages
     register_secure_aggregation(
-        app, site_handler(site_of),
+        app, site_handler(site_of, prepare_site),
         lambda msg, context, site: train_round(msg, context, site, step_hook_for), _reply,
         refusal_reason)
 
     @app.evaluate()
-    @site_handler(site_of)
+    @site_handler(site_of, prepare_site)
     def evaluate_global(msg: Message, context: Context, site: SiteSettings) -> Message:
         settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
         if (reason := refusal_reason(site, settings)) is not None:

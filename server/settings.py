@@ -55,6 +55,9 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _check(cfg.get("final_evaluation", "all") in ("all", "sampled"), "final_evaluation",
            "'all' or 'sampled'", cfg.get("final_evaluation"))
     _validate_simulation(cfg["simulation"])
+    generate = cfg["data"].get("generate", "upfront")
+    _check(generate in ("on_first_use", "upfront"), "data.generate",
+           "'on_first_use' or 'upfront'", generate)
     if per_round is not None:
         for key in ("fraction_train", "fraction_evaluate"):
             value = cfg["strategy"].get(key, 1.0)
@@ -94,9 +97,17 @@ def _validate_simulation(simulation: DictConfig | Mapping[str, Any]) -> None:
     cap = simulation.get("pooled_eval_sites")
     _check(cap is None or (_is_int(cap) and cap >= 1), "simulation.pooled_eval_sites",
            "an integer >= 1 or null (every site)", cap)
+    _check(address is None or not str(address).startswith("ray://"), "simulation.ray_address",
+           "a cluster's GCS address HOST:PORT as printed by `ray start --head` (not a Ray "
+           "Client ray:// address: run the simulation on a machine of the cluster, "
+           "docs/ray_cluster.md)", address)
     store = simulation.get("object_store_mb")
     _check(store is None or (_is_int(store) and store >= 78), "simulation.object_store_mb",
            "an integer >= 78 (Ray's minimum, MiB) or null", store)
+    # refused rather than ignored: a run with another store size than its config says misleads
+    _check(store is None or address is None, "simulation.object_store_mb",
+           "null with simulation.ray_address (each cluster node fixes its object store at "
+           "`ray start --object-store-memory=BYTES`)", store)
 
 
 def sites_per_round(cfg: Mapping[str, Any]) -> int:

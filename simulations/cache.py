@@ -12,13 +12,17 @@ from pathlib import Path
 def write_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
     """Create ``target`` by ``fill(staging)`` then an atomic rename, unless it exists already.
 
-    An interrupted run leaves no half-written folder (only a hidden staging folder, removed
-    on the way out); a concurrent run that finished the same folder first wins.
+    ``staging`` is an empty folder with ``target``'s name (a site's file names may follow its
+    folder's name) inside a hidden temporary folder next to ``target``. An interrupted run
+    leaves no half-written folder (only the hidden one, removed on the way out); a concurrent
+    writer (another run, or another simulated site's process) that finished first wins.
     """
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    hidden = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    staging = hidden / target.name
+    staging.mkdir()
     try:
         fill(staging)
         try:
@@ -27,5 +31,5 @@ def write_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
             if not target.is_dir():
                 raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(hidden, ignore_errors=True)
     return target

@@ -3,6 +3,9 @@
 ``flwr.simulation.run_simulation`` is deprecated in favour of ``flwr run``, but it is the
 only way to run a ServerApp and ClientApp objects built in this process (our Hydra config,
 pooled evaluation and progress callback live in them). Nothing else calls it.
+
+Ray runs either privately (started and stopped with the run; ``simulation.ray_address: null``)
+or on an existing cluster (``simulation.ray_address: HOST:PORT``, docs/ray_cluster.md).
 """
 
 from __future__ import annotations
@@ -11,12 +14,23 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
+
+from server.settings import ConfigError
+
+# ray.init refuses these when it connects to an existing cluster: they are fixed when each node
+# runs `ray start` (ray/_private/worker.py); include_dashboard is ignored there, not refused.
+CLUSTER_FIXED_INIT_ARGS = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory",
+                           "_system_config", "_enable_object_reconstruction", "_node_name")
+# ray.init retries a refused or silent GCS port for minutes (measured: still waiting after 5 min);
+# a plain TCP connect gives up after this long
+CLUSTER_PROBE_TIMEOUT_S = 5.0
 
 
 def run_in_process(
@@ -26,12 +40,19 @@ def run_in_process(
     *,
     client_cpus: float,
     client_gpus: float,
+    ray_address: str | None = None,
+    object_store_mb: int | None = None,
     ray_init: Mapping[str, Any] | None = None,
     verbose: bool = False,
     seed: int = 0,
 ) -> None:
+    """``ray_address``: an existing cluster's GCS address (``HOST:PORT`` or ``auto``), checked
+    to answer before Flower starts; None: a private local Ray instance, even where ``RAY_ADDRESS``
+    is set or a ``ray start`` head runs on this machine (Ray would join those by default).
+    ``object_store_mb``: the private instance's object store; refused with a cluster address."""
     from flwr.simulation import run_simulation
 
+    init_args = _ray_init_args(ray_address, object_store_mb, dict(ray_init or {}))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
@@ -41,8 +62,7 @@ def run_in_process(
     backend_config = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
         "init_args": {"include_dashboard": False, "log_to_driver": verbose,
-                      "logging_level": logging.INFO if verbose else logging.ERROR,
-                      **dict(ray_init or {})},
+                      "logging_level": logging.INFO if verbose else logging.ERROR, **init_args},
     }
     with warnings.catch_warnings(), seeded_node_ids(seed):
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -53,6 +73,64 @@ def run_in_process(
             backend_config=backend_config,
             verbose_logging=verbose,
         )
+
+
+def _ray_init_args(address: str | None, object_store_mb: int | None,
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """ray.init arguments for a private instance or for joining the cluster at ``address``."""
+    if address is None:
+        # "local": always a new instance; ray.init(address=None) would join the cluster named by
+        # RAY_ADDRESS or by the last `ray start` on this machine, contrary to the config's promise
+        args = {"address": "local", **extra}
+        if object_store_mb is not None:
+            args["object_store_memory"] = int(object_store_mb) * 1024 * 1024
+        return args
+    # simulation.object_store_mb with an address and a ray:// address are refused by
+    # server/settings.py before anything starts
+    fixed = sorted(set(extra) & set(CLUSTER_FIXED_INIT_ARGS))
+    if fixed:
+        raise ValueError(f"ray.init arguments {fixed} cannot be given when joining the cluster at "
+                         f"simulation.ray_address={address!r}; each node sets them at `ray start`")
+    _check_cluster_answers(address)
+    return {"address": address, **extra}
+
+
+def _check_cluster_answers(address: str) -> None:
+    """Fail in seconds, naming the config key, where ray.init would wait for minutes."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        # the address ray.init will dial: "auto" and RAY_ADDRESS resolved, localhost → node IP
+        gcs = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as err:
+        raise ConfigError(f"simulation.ray_address={address!r} names no Ray cluster: {err}; "
+                          "start one with `ray start --head` (docs/ray_cluster.md)") from err
+    if gcs is None:  # "local": Ray's word for a private instance
+        raise ConfigError(f"simulation.ray_address={address!r} names no cluster; a private local "
+                          "Ray instance is simulation.ray_address=null")
+    host, _, port = str(gcs).rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)),
+                                      timeout=CLUSTER_PROBE_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"simulation.ray_address={address!r}: no Ray cluster answers at {gcs} ({err}); "
+            "start its head with `ray start --head --port=PORT` and check the host, the port and "
+            "the firewall (docs/ray_cluster.md), or set simulation.ray_address=null for a "
+            "private local Ray") from err
+    from ray._raylet import GcsClient
+    from ray.exceptions import RpcError
+
+    try:
+        # a port that accepts connections may still be no Ray GCS (another service, a proxy):
+        # fetching the cluster id answers in about a second where ray.init would keep retrying
+        GcsClient(address=gcs)
+    except RpcError as err:
+        raise ConfigError(
+            f"simulation.ray_address={address!r}: {gcs} accepts connections but is no Ray "
+            f"cluster's head ({err}); give the address `ray start --head` printed "
+            "(docs/ray_cluster.md)") from err
 
 
 @contextlib.contextmanager

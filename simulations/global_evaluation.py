@@ -11,7 +11,7 @@ records, and the server's memory and evaluation time stay those of 50 sites at 1
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,14 @@ def pooled_sites(cfg: Mapping[str, Any], site_ids: list[str]) -> list[str]:
     return sorted(draw.sample(sorted(site_ids), int(cap)))
 
 
-def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path]):
+def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path],
+                           prepare: Callable[[str], Path] | None = None):
+    """``prepare(site)`` first writes a synthetic site that does not exist yet."""
     task_cfg = cfg["task"]
     task = get_task(task_cfg["name"])
     names = pooled_sites(cfg, list(folders))
+    for site in names if prepare else ():
+        prepare(site)
     sites = [task.load_site(folders[site], task_cfg, site) for site in names]
     pooled = ConcatDataset([s.test for s in sites])
     num_classes = int(task_cfg["spec"]["num_classes"])

@@ -29,7 +29,7 @@ from server.history import RoundRecord
 from server.settings import ConfigError, to_dict, validate
 from simulations.engine import run_in_process
 from simulations.global_evaluation import pooled_test_evaluation
-from simulations.sites import site_folders
+from simulations.sites import lazy_synthetic_sites, site_folders
 
 console = Console(stderr=True)
 _job_started = False  # set once Hydra has composed the config and called main()
@@ -42,7 +42,8 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
     ``step_hook_for``: see ``client.app.build_client_app`` (the privacy audit's canaries)."""
     import json
 
-    folders = site_folders(cfg)
+    lazy = lazy_synthetic_sites(cfg)  # synthetic sites written when first needed, or None
+    folders = site_folders(cfg, generate=lazy is None)
     cfg = {**cfg, "num_hospitals": len(folders)}  # data.root decides the number of sites
     first_round = 1
     if cfg.get("resume"):  # refuse before anything starts if this is not the same run
@@ -78,16 +79,20 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
         progress.advance(bar)
 
     server_app = build_server_app(
-        cfg, output_dir=out_dir, global_evaluate=pooled_test_evaluation(cfg, folders),
+        cfg, output_dir=out_dir,
+        global_evaluate=pooled_test_evaluation(cfg, folders, prepare=lazy and lazy.ensure),
         on_round=on_round,
     )
     with progress:
         bar = progress.add_task("federated rounds", total=cfg["rounds"],
                                 completed=first_round - 1)
         run_in_process(
-            server_app, build_client_app(sites, step_hook_for=step_hook_for), len(folders),
+            server_app, build_client_app(sites, step_hook_for=step_hook_for,
+                                         prepare_site=lazy and lazy.ensure), len(folders),
             client_cpus=float(cfg["simulation"]["client_cpus"]),
             client_gpus=float(cfg["simulation"]["client_gpus"]),
+            ray_address=cfg["simulation"].get("ray_address"),
+            object_store_mb=cfg["simulation"].get("object_store_mb"),
             seed=int(cfg["seed"]),
         )
     report_path = out_dir / "report.json"

@@ -110,6 +110,7 @@ def test_a_site_is_charged_only_for_the_rounds_it_trained(partial):
         for site in rnd["train"]:
             trained.setdefault(site, []).append(rnd["round"])
     assert 2 in {len(r) for r in trained.values()}, trained  # the case the issue names
+    assert len(report["rounds"][-1]["sites"]) == 6  # final_evaluation=all: every site
     for site, ledger in report["privacy"].items():
         rounds = trained.get(site, [])
         assert ledger["rounds_trained"] == len(rounds), site
@@ -134,23 +135,27 @@ def test_same_seed_samples_the_same_sites_and_gives_the_same_metrics(partial, tm
     assert again["final"] == report["final"]
 
 
-def test_two_hundred_sites_five_per_round(tmp_path):
+def test_two_hundred_sites_five_per_round_written_on_first_use(tmp_path):
+    cache = tmp_path / "cache"
     report = run_simulation_cli(tmp_path, "task=tabular", "num_hospitals=200",
                                 "sites_per_round=5", "rounds=3", "local_epochs=1",
-                                f"data.cache_dir={tmp_path / 'cache'}")
+                                "final_evaluation=sampled", f"data.cache_dir={cache}")
     assert report["run"]["num_hospitals"] == 200
     trained = [set(r["train"]) for r in report["rounds"]]
-    assert all(len(sites) == 5 for sites in trained)
+    evaluated = [set(r["sites"]) for r in report["rounds"]]
+    assert all(len(sites) == 5 for sites in trained + evaluated)
     assert len(set().union(*trained)) > 5  # different hospitals in different rounds
-    assert [len(r["sites"]) for r in report["rounds"]] == [5, 5, 200]  # final: every site
     assert report["final"]["global"]["loss"] < report["initial"]["global"]["loss"]
     assert not any(r["failures"] or r["timed_out"] for r in report["rounds"])
     # the server's pooled evaluation: a fixed sample of 50 sites' test splits, named
-    assert len(set(report["run"]["pooled_evaluation_sites"])) == 50
+    pooled = set(report["run"]["pooled_evaluation_sites"])
+    assert len(pooled) == 50
+    # only the sites something needed were written (data.generate=on_first_use)
+    written = {p.name for p in next((cache / "synthetic").iterdir()).iterdir() if p.is_dir()}
+    assert written == pooled | set().union(*trained) | set().union(*evaluated)
     md = (tmp_path / "report.md").read_text()
-    assert "50 of the 200 sites" in md and len(md.splitlines()) < 150  # summarized, no 200 rows
+    assert "50 of the 200 sites" in md and len(md.splitlines()) < 150  # summarized
     participation = {site: entry["rounds_trained"] for site, entry in report["sites"].items()}
-    assert len(participation) == 200
     assert sum(participation.values()) == 15
     assert {s for s, n in participation.items() if n} == set().union(*trained)
-    assert len((tmp_path / "sites.csv").read_text().splitlines()) == 201
+    assert len((tmp_path / "sites.csv").read_text().splitlines()) == len(participation) + 1
