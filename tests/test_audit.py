@@ -224,15 +224,19 @@ def test_dlg_rebuilds_a_plaintext_single_image_update(victim):
 
 def test_dp_noise_leaves_dlg_no_better_than_a_flat_image(victim):
     model, image, gradient = victim
-    noised = dp_noised_gradient(gradient, clip_norm=1.0, noise_multiplier=0.01,
+    # σ = 0.05 is 10x weaker than any DP-SGD run with a meaningful ε (σ ≳ 0.5; ε = 8 at
+    # CIFAR-like q and steps needs σ ≈ 0.9, the ε = 1 runs of test_audit_cli σ ≈ 6) and
+    # still leaves both attacks below the flat image. Measured on this victim (gradient norm
+    # 11.5, clipped to 1; noise seeds 0-2; flat image 11.0 dB): DLG ≈ 5 dB from σ = 0.01 on;
+    # the scale-invariant IG (cosine + TV) still beats flat at σ = 0.01 (13-15.5 dB), sits at
+    # the edge at σ = 0.02 (7.9-10.1 dB), and is clearly below from σ = 0.03 (6.5-8.2 dB) and
+    # σ = 0.05 (5.5-7.2 dB) on. So whatever σ a DP run really uses, nothing visual is left.
+    noised = dp_noised_gradient(gradient, clip_norm=1.0, noise_multiplier=0.05,
                                 generator=torch.Generator().manual_seed(0))
-    dlg = reconstruct(model, noised, image.shape, truth=image, iterations=300)
-    assert dlg.psnr <= dlg.baseline_psnr
-    # the scale-invariant attack (cosine + TV) does slightly better at σ = 0.01 (measured
-    # 13–15 dB vs 11 dB flat): blurry, nothing like the plaintext; below flat from σ = 0.03 on
-    # (measured, not asserted here to keep the test short)
-    ig = reconstruct(model, noised, image.shape, truth=image, method="ig", iterations=200)
-    assert ig.psnr <= ig.baseline_psnr + 5
+    for method, iterations in (("dlg", 300), ("ig", 200)):
+        result = reconstruct(model, noised, image.shape, truth=image, method=method,
+                             iterations=iterations)
+        assert result.psnr <= result.baseline_psnr, (method, result.psnr, result.baseline_psnr)
 
 
 def test_a_masked_secagg_upload_reveals_nothing(victim):

@@ -160,6 +160,10 @@ def _markdown(report: AuditReport, content: dict, plots: list[Path], out_dir: Pa
                   "| case | PSNR (dB) | flat image (dB) | seconds |", "|---|---|---|---|"]
         for case, r in report.inversion.items():
             lines.append(f"| {case} | {r.psnr:.1f} | {r.baseline_psnr:.1f} | {r.seconds:.1f} |")
+    if timings := report.run.get("timings_s"):
+        lines += ["", "## Time (seconds, wall clock)", "", "| phase | seconds |", "|---|---|"]
+        lines += [f"| {phase.removesuffix('_s')} | {seconds:.1f} |"
+                  for phase, seconds in timings.items()]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.relative_to(out_dir)})" for p in plots]
