@@ -99,15 +99,15 @@ def test_the_main_job_runs_its_sites_on_an_existing_cluster(ray_head, tmp_path):
     assert ray_head.site_actors_started() - before == 2
 
 
-def test_without_an_address_a_run_keeps_its_own_ray_even_beside_a_cluster(
-        ray_head, tmp_path, monkeypatch):
-    # RAY_ADDRESS would make a plain ray.init() join the head; ray_address=null promises a
-    # private instance started and stopped with the run
-    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
-    before = ray_head.site_actors_started()
-    report = run_simulation_cli(tmp_path, *TINY)
-    assert len(report["rounds"]) == 1
-    assert ray_head.site_actors_started() == before
+def test_without_an_address_a_run_asks_ray_for_a_private_instance():
+    # ray.init(address=None) would join the cluster named by RAY_ADDRESS or the last
+    # `ray start` head on this machine; "local" always starts a new instance. (An end-to-end run
+    # beside the head with RAY_ADDRESS set, measured once: the head's actor count unchanged;
+    # left out of the suite for its 20 s.)
+    from simulations.engine import _ray_init_args
+
+    assert _ray_init_args(None, None, {}) == {"address": "local"}
+    assert _ray_init_args(None, 512, {})["object_store_memory"] == 512 * 1024 * 1024
 
 
 def test_an_address_where_no_cluster_answers_fails_fast_naming_the_key(tmp_path):
