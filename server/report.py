@@ -400,10 +400,7 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    written.append(plots_dir / "global_metrics.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(_save(plt, fig, plots_dir / "global_metrics.png"))
 
     sites = sorted({s for r in rounds for s in r["sites"]})
     many = len(report.get("sites", {})) > MANY_SITES
@@ -422,10 +419,7 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         if len(sites) <= 12:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(plots_dir / f"sites_{name}.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save(plt, fig, plots_dir / f"sites_{name}.png"))
 
     dp_sites = {s: led for s, led in report["privacy"].items() if led.get("dp")}
     if dp_sites and many:
@@ -444,10 +438,7 @@ def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         if len(dp_sites) <= 12:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(plots_dir / "privacy_epsilon.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save(plt, fig, plots_dir / "privacy_epsilon.png"))
     written.append(_plot_participation(plt, report, plots_dir))
     return written
 
@@ -485,11 +476,7 @@ def _plot_site_distribution(plt: Any, rounds: list[Mapping[str, Any]], name: str
     count_ax.set_ylim(bottom=0)
     count_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     count_ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    path = plots_dir / f"sites_{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, plots_dir / f"sites_{name}.png")
 
 
 def _plot_epsilon_histogram(plt: Any, table: Mapping[str, Mapping[str, Any]],
@@ -507,11 +494,7 @@ def _plot_epsilon_histogram(plt: Any, table: Mapping[str, Mapping[str, Any]],
     ax.set_xlabel("ε spent")
     ax.set_ylabel("sites")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = plots_dir / "privacy_epsilon.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, plots_dir / "privacy_epsilon.png")
 
 
 def _plot_participation(plt: Any, report: Mapping[str, Any], plots_dir: Path) -> Path:
@@ -529,8 +512,11 @@ def _plot_participation(plt: Any, report: Mapping[str, Any], plots_dir: Path) ->
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
+    return _save(plt, fig, plots_dir / "participation.png")
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    path = plots_dir / "participation.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
