@@ -8,7 +8,7 @@ from opacus.accountants import create_accountant
 from server.history import RunHistory
 from server.settings import ConfigError, compose, sites_per_round
 from server.strategy import build_strategy
-from simulations.engine import seeded_node_ids
+from simulations.engine import polled_by_pending_messages, seeded_node_ids
 from tests.conftest import run_simulation_cli
 
 
@@ -87,6 +87,45 @@ def test_simulated_node_ids_are_seeded_and_flowers_draw_is_restored():
     assert draws(1) == draws(1) != draws(2)
     assert all(0 < value < 2**64 for value in draws(1))
     assert in_memory_linkstate.generate_rand_int_from_bytes is original
+
+
+def test_messages_reach_only_nodes_that_have_one_in_partition_order():
+    """The engine's delivery loop (replaced: Flower's asks every node every 0.1 s) hands the
+    queue exactly the undelivered messages, once, in partition order."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    class State:  # the in-memory link state's surface the loop uses
+        def __init__(self, messages):
+            self.lock = threading.RLock()
+            self.message_ins_store = {i: m for i, m in enumerate(messages)}
+
+        def get_message_ins(self, node_id, limit):
+            for msg in self.message_ins_store.values():
+                if msg.metadata.dst_node_id == node_id and msg.metadata.delivered_at == "":
+                    msg.metadata.delivered_at = "now"
+                    return [msg]
+            return []
+
+    def message(node):
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, delivered_at=""))
+
+    original = vce_api.add_messages_to_queue
+    mapping = {50: 2, 40: 0, 30: 1, 20: 3}  # node id -> partition
+    state, out, stop = State([message(20), message(50), message(40), message(99)]), \
+        queue.Queue(), threading.Event()
+    with polled_by_pending_messages():
+        loop = threading.Thread(target=vce_api.add_messages_to_queue,
+                                args=(state, out, mapping, stop))
+        loop.start()
+        delivered = [out.get(timeout=5).metadata.dst_node_id for _ in range(3)]
+        stop.set()
+        loop.join(timeout=5)
+    assert delivered == [40, 50, 20] and out.empty()  # partitions 0, 2, 3; 99 is no site
+    assert vce_api.add_messages_to_queue is original
 
 
 def test_the_engine_gives_site_i_the_same_node_id_for_the_same_seed():
