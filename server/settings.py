@@ -140,6 +140,9 @@ def _validate_secagg(cfg: DictConfig | Mapping[str, Any]) -> None:
            "secagg.stage_timeout_s", "a number > 0", secagg["stage_timeout_s"])
     _check(cfg["num_hospitals"] >= 2, "num_hospitals", "at least 2 with secagg=on",
            cfg["num_hospitals"])
+    _check(sites_per_round(cfg) >= 2, "sites_per_round", "at least 2 sites a round with "
+           "secagg=on (one site's masked sum would be its own update)",
+           cfg.get("sites_per_round"))
 
 
 def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:

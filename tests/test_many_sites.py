@@ -70,6 +70,12 @@ def test_a_bad_sites_per_round_is_named(override):
         compose([override])
 
 
+def test_secure_aggregation_needs_two_sites_a_round():
+    with pytest.raises(ConfigError, match="sites_per_round must be at least 2 sites a round"):
+        compose(["secagg=on", "num_hospitals=10", "sites_per_round=1"])
+    assert compose(["secagg=on", "num_hospitals=10", "sites_per_round=0.2"])
+
+
 def test_sites_per_round_and_a_strategy_fraction_cannot_both_choose():
     with pytest.raises(ConfigError, match="strategy.fraction_train"):
         compose(["sites_per_round=3", "strategy.fraction_train=0.5"])
