@@ -148,6 +148,10 @@ def _validate_secagg(cfg: DictConfig | Mapping[str, Any]) -> None:
 def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
     privacy = cfg["privacy"]
     if privacy["name"] == "off":
+        extra = sorted(set(privacy) - {"name"})
+        # e.g. `+privacy.noise_multiplier=1` without privacy=dp: the user believes DP is on
+        _check(not extra, "privacy", f"privacy=dp for the DP settings {extra} (privacy=off "
+               "trains without DP and would ignore them)", "off")
         return
     _check(privacy["name"] == "dp", "privacy", "'off' or 'dp'", privacy["name"])
     sigma, target = privacy.get("noise_multiplier"), privacy.get("target_epsilon")

@@ -55,6 +55,13 @@ def test_unknown_key_is_rejected():
         compose(["num_hospital=3"])
 
 
+def test_dp_settings_added_to_a_run_without_dp_are_refused():
+    # Hydra accepts a new key with "+"; a user adding noise must not believe DP is on
+    with pytest.raises(ConfigError, match=r"privacy must be privacy=dp for the DP settings "
+                                          r"\['accountant', 'noise_multiplier'\]"):
+        compose(["+privacy.noise_multiplier=1.0", "+privacy.accountant=xyz"])
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi"])
 def test_every_strategy_builds_flowers_own_class(strategy):
     import flwr.serverapp.strategy as flower
