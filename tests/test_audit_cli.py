@@ -118,6 +118,7 @@ def test_without_dp_the_audit_measures_what_an_attacker_gets(tmp_path, cache):
     assert {v["verdict"] for v in audit["verdicts"]} == {"info"}
     markdown = (tmp_path / "audit.md").read_text()
     assert "no DP claimed" in markdown and f"{white['epsilon_lb']:.2f}" in markdown
+    assert "Without DP a small lower bound is not privacy" in markdown
     timings = audit["run"]["timings_s"]  # each check's wall time, for the benchmark
     assert {"federated_run_s", "canaries_white_box_s", "canaries_black_box_s", "membership_s",
             "total_s"} <= set(timings) and "## Time" in markdown
@@ -146,7 +147,9 @@ def test_with_dp_the_lower_bound_stays_below_the_accountant_and_the_command_pass
     assert verdicts[f"canaries black-box · {site}"] == "pass"
     # DP leaves an attacker close to a coin flip (few records: a loose margin)
     assert audit["membership"][site][0]["auc"] < 0.65, audit["membership"]
-    assert "pass" in done.stderr and "≤ accountant ε" in (tmp_path / "audit.md").read_text()
+    dp_markdown = (tmp_path / "audit.md").read_text()
+    assert "pass" in done.stderr and "≤ accountant ε" in dp_markdown
+    assert "Without DP a small lower bound" not in dp_markdown
 
 
 def test_noise_switched_off_at_the_site_while_its_ledger_counts_it_fails_the_audit(

@@ -147,6 +147,10 @@ def _markdown(report: AuditReport, content: dict, plots: list[Path], out_dir: Pa
         lines += ["", "The lower bound holds with the stated confidence (Bonferroni over the "
                   "guess counts tried). A bound far below the accountant's ε does not show the "
                   "accountant is loose: one-run audits are weak for few canaries."]
+        if any(c.accountant_epsilon is None for c in report.canaries):
+            lines += ["", "**Without DP a small lower bound is not privacy.** It is what these "
+                      "attacks found at these sizes (a larger model, more canaries or another "
+                      "optimizer may find more); nothing bounds what a stronger attack learns."]
     if report.membership:
         lines += ["", "## Membership inference (final global model)", "",
                   "| site | attack | AUC | TPR @ FPR 0.1% | TPR @ FPR 1% | members | non-members |",
