@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,6 +24,7 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from privacy import protocol
 from server.history import RunHistory
@@ -91,8 +91,9 @@ class RecordingMixin:
     def _sample(self, grid: Grid, server_round: int, stage: str) -> Grid:
         if self.sites_per_round is None:
             return grid
-        while len(nodes := sorted(grid.get_node_ids())) < self.num_sites:
-            time.sleep(1)  # as Flower's sample_nodes: wait until every hospital is connected
+        # Flower's own wait until every hospital is connected (it samples none here)
+        _, connected = sample_nodes(grid, self.num_sites, 0)
+        nodes = sorted(connected)
         if stage == "evaluate" and server_round == self.final_round:
             return SampledGrid(grid, nodes)
         draw = random.Random(f"medsilo-sample:{self.sample_seed}:{server_round}:{stage}")
