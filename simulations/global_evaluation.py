@@ -39,8 +39,9 @@ def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path],
     task_cfg = cfg["task"]
     task = get_task(task_cfg["name"])
     names = pooled_sites(cfg, list(folders))
-    for site in names if prepare else ():
-        prepare(site)
+    if prepare is not None:
+        for site in names:
+            prepare(site)
     sites = [task.load_site(folders[site], task_cfg, site) for site in names]
     pooled = ConcatDataset([s.test for s in sites])
     num_classes = int(task_cfg["spec"]["num_classes"])

@@ -43,7 +43,7 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
     import json
 
     lazy = lazy_synthetic_sites(cfg)  # synthetic sites written when first needed, or None
-    folders = site_folders(cfg, generate=lazy is None)
+    folders = lazy.folders() if lazy is not None else site_folders(cfg)
     cfg = {**cfg, "num_hospitals": len(folders)}  # data.root decides the number of sites
     first_round = 1
     if cfg.get("resume"):  # refuse before anything starts if this is not the same run

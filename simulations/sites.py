@@ -31,12 +31,8 @@ from simulations.partition import check_partition_settings, partition_sites
 GENERATOR_VERSION = 1  # bump when a generator's output changes
 
 
-GENERATE = ("on_first_use", "upfront")
-
-
-def site_folders(cfg: Mapping[str, Any], *, generate: bool = True) -> dict[str, Path]:
-    """Site id -> folder, in a stable order. ``generate=False``: synthetic sites' folders may
-    not exist yet (see :func:`lazy_synthetic_sites`)."""
+def site_folders(cfg: Mapping[str, Any]) -> dict[str, Path]:
+    """Site id -> folder, in a stable order; every folder exists."""
     cache_dir = Path(cfg["data"]["cache_dir"]).expanduser()
     root, pooled = cfg["data"].get("root"), cfg["data"].get("path")
     check_partition_settings(cfg["data"])
@@ -60,22 +56,22 @@ def site_folders(cfg: Mapping[str, Any], *, generate: bool = True) -> dict[str, 
         return {p.name: p for p in folders}
     sites = synthetic_sites(cfg["task"], int(cfg["num_hospitals"]), int(cfg["seed"]),
                             cache_dir)
-    if generate:
-        for site in sites.names:
-            sites.ensure(site)
+    for site in sites.names:
+        sites.ensure(site)
     return sites.folders()
 
 
 def lazy_synthetic_sites(cfg: Mapping[str, Any]) -> SyntheticSites | None:
-    """The run's synthetic sites when they are written on first use, else None (a user's
-    data.root or data.path, or data.generate=upfront)."""
-    mode = cfg["data"].get("generate", "upfront")
-    if mode not in GENERATE:
-        raise DataError(f"data.generate must be one of {list(GENERATE)}, got {mode!r}")
-    if mode != "on_first_use" or cfg["data"].get("root") or cfg["data"].get("path"):
+    """The run's synthetic sites, nothing written yet, when they are written on first use
+    (``data.generate=on_first_use``, checked by server/settings.py); else None (a user's
+    data.root or data.path, or ``upfront``: use :func:`site_folders`)."""
+    data = cfg["data"]
+    check_partition_settings(data)  # as site_folders: a bad data.* value is named either way
+    # a config from before data.generate existed (a resumed run) wrote its sites up front
+    if data.get("generate", "upfront") != "on_first_use" or data.get("root") or data.get("path"):
         return None
     return synthetic_sites(cfg["task"], int(cfg["num_hospitals"]), int(cfg["seed"]),
-                           Path(cfg["data"]["cache_dir"]).expanduser())
+                           Path(data["cache_dir"]).expanduser())
 
 
 @dataclass(frozen=True)
