@@ -16,7 +16,7 @@ import os
 import random
 import socket
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from flwr.clientapp import ClientApp
@@ -24,10 +24,6 @@ from flwr.serverapp import ServerApp
 
 from server.settings import ConfigError
 
-# ray.init refuses these when it connects to an existing cluster: they are fixed when each node
-# runs `ray start` (ray/_private/worker.py); include_dashboard is ignored there, not refused.
-CLUSTER_FIXED_INIT_ARGS = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory",
-                           "_system_config", "_enable_object_reconstruction", "_node_name")
 # ray.init retries a refused or silent GCS port for minutes (measured: still waiting after 5 min);
 # a plain TCP connect gives up after this long
 CLUSTER_PROBE_TIMEOUT_S = 5.0
@@ -42,7 +38,6 @@ def run_in_process(
     client_gpus: float,
     ray_address: str | None = None,
     object_store_mb: int | None = None,
-    ray_init: Mapping[str, Any] | None = None,
     verbose: bool = False,
     seed: int = 0,
 ) -> None:
@@ -52,7 +47,7 @@ def run_in_process(
     ``object_store_mb``: the private instance's object store; refused with a cluster address."""
     from flwr.simulation import run_simulation
 
-    init_args = _ray_init_args(ray_address, object_store_mb, dict(ray_init or {}))
+    init_args = _ray_init_args(ray_address, object_store_mb)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
@@ -75,24 +70,20 @@ def run_in_process(
         )
 
 
-def _ray_init_args(address: str | None, object_store_mb: int | None,
-                   extra: dict[str, Any]) -> dict[str, Any]:
+def _ray_init_args(address: str | None, object_store_mb: int | None) -> dict[str, Any]:
     """ray.init arguments for a private instance or for joining the cluster at ``address``."""
     if address is None:
         # "local": always a new instance; ray.init(address=None) would join the cluster named by
         # RAY_ADDRESS or by the last `ray start` on this machine, contrary to the config's promise
-        args = {"address": "local", **extra}
+        args: dict[str, Any] = {"address": "local"}
         if object_store_mb is not None:
             args["object_store_memory"] = int(object_store_mb) * 1024 * 1024
         return args
     # simulation.object_store_mb with an address and a ray:// address are refused by
     # server/settings.py before anything starts
-    fixed = sorted(set(extra) & set(CLUSTER_FIXED_INIT_ARGS))
-    if fixed:
-        raise ValueError(f"ray.init arguments {fixed} cannot be given when joining the cluster at "
-                         f"simulation.ray_address={address!r}; each node sets them at `ray start`")
     _check_cluster_answers(address)
-    return {"address": address, **extra}
+    # nothing a cluster node fixes at `ray start` (num_cpus, object_store_memory, ...) is passed
+    return {"address": address}
 
 
 def _check_cluster_answers(address: str) -> None:

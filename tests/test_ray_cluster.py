@@ -106,8 +106,8 @@ def test_without_an_address_a_run_asks_ray_for_a_private_instance():
     # left out of the suite for its 20 s.)
     from simulations.engine import _ray_init_args
 
-    assert _ray_init_args(None, None, {}) == {"address": "local"}
-    assert _ray_init_args(None, 512, {})["object_store_memory"] == 512 * 1024 * 1024
+    assert _ray_init_args(None, None) == {"address": "local"}
+    assert _ray_init_args(None, 512)["object_store_memory"] == 512 * 1024 * 1024
 
 
 def test_an_address_where_no_cluster_answers_fails_fast_naming_the_key(tmp_path):

@@ -5,15 +5,17 @@
 
 For each number of hospitals N: ``python -m simulations.run task=<task> num_hospitals=N
 sites_per_round=K rounds=R`` in a subprocess, with a fresh data cache, so time to first round
-includes writing the synthetic sites. Extra ``key=value`` arguments are passed to every run
+includes writing the synthetic sites the run needs before round 1 (with the default
+``data.generate=on_first_use``: the pooled-evaluation sample; the others as they are sampled).
+Extra ``key=value`` arguments are passed to every run
 (e.g. ``model=logreg local_epochs=1``). Measured per N:
 
 - time to first round: ``rounds[0].started_at`` in the run's report.json minus the moment the
   subprocess was launched (interpreter start, Hydra, site data, Ray start-up);
 - to header: launch until the run prints its header line, which ``simulations/run.py`` prints
-  right after the site folders exist (start-up + data generation, before Ray starts);
-- data generation, cold: ``simulations.sites.site_folders`` alone, timed inside a separate
-  process with its own empty cache (the run itself is not disturbed by this step);
+  once it knows its site folders (start-up; before Ray starts);
+- data generation, cold: ``simulations.sites.site_folders`` alone (every site written, as
+  ``data.generate=upfront`` would), timed inside a separate process with its own empty cache;
 - median round: median of ``rounds[].duration_s`` over rounds 2 .. R-1. The first round is shown
   apart because it also pays for starting Ray's ClientApp actors (a worker process each, importing
   torch: tens of seconds here, against about a second for a later round); the last round is shown
@@ -57,7 +59,7 @@ RATIO_TARGET = 2.0
 # keys this script sets itself, and the flag a user gives instead
 OWN_KEYS = {"task": "--task", "num_hospitals": "--sites", "sites_per_round": "--sites-per-round",
             "rounds": "--rounds", "hydra.run.dir": "--keep-dir", "data.cache_dir": "--keep-dir"}
-HEADER_MARK = " hospitals · "  # simulations/run.py's first line, printed once the sites exist
+HEADER_MARK = " hospitals · "  # simulations/run.py's first line, once the site folders are known
 STDERR_TAIL_LINES = 30
 
 console = Console(stderr=True)
@@ -195,29 +197,14 @@ def data_generation_s(task: str, sites: int, overrides: list[str], cache_dir: Pa
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _median_round(durations: list[float | None]) -> tuple[float | None, str]:
+def _median_round(durations: list[float]) -> tuple[float | None, str]:
     """Median of the rounds between the first (actor start-up) and the last (every site
     evaluates), and which rounds it covers."""
     if len(durations) >= 3:
         return statistics.median(durations[1:-1]), f"rounds 2..{len(durations) - 1}"
-    if len(durations) == 2 and durations[0] is not None:
+    if len(durations) == 2:
         return durations[0], "round 1 only (includes actor start-up)"
     return None, "none"
-
-
-def _round_times(report: dict[str, Any], lines: list[tuple[float, str]]
-                 ) -> tuple[list[float | None], float | None, str]:
-    """Per-round wall seconds and the first round's start (Unix time), and where they came from.
-
-    report.json's ``duration_s``/``started_at`` when the run wrote them; otherwise the moments
-    the run printed "round k:" (after the round's evaluation), which time rounds 2.. only
-    (round 1 is then None)."""
-    rounds = report.get("rounds", [])
-    if rounds and all(r.get("duration_s") is not None for r in rounds):
-        return [float(r["duration_s"]) for r in rounds], rounds[0].get("started_at"), "report"
-    printed = [t for t, line in lines if line.startswith("round ")]
-    gaps = [b - a for a, b in zip(printed, printed[1:], strict=False)]
-    return [None, *gaps] if printed else [], None, "stderr"
 
 
 def run_sites(sites: int, args: argparse.Namespace, overrides: list[str], work: Path,
@@ -287,9 +274,10 @@ def run_sites(sites: int, args: argparse.Namespace, overrides: list[str], work: 
         row["stderr_tail"] = [line for _, line in lines[-STDERR_TAIL_LINES:]]
         return row
     report = json.loads(report_path.read_text())
-    durations, first_started_at, source = _round_times(report, lines)
-    row["round_times_source"] = source
-    row["round_s"] = [None if d is None else round(d, 3) for d in durations]
+    # each round's wall time and start, as the run's own round loop measured them
+    durations = [float(r["duration_s"]) for r in report["rounds"]]
+    first_started_at = report["rounds"][0]["started_at"] if report["rounds"] else None
+    row["round_s"] = [round(d, 3) for d in durations]
     row["time_to_first_round_s"] = (round(first_started_at - launched_at, 2)
                                     if first_started_at is not None else None)
     median, row["median_covers"] = _median_round(durations)
@@ -358,9 +346,6 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     if any(r.get("median_covers", "").startswith("round 1 only") for r in ok):
         lines.append("note: with 2 rounds the median round is round 1, which includes starting "
                      "Ray's actors; use --rounds 3 or more for steady-state rounds")
-    if any(r.get("round_times_source") == "stderr" for r in ok):
-        lines.append("note: report.json had no rounds[].duration_s: round times are the gaps "
-                     "between the run's printed round lines; time to first round not measured")
     return lines
 
 
