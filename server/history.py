@@ -11,6 +11,17 @@ from flwr.app import Message
 from privacy import protocol
 
 
+def node_label(node_id: int) -> str:
+    """The name of a site that never answered: only its Flower node id is known."""
+    return f"node {node_id}"
+
+
+def is_node_label(name: str) -> bool:
+    """Whether ``name`` is a :func:`node_label` rather than a site id."""
+    prefix, _, number = name.partition(" ")
+    return prefix == "node" and number.isdigit()
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -58,7 +69,7 @@ class RunHistory:
                         replies: Iterable[Message]) -> None:
         """Sites that were sent a message but did not answer before the round timeout."""
         answered = {msg.metadata.src_node_id for msg in replies}
-        missing = [self.node_sites.get(node, f"node {node}") for node in asked
+        missing = [self.node_sites.get(node, node_label(node)) for node in asked
                    if node not in answered]
         self.round(server_round).timed_out.extend(sorted(missing))
 

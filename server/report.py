@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
@@ -109,7 +110,7 @@ def build_report(
             "rounds": cfg["rounds"],
             "num_hospitals": cfg["num_hospitals"],
             "seed": cfg["seed"],
-            "privacy": "dp" if cfg["privacy"]["name"] != "off" else "off",
+            "privacy": "dp" if dp else "off",
             "secure_aggregation": cfg["secagg"]["name"] != "off",
             "global_evaluation": global_evaluation,
             # simulation: whose test splits the global metrics pool (simulation.pooled_eval_sites)
@@ -213,10 +214,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += _sites_summary_markdown(report)
     skipped = {s: d["skipped"] for s, d in report.get("data", {}).items() if d["skipped"]}
     if skipped and many:
-        totals: dict[str, int] = {}
+        totals: Counter[str] = Counter()
         for counts in skipped.values():
-            for why, n in counts.items():
-                totals[why] = totals.get(why, 0) + n
+            totals.update(counts)  # update, not +: a reason counted 0 stays listed
         lines += ["", f"Records the loaders of {len(skipped)} sites left out (counted, not "
                   "silently dropped): " + ", ".join(f"{n} {why}" for why, n in totals.items())
                   + "; per site in report.json `data`."]

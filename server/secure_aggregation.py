@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from privacy import protocol
 from privacy.secagg import SecAggAborted, SecAggServer, setup
 from privacy.secagg.update import decode_mean, mean_error_bound
-from server.history import RunHistory
+from server.history import RunHistory, node_label
 
 
 @dataclass(frozen=True)
@@ -165,11 +165,11 @@ class SecureAggregation:
             total = server.unmask({i: fields(r) for i, r in replies.items()}, drop_invalid=True)
         except SecAggAborted as err:
             record.aborted = str(err)
-            record.dropped = sorted(site_of.get(i, f"node {n}") for i, n in enumerate(nodes))
+            record.dropped = sorted(site_of.get(i, node_label(n)) for i, n in enumerate(nodes))
             return site_replies
         survivors = sorted(server.survivors)
         record.aggregated = sorted(site_of[i] for i in survivors)
-        record.dropped = sorted(site_of.get(i, f"node {nodes[i]}")
+        record.dropped = sorted(site_of.get(i, node_label(nodes[i]))
                                 for i in range(num_sites) if i not in server.survivors)
         mean_delta, weight_sum = decode_mean(
             total, shapes, clip=self.settings.clip, num_sites=num_sites,

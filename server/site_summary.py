@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from server.history import is_node_label
 
 HEADLINE_METRICS = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1")
 
@@ -31,9 +32,6 @@ QUANTILES = (("min", 0.0), ("p10", 10.0), ("median", 50.0), ("p90", 90.0), ("max
 NEVER_TRAINED = "never trained: no records used"
 NO_LEDGER = "trained but no privacy ledger received"
 
-# A site that timed out before it ever answered is known only by its Flower node id
-# (RunHistory.record_timeouts writes "node <id>"): not a site id, so not a row of the table.
-_UNRESOLVED_NODE = re.compile(r"node \d+")
 
 CSV_COLUMNS = ("site", "rounds_asked", "rounds_trained", "last_round_trained", "num_examples",
                "final_num_examples", *(f"final_{m}" for m in HEADLINE_METRICS),
@@ -48,7 +46,8 @@ def sites_asked(round_entry: Mapping[str, Any]) -> set[str]:
     """Sites asked to train in a round that answered or timed out (failures carry no site id)."""
     asked = (set(round_entry.get("train", {})) | set(round_entry.get("declined", {}))
              | set(round_entry.get("refused", {})) | set(round_entry.get("rejected", {})))
-    asked |= {s for s in round_entry.get("timed_out", []) if not _UNRESOLVED_NODE.fullmatch(s)}
+    # a site that timed out before it ever answered is known only by its node id: no row
+    asked |= {s for s in round_entry.get("timed_out", []) if not is_node_label(s)}
     return asked
 
 
