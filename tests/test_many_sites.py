@@ -216,3 +216,22 @@ def test_two_hundred_sites_five_per_round_written_on_first_use(tmp_path):
     assert sum(participation.values()) == 15
     assert {s for s, n in participation.items() if n} == set().union(*trained)
     assert len((tmp_path / "sites.csv").read_text().splitlines()) == len(participation) + 1
+
+
+@pytest.mark.parametrize("rounds_trained", [1, 2, 5])
+def test_a_site_sampled_in_fewer_rounds_stays_within_its_target_epsilon(rounds_trained):
+    """The site plans σ for every round of the run (it cannot know how often it will be
+    sampled): training in only some of them keeps its ε at or below the target."""
+    from client.privacy_budget import plan_ledger
+    from client.training import dp_schedule
+
+    privacy = compose(["privacy=dp", "privacy.target_epsilon=2.0"])["privacy"]
+    ledger = plan_ledger(privacy, num_train=300, batch_size=32, epochs=1, rounds=5,
+                         max_epsilon=None)
+    _, steps = dp_schedule(300, 32, 1)
+    eps = [ledger.record_round(steps) for _ in range(rounds_trained)]
+    assert eps == sorted(eps) and eps[-1] <= 2.0
+    if rounds_trained == 5:  # planned for exactly this: the target is nearly reached
+        assert eps[-1] >= 0.9 * 2.0
+    else:
+        assert eps[-1] < 0.9 * 2.0
