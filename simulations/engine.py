@@ -18,6 +18,7 @@ import socket
 import warnings
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -136,7 +137,6 @@ def seeded_node_ids(seed: int) -> Iterator[None]:
     """
     from flwr.server.superlink.linkstate import in_memory_linkstate
 
-    original = in_memory_linkstate.generate_rand_int_from_bytes
     draw = random.Random(f"medsilo-simulated-node-ids:{seed}")
 
     def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
@@ -145,11 +145,8 @@ def seeded_node_ids(seed: int) -> Iterator[None]:
             if not exclude or value not in exclude:
                 return value
 
-    in_memory_linkstate.generate_rand_int_from_bytes = seeded
-    try:
+    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded):
         yield
-    finally:
-        in_memory_linkstate.generate_rand_int_from_bytes = original
 
 
 @contextlib.contextmanager
@@ -179,8 +176,5 @@ def polled_by_pending_messages() -> Iterator[None]:
                     queue.put(msg)
             f_stop.wait(0.1)
 
-    vce_api.add_messages_to_queue = add_messages_to_queue
-    try:
+    with mock.patch.object(vce_api, "add_messages_to_queue", add_messages_to_queue):
         yield
-    finally:
-        vce_api.add_messages_to_queue = original
