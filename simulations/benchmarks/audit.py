@@ -6,7 +6,8 @@
 (a) Tightness: the white-box one-run audit (``simulations/audit/dp_sgd.py``: Dirac gradient
 canaries in Opacus's per-sample gradients of a linear model, the same injection the federated
 audit does at its auditing site) against honest DP-SGD calibrated by Opacus
-(``get_noise_multiplier``, PRV accountant) to each target ε at the audit's own q and steps.
+(``privacy.accounting.noise_multiplier_for``, as a site plans σ: Opacus's
+``get_noise_multiplier`` with the PRV accountant) to each target ε at the audit's own q and steps.
 Prints ε_lb / ε per ε. Reference: Steinke, Nasr, Jagielski (2023) reach about 0.45 of the
 accountant's ε in an idealized white-box CIFAR-like setting; a one-run audit with m canaries is
 also capped (every guess right, m = 1000: ε_lb ≤ 5.78 at δ = 1e-5), which bounds the ratio at
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from privacy.accounting import noise_multiplier_for
 from simulations.audit.dp_sgd import audit_dp_sgd
 from simulations.audit.lower_bound import epsilon_lower_bound
 
@@ -45,11 +47,9 @@ IDEALIZED_REFERENCE_RATIO = 0.45  # Steinke et al. 2023, white-box, CIFAR-like D
 def tightness(epsilon: float, *, canaries: int, steps: int, sample_rate: float,
               seed: int) -> dict:
     """One white-box audit of honest DP-SGD calibrated to ``epsilon``: σ, ε_lb, the ratio."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA,
-                                       sample_rate=sample_rate, steps=steps, accountant="prv",
-                                       epsilon_tolerance=0.01))
+    # calibrated exactly as a site plans its σ (Opacus's search, re-checked by the ledger's
+    # accountant)
+    sigma = noise_multiplier_for(epsilon, DELTA, sample_rate, steps, accountant="prv")
     run = audit_dp_sgd(noise_multiplier=sigma, canaries=canaries, steps=steps,
                        sample_rate=sample_rate, delta=DELTA, seed=seed)
     if abs(run.sample_rate - sample_rate) > 1e-9:  # σ was calibrated for another q
