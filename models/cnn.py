@@ -16,14 +16,17 @@ from torch import nn
 from models.registry import register_model
 
 
-def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def _block(c_in: int, c_out: int, groups: int, activation: str = "relu") -> nn.Sequential:
     # The norm has no affine parameters: under DP-SGD each parameter tensor costs a
     # per-sample gradient (GroupNorm's recomputes the normalisation) and its own clipping and
     # noise; the conv bias before it still gives each channel its own offset within its group.
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
         nn.GroupNorm(min(groups, c_out), c_out, affine=False),
-        nn.ReLU(),
+        ACTIVATIONS[activation](),
         nn.MaxPool2d(2),
     )
 
@@ -46,14 +49,17 @@ class ScanCNN(nn.Module):
         groups: int = 4,
         dropout: float = 0.0,
         pool: str = "max",
+        activation: str = "relu",
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if image_size < 2**depth:
             raise ValueError(f"image_size {image_size} is too small for depth {depth}")
         blocks, c_in = [], channels
         for i in range(depth):
             c_out = width * 2**i
-            blocks.append(_block(c_in, c_out, groups))
+            blocks.append(_block(c_in, c_out, groups, activation))
             c_in = c_out
         self.features = nn.Sequential(*blocks)
         if pool not in ("max", "avg"):
