@@ -10,7 +10,8 @@ from sklearn import metrics as skm
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1")
+METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1",
+                "collapsed")
 
 
 @torch.no_grad()
@@ -35,21 +36,28 @@ def classification_metrics(
     """Loss, accuracy, balanced accuracy, AUROC (macro one-vs-rest), AUPRC, macro-F1.
 
     A metric that is undefined on this data (AUROC when only one class is present) is NaN,
-    never a made-up number. Binary tasks also get ``positive_rate`` (prevalence of class 1).
+    never a made-up number. Averages over classes (balanced accuracy, macro AUROC/AUPRC,
+    macro-F1) run over the classes present in ``labels``: a class absent from a site's test
+    split has no recall and no F1 (never a zero filled in); predicting it counts as an error
+    against the true classes. Binary tasks also get ``positive_rate`` (prevalence of class 1).
+    ``collapsed`` is 1.0 when the model predicts one and the same class for every example
+    although at least two classes are present (a constant predictor), else 0.0.
     """
     nan = float("nan")
     if len(labels) == 0:
         return {name: nan for name in METRIC_NAMES}
-    classes = list(range(num_classes))
     preds = probs.argmax(axis=1)
     eps = 1e-12
+    present = np.unique(labels)
     out = {
         "loss": float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + eps))),
         "accuracy": float(skm.accuracy_score(labels, preds)),
-        "macro_f1": float(skm.f1_score(labels, preds, labels=classes, average="macro",
+        # zero_division=0 only where a present class is never predicted: its recall is 0,
+        # so its F1 is 0 either way
+        "macro_f1": float(skm.f1_score(labels, preds, labels=present, average="macro",
                                        zero_division=0)),
+        "collapsed": float(len(present) >= 2 and len(np.unique(preds)) == 1),
     }
-    present = np.unique(labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns on classes absent from y_pred
         out["balanced_accuracy"] = float(skm.balanced_accuracy_score(labels, preds))

@@ -3,6 +3,7 @@ write the report."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,11 +18,13 @@ from privacy import protocol
 from server import settings as run_settings
 from server.checkpoint import Checkpoint, load_checkpoint, resumable_config, save_checkpoint
 from server.history import RoundRecord, RunHistory
-from server.report import build_report, write_report
+from server.report import build_report, collapse_warnings, write_report
 from server.rounds import plain_exchange, run_rounds
 from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import build_strategy
 from server.validation import UpdateBounds
+
+log = logging.getLogger("flwr.medsilo.server")
 
 # (server_round, arrays) -> metrics of the global model on data the server may see
 GlobalEvaluate = Callable[[int, ArrayRecord], Mapping[str, float]]
@@ -114,6 +117,8 @@ def build_server_app(
             stopped=outcome.stopped,
         )
         write_report(out, report, outcome.arrays.to_torch_state_dict())
+        for warning in collapse_warnings(report):  # deployment: on the ServerApp's console
+            log.warning(warning)
 
     return app
 

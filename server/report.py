@@ -61,6 +61,42 @@ def client_mean(sites: Mapping[str, Mapping[str, float]]) -> dict[str, float | N
     return means
 
 
+def is_collapsed(metrics: Mapping[str, Any] | None) -> bool:
+    """A constant predictor: one class for every test example although several are present
+    (client/evaluation.py ``collapsed``). In deployment the global metrics are the sites'
+    example-weighted mean, so there the global model counts as collapsed only if it was at
+    every site that evaluated it."""
+    value = (metrics or {}).get("collapsed")
+    return value is not None and math.isfinite(value) and value >= 1.0
+
+
+def collapse_summary(global_metrics: Mapping[str, Any] | None,
+                     sites: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """report.json ``final.collapsed``: whether the final global model, and at which sites the
+    final model, predicts one class for every test example."""
+    return {"global": is_collapsed(global_metrics),
+            "sites": sorted(site for site, m in sites.items() if is_collapsed(m))}
+
+
+def collapse_warnings(report: Mapping[str, Any]) -> list[str]:
+    """Plain sentences for the console and report.md when a model predicts one class only."""
+    collapsed = report["final"].get("collapsed") or {}
+    warnings = []
+    if collapsed.get("global"):
+        warnings.append(
+            "The final global model predicts the same class for every test example (balanced "
+            f"accuracy {_fmt(report['final']['global'].get('balanced_accuracy'))}): it has not "
+            "learned to tell the classes apart. Its accuracy is only the majority share. "
+            "Under DP, see docs/utility.md for settings that train; under label skew try "
+            "strategy=fedadam or fewer local_epochs.")
+    sites = collapsed.get("sites") or []
+    if sites and not collapsed.get("global"):
+        warnings.append(f"At {len(sites)} of {len(report['final']['sites'])} sites the final "
+                        "model predicts one class for every test example: "
+                        f"{shorten(list(sites))}.")
+    return warnings
+
+
 def build_report(
     cfg: Mapping[str, Any],
     history: RunHistory,
@@ -126,6 +162,7 @@ def build_report(
             "global": last["global"],
             "sites": last["sites"],
             "client_mean": client_mean(last["sites"]),
+            "collapsed": collapse_summary(last["global"], last["sites"]),
         },
         "privacy": privacy,
         "data": {site: {"skipped": history.latest_skipped().get(site, {})} for site in sites},
@@ -167,9 +204,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{run['duration_s']:.1f} s. Secure aggregation: "
         f"{'on' if run['secure_aggregation'] else 'off'}.",
         "",
-        "## Privacy",
-        "",
     ]
+    warnings = collapse_warnings(report)
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- **{w}**" for w in warnings] + [""]
+    lines += ["## Privacy", ""]
     if run["privacy"] == "off":
         lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
                      "what the model reveals about an individual patient record.")
@@ -196,7 +235,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "## Final metrics",
         "",
         f"*Global* = the final global model on {where}; *client mean* = unweighted mean over "
-        "sites; per site = on that site's own test split.",
+        "sites; per site = on that site's own test split. Averages over classes (balanced "
+        "accuracy, AUROC, AUPRC, macro-F1) run over the classes present in that split; n/a = "
+        "undefined there (AUROC with one class present), never a filled-in zero.",
         "",
         "| | examples | rounds trained | " + " | ".join(HEADLINE_METRICS) + " |",
         "|---|---:|---:|" + "---:|" * len(HEADLINE_METRICS),

@@ -26,6 +26,7 @@ from client.training import StepHook
 from server.app import build_server_app
 from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
 from server.history import RoundRecord
+from server.report import collapse_warnings, is_collapsed
 from server.settings import ConfigError, to_dict, validate
 from simulations.engine import run_in_process
 from simulations.global_evaluation import pooled_test_evaluation
@@ -71,6 +72,8 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
         if record.privacy:
             eps = [led["epsilon"] for led in record.privacy.values()]
             failed += f" · ε max {max(eps):.2f}"
+        if is_collapsed(g):
+            failed += " · [bold red]collapsed: one class predicted for every example[/]"
         progress.console.print(
             f"round {record.round}: loss {g.get('loss', float('nan')):.4f} · accuracy "
             f"{g.get('accuracy', float('nan')):.3f} · AUROC {g.get('auroc', float('nan')):.3f}"
@@ -120,6 +123,8 @@ def main(hydra_cfg: DictConfig) -> None:
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(2)
     final = report["final"]["global"]
+    for warning in collapse_warnings(report):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     console.print(
         f"[bold green]done[/] in {time.perf_counter() - started:.1f} s · final global "
         + " · ".join(f"{k} {final[k]:.3f}" for k in ("accuracy", "auroc")
