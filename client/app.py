@@ -34,6 +34,7 @@ from client.training import (
     StepHook,
     TrainOutcome,
     dp_schedule,
+    local_training_config,
     resolve_device,
     site_seed,
     train_local,
@@ -141,17 +142,11 @@ def refuse(msg: Message, context: Context, site: SiteSettings, reason: str) -> M
     return _reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
 
 
-def _local_config(settings: Mapping[str, Any], msg: Message) -> LocalTrainingConfig:
-    local = settings["train"]
-    return LocalTrainingConfig(
-        epochs=int(local["local_epochs"]),
-        batch_size=int(local["batch_size"]),
-        lr=float(local["lr"]),
-        momentum=float(local.get("momentum", 0.0)),
-        optimizer=str(local.get("optimizer", "sgd")),
-        weight_decay=float(local.get("weight_decay", 0.0)),
-        proximal_mu=float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0)),
-    )
+def _local_config(settings: Mapping[str, Any], msg: Message, data: SiteData, *,
+                  dp: bool) -> LocalTrainingConfig:
+    return local_training_config(
+        settings["train"], dp=dp, train_labels=data.train_labels, num_classes=data.num_classes,
+        proximal_mu=float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0)))
 
 
 def train_with_dp(
@@ -159,7 +154,7 @@ def train_with_dp(
     data: SiteData, model: torch.nn.Module, device: str, step_hook: StepHook | None = None,
 ) -> TrainOutcome:
     """DP-SGD for one round, or a clear decline if the round would exceed the site's budget."""
-    privacy_cfg, config = dict(settings["privacy"]), _local_config(settings, msg)
+    privacy_cfg, config = dict(settings["privacy"]), _local_config(settings, msg, data, dp=True)
     if site.delta is not None:  # the site's own δ wins over the server's
         privacy_cfg["delta"] = site.delta
     ledger = load_ledger(site, context) or plan_ledger(
@@ -207,7 +202,7 @@ def train_round(
     if settings.get("privacy", {}).get("name", "off") != "off":
         return train_with_dp(msg, context, site, settings, data, model, device, step_hook)
     seed = site_seed(int(settings["seed"]), site.site_id, settings["server_round"])
-    result = train_local(model, data.train, _local_config(settings, msg), seed=seed,
+    result = train_local(model, data.train, _local_config(settings, msg, data, dp=False), seed=seed,
                          device=device, step_hook=step_hook)
     return TrainOutcome(model, {protocol.NUM_EXAMPLES: len(data.train), **result})
 

@@ -9,9 +9,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from privacy.protocol import CLASS_BALANCE
 
 # Expected and harmless under DP: Opacus's "Secure RNG turned off" (privacy.secure_noise
 # covers it) and torch's notice about a full backward hook on a first layer whose input needs
@@ -29,6 +32,47 @@ class LocalTrainingConfig:
     optimizer: str = "sgd"  # sgd (with momentum) | adam
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * ||w - w_global||^2 to its loss
+    # Logit adjustment (Menon et al. 2021; FedLC, Zhang et al. 2022): the training loss sees
+    # logits + log(site class prior), so a site where a class is rare does not pull the shared
+    # model towards its own majority; the model's own logits aim at balanced error.
+    class_prior: tuple[float, ...] | None = None
+
+
+def local_training_config(
+    train: Mapping[str, Any], *, dp: bool, train_labels: np.ndarray | None = None,
+    num_classes: int | None = None, proximal_mu: float = 0.0,
+) -> LocalTrainingConfig:
+    """One round of local training from the ``train`` settings the server sends (the site and
+    the simulation's baselines read them here, the same way).
+
+    ``class_balance`` (``auto``: ``logit_adjust`` without DP, ``none`` with DP) uses the
+    class prior of ``train_labels``, the site's exact label counts: under DP-SGD that prior would
+    be a function of every record that per-example clipping does not bound, so it is refused.
+    """
+    balance = str(train.get("class_balance", "none"))
+    if balance not in CLASS_BALANCE:
+        raise ValueError(f"class_balance must be one of {CLASS_BALANCE}, got {balance!r}")
+    if balance == "auto":
+        balance = "none" if dp else "logit_adjust"
+    if balance == "logit_adjust" and dp:
+        raise ValueError("class_balance=logit_adjust uses the site's exact label counts, which "
+                         "DP-SGD does not cover; a DP site trains without it")
+    prior = None
+    if balance == "logit_adjust":
+        if train_labels is None or num_classes is None:
+            raise ValueError("class_balance=logit_adjust needs the training labels")
+        counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_classes)
+        prior = tuple(float(c) / max(int(counts.sum()), 1) for c in counts)
+    return LocalTrainingConfig(
+        epochs=int(train["local_epochs"]),
+        batch_size=int(train["batch_size"]),
+        lr=float(train["lr"]),
+        momentum=float(train.get("momentum", 0.0)),
+        optimizer=str(train.get("optimizer", "sgd")),
+        weight_decay=float(train.get("weight_decay", 0.0)),
+        proximal_mu=proximal_mu,
+        class_prior=prior,
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +186,11 @@ def train_local(
 
             optimizer = use_secure_noise(optimizer)
     anchor = _proximal_anchor(model) if config.proximal_mu > 0 else None
+    adjustment = None
+    if config.class_prior is not None:
+        # a class absent from the site still gets a finite (very negative) offset
+        prior = torch.tensor(config.class_prior, dtype=torch.float32).clamp(min=1e-3)
+        adjustment = torch.log(prior / prior.sum()).to(device)
     total_loss, total_examples, steps = 0.0, 0, 0
     try:
         for _ in range(config.epochs):
@@ -151,7 +200,10 @@ def train_local(
                 inputs = [t.to(device) for t in inputs]
                 labels = labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(*inputs), labels)
+                logits = model(*inputs)
+                if adjustment is not None:
+                    logits = logits + adjustment
+                loss = criterion(logits, labels)
                 objective = loss
                 if anchor is not None:
                     objective = loss + 0.5 * config.proximal_mu * _sq_distance(model, anchor)

@@ -15,7 +15,6 @@ from torch import nn
 
 from models.registry import register_model
 
-
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 

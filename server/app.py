@@ -29,6 +29,8 @@ log = logging.getLogger("flwr.medsilo.server")
 # (server_round, arrays) -> metrics of the global model on data the server may see
 GlobalEvaluate = Callable[[int, ArrayRecord], Mapping[str, float]]
 RoundCallback = Callable[[RoundRecord], None]
+# run config -> report.json ``baselines`` (None: off); simulation only (simulations/baselines.py)
+Baselines = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
 
 
 def initial_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
@@ -42,9 +44,11 @@ def build_server_app(
     output_dir: Path | None = None,
     global_evaluate: GlobalEvaluate | None = None,
     on_round: RoundCallback | None = None,
+    baselines: Baselines | None = None,
 ) -> ServerApp:
-    """The ServerApp. The simulation passes its composed ``cfg``, a pooled-test-set evaluation
-    and a progress callback; deployed (``cfg=None``) it composes ``conf/`` with the run config."""
+    """The ServerApp. The simulation passes its composed ``cfg``, a pooled-test-set evaluation,
+    a progress callback and the baselines to train after the rounds; deployed (``cfg=None``) it
+    composes ``conf/`` with the run config."""
     app = ServerApp()
 
     @app.main()
@@ -110,8 +114,10 @@ def build_server_app(
             after_round=after_round,
             exchange=exchange,
         )
+        duration_s = time.perf_counter() - started  # the federation's, without baselines
         report = build_report(
-            config, history, duration_s=time.perf_counter() - started,
+            config, history, duration_s=duration_s,
+            baselines=baselines_for_report(baselines, config, deployed=cfg is None),
             global_evaluation="pooled" if global_evaluate else "site_weighted_mean",
             pooled_sites=getattr(global_evaluate, "sites", None),
             stopped=outcome.stopped,
@@ -121,6 +127,25 @@ def build_server_app(
             log.warning(warning)
 
     return app
+
+
+def baselines_for_report(baselines: Baselines | None, config: Mapping[str, Any], *,
+                         deployed: bool) -> Mapping[str, Any] | None:
+    """report.json ``baselines``. They need every site's data, which only a simulation's server
+    holds: deployed, a run that asks for them is told they were not computed. A failure here
+    must not cost the federated run its report: it is reported instead."""
+    if baselines is not None:
+        try:
+            return baselines(config)
+        except Exception as err:  # the rounds' results are written regardless
+            log.exception("baselines failed")
+            return {"computed": False, "reason": f"failed: {type(err).__name__}: {err}"}
+    kinds = run_settings.baseline_kinds(config)
+    if deployed and kinds:
+        return {"computed": False, "kinds": list(kinds),
+                "reason": "deployment: the server holds no hospital's data (baselines are "
+                          "computed in simulation only)"}
+    return None
 
 
 # Deployment entry point (pyproject [tool.flwr.app.components]).

@@ -6,7 +6,9 @@
      "refused", "asked", "started_at", "duration_s", ...}], "initial": {"global"},
      "final": {"global", "sites", "client_mean"}, "privacy": {site: {...}},
      "sites": {site: {"rounds_asked", "rounds_trained", "last_round_trained", "num_examples",
-                      "final", "dp", ["epsilon", ...]}}}
+                      "final", "dp", ["epsilon", ...]}},
+     "baselines": null | {"local": {"sites", "client_mean", "privacy"},
+                          "pooled": {"global", "sites", "client_mean", "privacy"}, "epochs", ...}}
 
 ``sites.csv`` holds the ``sites`` table as one row per site. Above ``MANY_SITES`` sites,
 report.md and the plots summarize sites (quantiles, worst sites, distributions) instead of
@@ -105,7 +107,9 @@ def build_report(
     global_evaluation: str,
     pooled_sites: list[str] | None = None,
     stopped: str | None = None,
+    baselines: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``baselines``: simulations/baselines.py's models trained alone and pooled (None: off)."""
     rounds = []
     for number in sorted(history.rounds):
         record = history.rounds[number]
@@ -167,6 +171,7 @@ def build_report(
         "privacy": privacy,
         "data": {site: {"skipped": history.latest_skipped().get(site, {})} for site in sites},
         "sites": site_summary.site_table(rounds, last["sites"], privacy, dp=dp),
+        "baselines": baselines,
     }
     return _clean(report)
 
@@ -265,6 +270,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "Records the sites' loaders left out (counted, not silently dropped): "
                   + "; ".join(f"{s}: " + ", ".join(f"{n} {why}" for why, n in d.items())
                               for s, d in skipped.items())]
+    lines += _baselines_markdown(report)
     lines += ["", "## Rounds", ""]
     initial = report["initial"]["global"]
     if initial:
@@ -303,6 +309,153 @@ def render_markdown(report: Mapping[str, Any]) -> str:
               + (" (median and p10–p90 band over sites)" if many else "")
               + ", `plots/participation.png`.", ""]
     return "\n".join(lines)
+
+
+# The metrics the baseline comparison shows: ranking quality, and the one a collapsed model fails.
+BASELINE_METRICS = (("auroc", "AUROC"), ("balanced_accuracy", "balanced accuracy"))
+
+
+def _baselines_markdown(report: Mapping[str, Any]) -> list[str]:
+    """"Federated vs each hospital alone vs pooled": a table and the gap in plain words."""
+    baselines = report.get("baselines")
+    if not baselines:
+        return []
+    lines = ["", "## Federated vs each hospital alone vs pooled", ""]
+    if not baselines.get("computed", True):
+        return lines + [f"Baselines were not computed: {baselines['reason']}."]
+    run, final = report["run"], report["final"]
+    local, pooled = baselines.get("local"), baselines.get("pooled")
+    config = run.get("config") or {}
+    budget = (f" ({run['rounds']} rounds × {config['local_epochs']} local epochs, a fresh "
+              "optimizer each round)" if "local_epochs" in config else "")
+    lines.append(
+        "Same initial model, model, training settings and budget of "
+        f"{baselines['epochs']} epochs{budget} as the federation, "
+        + ("with DP-SGD as the run" if run["privacy"] != "off" else "without DP, as the run")
+        + ". " + ("*Alone*: each hospital trained only on its own training split, scored on its "
+                  "own test split. " if local else "")
+        + ("*Pooled*: one model trained on every hospital's training split together (possible "
+           "only in simulation: the upper reference), scored on the same test pool as the "
+           "federated global metrics and on each hospital's test split. " if pooled else "")
+        + f"Computing them took {baselines['duration_s']:.1f} s.")
+    models = [("federated", {"global": final["global"], "client_mean": final["client_mean"],
+                             "sites": final["sites"]})]
+    models += [(name, entry) for name, entry in (("alone", local), ("pooled", pooled)) if entry]
+    header = [f"{label} {name}" for _, label in BASELINE_METRICS for name, _ in models]
+    lines += ["", "| | test examples | " + " | ".join(header) + " |",
+              "|---|---:|" + "---:|" * len(header)]
+
+    def row(name: str, examples: Any, part: str, site: str | None = None) -> str:
+        cells = []
+        for metric, _ in BASELINE_METRICS:
+            for model_name, entry in models:
+                if part == "global" and model_name == "alone":
+                    # no single model trained alone exists to score on the pool: the mean of
+                    # each hospital's own model on its own test split stands in, marked
+                    cells.append(_fmt(entry["client_mean"].get(metric)) + "†")
+                    continue
+                metrics = entry[part] if site is None else entry["sites"].get(site, {})
+                cells.append(_fmt((metrics or {}).get(metric)))
+        return f"| {name} | {examples} | " + " | ".join(cells) + " |"
+
+    pool_examples = (pooled or {}).get("global", {}).get("num_examples", "")
+    lines.append(row("**global**", pool_examples, "global"))
+    lines.append(row("**client mean**", "", "client_mean"))
+    sites = sorted(final["sites"])
+    many = len(sites) > MANY_SITES
+    if not many:
+        for site in sites:
+            lines.append(row(site, final["sites"][site].get("num_examples", ""), "sites", site))
+    if local:
+        lines += ["", "† alone has no single model to score on the pooled test set: the mean "
+                  "over hospitals of each hospital's own model on its own test split."]
+    if many:
+        lines += _baseline_differences_markdown(final["sites"], local, pooled)
+    lines.append("")
+    lines += [_baseline_gap(label, metric, final, local, pooled)
+              for metric, label in BASELINE_METRICS]
+    privacy = _baseline_privacy(local, pooled)
+    if privacy:
+        lines += ["", privacy]
+    return lines
+
+
+def _gap(value: float, reference: float) -> str:
+    difference = value - reference
+    if abs(difference) < 0.0005:
+        return "level with"
+    return f"{abs(difference):.3f} {'above' if difference > 0 else 'below'}"
+
+
+def _defined(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _baseline_gap(label: str, metric: str, final: Mapping[str, Any],
+                  local: Mapping[str, Any] | None, pooled: Mapping[str, Any] | None) -> str:
+    """One sentence per metric. Each comparison uses the same test records on both sides: the
+    global pool against the pooled model, each hospital's own split against its own model."""
+    parts = []
+    federated = final["global"].get(metric)
+    if pooled and _defined(federated) and _defined(pooled["global"].get(metric)):
+        parts.append(f"on the pooled test set the federated model ({federated:.3f}) is "
+                     f"{_gap(federated, pooled['global'][metric])} the model trained on all data "
+                     f"pooled ({pooled['global'][metric]:.3f})")
+    mean = final["client_mean"].get(metric)
+    if local and _defined(mean) and _defined(local["client_mean"].get(metric)):
+        pairs = [(m.get(metric), local["sites"].get(site, {}).get(metric))
+                 for site, m in final["sites"].items()]
+        pairs = [(f, a) for f, a in pairs if _defined(f) and _defined(a)]
+        beats = sum(f > a for f, a in pairs)
+        undefined = len(final["sites"]) - len(pairs)
+        parts.append(f"on each hospital's own test split it averages {mean:.3f}, "
+                     f"{_gap(mean, local['client_mean'][metric])} the hospitals' own models "
+                     f"trained alone ({local['client_mean'][metric]:.3f}); it beats training "
+                     f"alone at {beats} of {len(pairs)} hospitals"
+                     + (f" ({undefined} have it undefined)" if undefined else ""))
+    label = label[:1].upper() + label[1:]
+    if not parts:
+        return f"- **{label}**: undefined for the models compared (n/a above)."
+    return f"- **{label}**: " + "; ".join(parts) + "."
+
+
+def _baseline_differences_markdown(final_sites: Mapping[str, Mapping[str, Any]],
+                                   local: Mapping[str, Any] | None,
+                                   pooled: Mapping[str, Any] | None) -> list[str]:
+    """Many sites: per-site differences (federated minus baseline) as quantiles over sites."""
+    lines = ["", f"Per hospital ({len(final_sites)}), federated minus baseline on the "
+             "hospital's own test split (above 0: federation better):", ""]
+    lines += _quantile_header()
+    for name, entry in (("alone", local), ("pooled", pooled)):
+        if not entry:
+            continue
+        for metric, label in BASELINE_METRICS:
+            differences = [m[metric] - entry["sites"][site][metric]
+                           for site, m in final_sites.items()
+                           if _defined(m.get(metric)) and site in entry["sites"]
+                           and _defined(entry["sites"][site].get(metric))]
+            lines.append(_quantile_row(f"{label}: federated − {name}", differences))
+    return lines
+
+
+def _baseline_privacy(local: Mapping[str, Any] | None, pooled: Mapping[str, Any] | None) -> str:
+    """The baselines' own ε (their accountants'), when they trained with DP."""
+    parts = []
+    ledgers = [led for led in (local or {}).get("privacy", {}).values()
+               if isinstance(led, Mapping) and led.get("dp")]
+    epsilons = [led["epsilon"] for led in ledgers if _defined(led.get("epsilon"))]
+    if epsilons:
+        spread = (f"{min(epsilons):.2f}" if min(epsilons) == max(epsilons)
+                  else f"{min(epsilons):.2f} to {max(epsilons):.2f}")
+        parts.append(f"each hospital alone spent ε {spread} (δ as each site's own)")
+    led = (pooled or {}).get("privacy") or {}
+    if led.get("dp") and _defined(led.get("epsilon")):
+        parts.append(f"the pooled model ε {led['epsilon']:.2f} at δ {led['delta']:.0e} over "
+                     f"{pooled['num_train']} records")
+    if not parts:
+        return ""
+    return ("Baselines' privacy (their own accountants, σ planned for the whole budget as a "
+            "site plans it): " + "; ".join(parts) + ".")
 
 
 def _quantile_row(name: str, values: Any, digits: int = 3) -> str:

@@ -12,12 +12,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from models import registered_models
+from privacy.protocol import CLASS_BALANCE
+from server.site_summary import MANY_SITES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Reference models trained beside the federation (simulation only: simulations/baselines.py)
+BASELINES = ("local", "pooled")
 
 
 class ConfigError(ValueError):
@@ -47,6 +51,11 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _check(_is_int(cfg["seed"]) and cfg["seed"] >= 0, "seed", "an integer >= 0", cfg["seed"])
     _check(cfg["optimizer"] in ("sgd", "adam"), "optimizer", "one of ['sgd', 'adam']",
            cfg["optimizer"])
+    balance = cfg.get("class_balance", "none")
+    _check(balance in CLASS_BALANCE, "class_balance", f"one of {list(CLASS_BALANCE)}", balance)
+    _check(not (balance == "logit_adjust" and cfg["privacy"]["name"] != "off"), "class_balance",
+           "'auto' or 'none' with privacy=dp (logit_adjust uses each site's exact label "
+           "counts, which DP-SGD does not cover)", balance)
     per_round = cfg.get("sites_per_round")
     _check(per_round is None or (_is_int(per_round) and per_round >= 1)
            or (isinstance(per_round, float) and 0 < per_round < 1), "sites_per_round",
@@ -55,6 +64,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _check(cfg.get("final_evaluation", "all") in ("all", "sampled"), "final_evaluation",
            "'all' or 'sampled'", cfg.get("final_evaluation"))
     _validate_simulation(cfg["simulation"])
+    _validate_baselines(cfg.get("baselines", "auto"))
     generate = cfg["data"].get("generate", "upfront")
     _check(generate in ("on_first_use", "upfront"), "data.generate",
            "'on_first_use' or 'upfront'", generate)
@@ -108,6 +118,28 @@ def _validate_simulation(simulation: DictConfig | Mapping[str, Any]) -> None:
     _check(store is None or address is None, "simulation.object_store_mb",
            "null with simulation.ray_address (each cluster node fixes its object store at "
            "`ray start --object-store-memory=BYTES`)", store)
+
+
+def _validate_baselines(value: Any) -> None:
+    if value is None or (isinstance(value, str) and value in ("auto", "none", *BASELINES)):
+        return
+    names = list(value) if isinstance(value, list | tuple | ListConfig) else None
+    _check(names is not None and len(set(map(str, names))) == len(names)
+           and all(isinstance(n, str) and n in BASELINES for n in names), "baselines",
+           f"'auto', a list of some of {list(BASELINES)} without repeats, or [] / none / null "
+           "(no baselines)", value)
+
+
+def baseline_kinds(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The baselines a run asks for: ``auto`` is all of them up to MANY_SITES hospitals (where
+    report.md still lists every site; above, one model per site would double a long run)."""
+    value = cfg.get("baselines", "auto")
+    if isinstance(value, str) and value == "auto":
+        return BASELINES if int(cfg["num_hospitals"]) <= MANY_SITES else ()
+    if value is None or value == "none":
+        return ()
+    names = [value] if isinstance(value, str) else list(value)
+    return tuple(kind for kind in BASELINES if kind in names)
 
 
 def sites_per_round(cfg: Mapping[str, Any]) -> int:
@@ -193,6 +225,7 @@ def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "lr": cfg["lr"],
             "momentum": cfg["momentum"],
             "optimizer": cfg["optimizer"],
+            "class_balance": cfg.get("class_balance", "none"),
         },
         "seed": cfg["seed"],
         "privacy": dict(cfg["privacy"]),

@@ -27,7 +27,8 @@ from server.app import build_server_app
 from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
 from server.history import RoundRecord
 from server.report import collapse_warnings, is_collapsed
-from server.settings import ConfigError, to_dict, validate
+from server.settings import ConfigError, baseline_kinds, to_dict, validate
+from simulations.baselines import TrainedBaseline, run_baselines
 from simulations.engine import run_in_process
 from simulations.global_evaluation import pooled_test_evaluation
 from simulations.sites import lazy_synthetic_sites, site_folders
@@ -81,14 +82,33 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
         )
         progress.advance(bar)
 
+    def on_baseline(trained: TrainedBaseline) -> None:
+        m, led = trained.metrics, trained.privacy
+        what = (f"{trained.site} alone" if trained.site is not None
+                else "all sites pooled (global test pool)")
+        progress.console.print(
+            f"baseline {trained.done}/{trained.total} · {what}: AUROC "
+            f"{m.get('auroc', float('nan')):.3f} · balanced accuracy "
+            f"{m.get('balanced_accuracy', float('nan')):.3f}"
+            + (f" · ε {led['epsilon']:.2f}" if led.get("dp") else "")
+            + f" · {trained.seconds:.1f} s", soft_wrap=True)
+        progress.advance(baseline_bar)
+
+    global_evaluate = pooled_test_evaluation(cfg, folders, prepare=lazy and lazy.ensure)
     server_app = build_server_app(
-        cfg, output_dir=out_dir,
-        global_evaluate=pooled_test_evaluation(cfg, folders, prepare=lazy and lazy.ensure),
-        on_round=on_round,
+        cfg, output_dir=out_dir, global_evaluate=global_evaluate, on_round=on_round,
+        # trained after the rounds, in the ServerApp, so report.json is still written once
+        baselines=run_baselines(folders, pool=global_evaluate.sites,
+                                prepare=lazy and lazy.ensure, on_trained=on_baseline),
     )
+    kinds = baseline_kinds(cfg)
     with progress:
         bar = progress.add_task("federated rounds", total=cfg["rounds"],
                                 completed=first_round - 1)
+        if kinds:
+            baseline_bar = progress.add_task(
+                "baselines (" + ", ".join(kinds) + ")",
+                total=len(folders) * ("local" in kinds) + ("pooled" in kinds))
         run_in_process(
             server_app, build_client_app(sites, step_hook_for=step_hook_for,
                                          prepare_site=lazy and lazy.ensure), len(folders),

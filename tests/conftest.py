@@ -30,7 +30,10 @@ def one_thread():
 
 
 def run_simulation_cli(out_dir: Path, *overrides: str, timeout: float = 300) -> dict:
-    """``python -m simulations.run`` in a subprocess; returns report.json."""
+    """``python -m simulations.run`` in a subprocess; returns report.json. Without the
+    local/pooled baselines unless a test asks for them (they double a small run's time)."""
+    if not any(o.startswith("baselines=") for o in overrides):
+        overrides = (*overrides, "baselines=none")
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.run", f"hydra.run.dir={out_dir}", *overrides],

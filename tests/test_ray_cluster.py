@@ -27,7 +27,7 @@ from tests.conftest import ROOT, run_simulation_cli
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 TINY = ("task=tabular", "num_hospitals=2", "rounds=1", "task.synthetic.train_size=60",
-        "task.synthetic.test_size=30")
+        "task.synthetic.test_size=30", "baselines=none")
 HEAD_START_TIMEOUT_S = 60
 
 

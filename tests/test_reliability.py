@@ -155,7 +155,8 @@ def test_fedavg_is_destroyed_by_a_hostile_site_and_robust_strategies_are_not(hon
 # --- checkpoint and resume ------------------------------------------------------------------
 
 RUN = ("task=tabular", "num_hospitals=3", "strategy=fedadam", "privacy=dp",
-       "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null", "local_epochs=1")
+       "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null", "local_epochs=1",
+       "baselines=none")
 
 
 def _summary(report):
