@@ -146,7 +146,8 @@ def _local_config(settings: Mapping[str, Any], msg: Message, data: SiteData, *,
                   dp: bool) -> LocalTrainingConfig:
     return local_training_config(
         settings["train"], dp=dp, train_labels=data.train_labels, num_classes=data.num_classes,
-        proximal_mu=float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0)))
+        proximal_mu=float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0)),
+        public_prior=settings["task"].get("class_prior"))
 
 
 def train_with_dp(

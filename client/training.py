@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,24 +41,31 @@ class LocalTrainingConfig:
 def local_training_config(
     train: Mapping[str, Any], *, dp: bool, train_labels: np.ndarray | None = None,
     num_classes: int | None = None, proximal_mu: float = 0.0,
+    public_prior: Sequence[float] | None = None,
 ) -> LocalTrainingConfig:
     """One round of local training from the ``train`` settings the server sends (the site and
     the simulation's baselines read them here, the same way).
 
-    ``class_balance`` (``auto``: ``logit_adjust`` without DP, ``none`` with DP) uses the
-    class prior of ``train_labels``, the site's exact label counts: under DP-SGD that prior would
-    be a function of every record that per-example clipping does not bound, so it is refused.
+    ``class_balance=logit_adjust`` adds log(class prior) to the training logits. Without DP the
+    prior is the site's own label counts (``train_labels``). Under DP-SGD those counts are a
+    function of every record that per-example clipping does not bound, so a DP site uses only a
+    *public* prior from configuration (``task.class_prior``, e.g. a published prevalence: no
+    record influences it) and refuses otherwise. ``auto``: the site's prior without DP, the
+    public prior under DP when there is one, else none.
     """
     balance = str(train.get("class_balance", "none"))
     if balance not in CLASS_BALANCE:
         raise ValueError(f"class_balance must be one of {CLASS_BALANCE}, got {balance!r}")
     if balance == "auto":
-        balance = "none" if dp else "logit_adjust"
-    if balance == "logit_adjust" and dp:
-        raise ValueError("class_balance=logit_adjust uses the site's exact label counts, which "
-                         "DP-SGD does not cover; a DP site trains without it")
+        balance = "none" if dp and public_prior is None else "logit_adjust"
     prior = None
-    if balance == "logit_adjust":
+    if balance == "logit_adjust" and dp:
+        if public_prior is None:
+            raise ValueError("class_balance=logit_adjust under DP needs a public prior "
+                             "(task.class_prior): the site's exact label counts are not covered "
+                             "by DP-SGD")
+        prior = tuple(float(p) / float(sum(public_prior)) for p in public_prior)
+    elif balance == "logit_adjust":
         if train_labels is None or num_classes is None:
             raise ValueError("class_balance=logit_adjust needs the training labels")
         counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_classes)

@@ -1,8 +1,9 @@
 """A multilayer perceptron for encoded tabular records; ``hidden: []`` is logistic regression.
 
-Opacus-ready: only ``nn.Linear`` carries parameters, ReLU is not in place (an in-place op after
-a tracked layer breaks Opacus's backward hooks), no BatchNorm (it mixes examples, which
-per-sample clipping forbids).
+Opacus-ready: only ``nn.Linear`` carries parameters, activations are not in place (an in-place
+op after a tracked layer breaks Opacus's backward hooks), no BatchNorm (it mixes examples, which
+per-sample clipping forbids). ``activation: tanh`` bounds the hidden units, which keeps
+per-sample gradients small under DP-SGD (Papernot et al. 2021, tempered sigmoids).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from torch import nn
 
 from models.registry import register_model
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
 
 class TabularMLP(nn.Module):
-    """``Linear -> ReLU -> Dropout`` per entry of ``hidden``, then a linear head to logits."""
+    """``Linear -> activation -> Dropout`` per entry of ``hidden``, then a linear head to logits."""
 
     def __init__(
         self,
@@ -24,6 +27,7 @@ class TabularMLP(nn.Module):
         num_classes: int,
         hidden: Sequence[int] = (32,),
         dropout: float = 0.0,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if num_features < 1 or num_classes < 2:
@@ -31,12 +35,14 @@ class TabularMLP(nn.Module):
                              f"{num_features} and {num_classes}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         layers: list[nn.Module] = []
         width = int(num_features)
         for size in hidden:
             if int(size) < 1:
                 raise ValueError(f"hidden layer widths must be >= 1, got {list(hidden)}")
-            layers += [nn.Linear(width, int(size)), nn.ReLU()]
+            layers += [nn.Linear(width, int(size)), ACTIVATIONS[activation]()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = int(size)

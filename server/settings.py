@@ -53,9 +53,18 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
            cfg["optimizer"])
     balance = cfg.get("class_balance", "none")
     _check(balance in CLASS_BALANCE, "class_balance", f"one of {list(CLASS_BALANCE)}", balance)
-    _check(not (balance == "logit_adjust" and cfg["privacy"]["name"] != "off"), "class_balance",
-           "'auto' or 'none' with privacy=dp (logit_adjust uses each site's exact label "
-           "counts, which DP-SGD does not cover)", balance)
+    prior = cfg["task"].get("class_prior")
+    classes = cfg["task"]["spec"]["num_classes"]
+    _check(prior is None or (isinstance(prior, list | tuple | ListConfig)
+                             and len(prior) == classes
+                             and all(_is_number(p) and p > 0 for p in prior)),
+           "task.class_prior", f"null or {classes} numbers > 0 (a public prevalence per class, "
+           "task.spec.num_classes)", prior)
+    _check(not (balance == "logit_adjust" and cfg["privacy"]["name"] != "off"
+                and prior is None), "class_balance",
+           "'auto' or 'none' with privacy=dp unless task.class_prior gives a public prior "
+           "(logit_adjust would use each site's exact label counts, which DP-SGD does not "
+           "cover)", balance)
     per_round = cfg.get("sites_per_round")
     _check(per_round is None or (_is_int(per_round) and per_round >= 1)
            or (isinstance(per_round, float) and 0 < per_round < 1), "sites_per_round",

@@ -87,7 +87,8 @@ def training_config(cfg: Mapping[str, Any], train: TensorDataset) -> LocalTraini
     return local_training_config(
         run_settings.site_settings(cfg)["train"], dp=cfg["privacy"]["name"] != "off",
         train_labels=train.tensors[-1].numpy(),
-        num_classes=int(cfg["task"]["spec"]["num_classes"]))
+        num_classes=int(cfg["task"]["spec"]["num_classes"]),
+        public_prior=cfg["task"].get("class_prior"))
 
 
 def train_baseline(

@@ -101,7 +101,7 @@ def test_a_dp_baseline_stops_at_the_sites_budget_as_the_site_would(one_thread):
     """A fixed sigma with a budget: the round that would pass max_epsilon is declined."""
     cfg = compose([*SMALL, "num_hospitals=1", "rounds=4", "privacy=dp",
                    "privacy.target_epsilon=null", "privacy.noise_multiplier=2.0",
-                   "privacy.max_epsilon=3.5"])
+                   "privacy.max_epsilon=3.5", "batch_size=32", "local_epochs=3"])
     ledger = compute_baselines(cfg, site_folders(cfg), ("local",))["local"]["privacy"][
         "hospital_01"]
     assert 0 < ledger["rounds_trained"] < 4

@@ -29,13 +29,21 @@ def test_auto_adjusts_logits_with_the_site_prior_without_dp_and_never_under_dp()
 
 
 def test_a_dp_site_refuses_a_prior_from_its_exact_label_counts():
-    with pytest.raises(ValueError, match="DP-SGD does not cover"):
+    with pytest.raises(ValueError, match="not covered by DP-SGD"):
         local_training_config({**TRAIN, "class_balance": "logit_adjust"}, dp=True,
                               train_labels=np.array([0, 1]), num_classes=2)
 
 
+def test_a_dp_site_uses_only_the_public_prior_never_its_own_counts():
+    config = local_training_config({**TRAIN, "class_balance": "auto"}, dp=True,
+                                   train_labels=np.array([1, 1, 1, 1]), num_classes=2,
+                                   public_prior=[86, 14])
+    assert config.class_prior == pytest.approx((0.86, 0.14))  # not the site's (0, 1)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["privacy=dp", "class_balance=logit_adjust"], "class_balance must be 'auto' or 'none'"),
+    (["task=vitals", "task.class_prior=[0.9]"], "task.class_prior must be null or 2 numbers"),
     (["class_balance=balanced"], "class_balance must be one of"),
 ])
 def test_bad_class_balance_values_are_named(overrides, message):
