@@ -31,7 +31,7 @@ RUN_ID = 42
 def cfg():
     return compose(["task=tabular", "task.synthetic.train_size=40",
                     "task.synthetic.test_size=16", "local_epochs=1", "privacy=dp",
-                    "privacy.accountant=rdp"])
+                    "privacy.accountant=rdp", "model.hidden=[32,16]"])
 
 
 @pytest.fixture(scope="module")
