@@ -67,12 +67,6 @@ def test_baselines_are_scored_on_the_federation_s_own_test_splits(simulated):
         r["num_examples"] for r in report["sites"].values())
 
 
-def test_baselines_off_leaves_them_out_of_the_report(tmp_path):
-    report = run_simulation_cli(tmp_path, *SMALL, "num_hospitals=1", "rounds=1", "baselines=none")
-    assert report["baselines"] is None
-    assert SECTION not in (tmp_path / "report.md").read_text()
-
-
 def test_dp_baselines_report_their_own_accountant_epsilon(tmp_path, one_thread):
     cfg = compose([*SMALL, "num_hospitals=2", "privacy=dp", "privacy.target_epsilon=4"])
     folders = site_folders(cfg)

@@ -27,6 +27,9 @@ def test_simulation_writes_the_report_contract(first_run):
     assert run["secure_aggregation"] is False and run["duration_s"] > 0
     assert run["versions"]["flwr"] == "1.41.0"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+    # baselines=none (tests/conftest.py): absent from both reports, never half there
+    assert report["baselines"] is None
+    assert "each hospital alone" not in (out / "report.md").read_text()
     sites = {"hospital_01", "hospital_02", "hospital_03"}
     for rnd in report["rounds"]:
         assert set(rnd["sites"]) == sites and not rnd["failures"]
