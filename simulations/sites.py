@@ -28,7 +28,7 @@ from privacy.files import write_atomically
 from simulations.cache import write_folder_once
 from simulations.partition import check_partition_settings, partition_sites
 
-GENERATOR_VERSION = 1  # bump when a generator's output changes
+GENERATOR_VERSION = 2  # bump when a generator's output changes
 
 
 def site_folders(cfg: Mapping[str, Any]) -> dict[str, Path]:

@@ -353,6 +353,42 @@ def _write_notes(path: Path, task_cfg: Mapping[str, Any], columns: list[str],
                              for c in columns])
 
 
+@dataclass
+class SiteNotes:
+    """A site's notes as text, split exactly as :meth:`NotesTask.load_site` splits them (for
+    references that need the words, e.g. a TF-IDF baseline; the models get hashed ids)."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+    source: str
+    skipped: dict[str, int]
+
+
+def read_site_notes(folder: Path, task_cfg: Mapping[str, Any], site_id: str) -> SiteNotes:
+    """Read a site's notes file; the same rows, split and skip counts as ``load_site``."""
+    path = _site_file(Path(folder), task_cfg)
+    _, notes = _read_notes(path, task_cfg)
+    skipped: Counter[str] = Counter()
+    splits: dict[bool, tuple[list[str], list[int]]] = {False: ([], []), True: ([], [])}
+    for note in notes:
+        if note.text is None:
+            skipped["empty text"] += 1
+        elif note.label is None:
+            skipped["missing label"] += 1
+        elif not note_words(note.text):
+            skipped["no words in text"] += 1
+        else:
+            splits[note.is_test][0].append(note.text)
+            splits[note.is_test][1].append(note.label)
+    if not splits[False][0]:
+        raise DataError(f"site {site_id}: {path} has zero training examples ({len(notes)} "
+                        f"rows, {len(splits[True][0])} in the test split, skipped "
+                        f"{dict(skipped)})")
+    return SiteNotes(*splits[False], *splits[True], source=str(path), skipped=dict(skipped))
+
+
 @register_task
 class NotesTask(Task):
     name = "notes"
@@ -360,28 +396,12 @@ class NotesTask(Task):
     def load_site(self, folder: Path, task_cfg: Mapping[str, Any], site_id: str) -> SiteData:
         spec = task_cfg["spec"]
         _check_spec(spec)
-        path = _site_file(Path(folder), task_cfg)
-        _, notes = _read_notes(path, task_cfg)
-        skipped: Counter[str] = Counter()
-        splits: dict[bool, tuple[list[str], list[int]]] = {False: ([], []), True: ([], [])}
-        for note in notes:
-            if note.text is None:
-                skipped["empty text"] += 1
-            elif note.label is None:
-                skipped["missing label"] += 1
-            elif not note_words(note.text):
-                skipped["no words in text"] += 1
-            else:
-                splits[note.is_test][0].append(note.text)
-                splits[note.is_test][1].append(note.label)
-        train = _dataset(*splits[False], spec)
-        test = _dataset(*splits[True], spec)
-        if len(train) == 0:
-            raise DataError(f"site {site_id}: {path} has zero training examples ({len(notes)} "
-                            f"rows, {len(test)} in the test split, skipped {dict(skipped)})")
-        return SiteData(site_id=site_id, train=train, test=test,
-                        num_classes=int(spec["num_classes"]), source=str(path),
-                        skipped=dict(skipped))
+        notes = read_site_notes(folder, task_cfg, site_id)
+        return SiteData(site_id=site_id,
+                        train=_dataset(notes.train_texts, notes.train_labels, spec),
+                        test=_dataset(notes.test_texts, notes.test_labels, spec),
+                        num_classes=int(spec["num_classes"]), source=notes.source,
+                        skipped=notes.skipped)
 
     def index_pooled(
         self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
@@ -464,6 +484,17 @@ class NotesTask(Task):
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic discharge notes
+#
+# What makes them hard, as real discharge notes are (each measured in docs/utility.md):
+# - two in five pneumonia notes never name it: findings and treatment only, and every such
+#   finding also appears in notes of other diagnoses (bronchitis, influenza, heart failure,
+#   atelectasis, aspiration pneumonitis, urinary sepsis);
+# - notes of other diagnoses name pneumonia often: negated ("no evidence of pneumonia"),
+#   ruled out after an initial concern, in the history ("prior admission with pneumonia");
+# - each hospital has its own wording (infiltrate or airspace opacity, rales or crackles, its
+#   antibiotics): a site sees only part of the vocabulary the pooled test set uses;
+# - labels from billing codes or chart review disagree with the note now and then, and notes
+#   that only say "possible pneumonia" are labelled either way.
 
 
 @dataclass(frozen=True)
@@ -475,6 +506,7 @@ class NoteStyle:
     filler: tuple[int, int]  # note length: hospital course of 40 + 5*k words, k in this range
     typo_rate: float  # per-word probability of a typo
     negation: int  # preferred phrasing of a negated finding
+    lexicon: int  # which synonym of each WORDING group this hospital prefers (a seed)
 
     @classmethod
     def from_shift(cls, shift: Mapping[str, float]) -> NoteStyle:
@@ -486,7 +518,12 @@ class NoteStyle:
             filler=(low, low + 2 + int(8 * w)),
             typo_rate=0.04 * w,
             negation=min(2, int(3 * ((u + w) % 1.0))),
+            lexicon=zlib.crc32(f"{u:.6f} {v:.6f} {w:.6f}".encode()),
         )
+
+    def preferred(self, group: str) -> int:
+        """This hospital's own word for ``group`` (an index into ``WORDING[group]``)."""
+        return zlib.crc32(f"{group}:{self.lexicon}".encode()) % len(WORDING[group])
 
 
 # Terms written spelled out or abbreviated depending on the site's style.
@@ -505,14 +542,35 @@ TERMS: dict[str, tuple[str, str]] = {
     "htn": ("hypertension", "HTN"), "dm": ("diabetes mellitus", "DM"),
     "ckd": ("chronic kidney disease", "CKD"), "yo": ("year-old", "yo"),
     "rll": ("right lower lobe", "RLL"), "lll": ("left lower lobe", "LLL"),
+    "pe": ("pulmonary embolism", "PE"), "ct": ("CT", "CT"),
 }
+# Synonyms: each hospital writes its own one most of the time (NoteStyle.preferred), so the
+# words that signal a finding differ between sites.
+WORDING: dict[str, tuple[str, ...]] = {
+    "opacity": ("consolidation", "infiltrate", "airspace opacity", "airspace disease"),
+    "crackles": ("crackles", "rales", "coarse breath sounds", "rhonchi"),
+    "sputum": ("productive cough", "cough productive of yellow sputum", "purulent sputum",
+               "wet cough"),
+    "febrile": ("febrile to {temp}", "Tmax {temp}", "temperature of {temp}", "fever to {temp}"),
+    "hypoxia": ("required 2 liters nasal cannula", "hypoxic to 88 percent on room air",
+                "desaturated to 89 percent and was placed on oxygen", "a new oxygen requirement"),
+    "leukocytosis": ("{wbc} {wbc_value}", "leukocytosis to {wbc_value}",
+                     "procalcitonin {pct_value}", "left shift {w} {wbc} {wbc_value}"),
+    "abx_course": ("ceftriaxone and azithromycin", "levofloxacin", "vancomycin and cefepime",
+                   "amoxicillin-clavulanate", "doxycycline"),
+    "pna_name": ("{pna}", "{cap}", "{lobe} {pna}", "lobar pneumonia", "multifocal pneumonia",
+                 "bronchopneumonia"),
+}
+SITE_WORDING = 0.8  # share of a group's mentions in the hospital's own word
 NUMBERS = {
     "age": lambda r: str(int(r.integers(28, 95))),
     "days": lambda r: str(int(r.integers(3, 8))),
     "temp": lambda r: f"{r.uniform(38.1, 39.8):.1f}",
     "wbc_value": lambda r: f"{r.uniform(11, 21):.1f}",
+    "pct_value": lambda r: f"{r.uniform(0.6, 4.0):.1f}",
     "bnp_value": lambda r: str(int(r.integers(600, 3000))),
     "ef_value": lambda r: str(int(r.integers(15, 40))),
+    "year": lambda r: str(int(r.integers(2118, 2130))),
     "sex": lambda r: "man" if r.uniform() < 0.5 else "woman",
     "side": lambda r: "right" if r.uniform() < 0.5 else "left",
     "lobe": lambda r: "{rll}" if r.uniform() < 0.6 else "{lll}",
@@ -524,24 +582,31 @@ class Condition:
     name: str  # the term key of its name, for negated and historical mentions
     complaint: tuple[str, ...]
     strong: tuple[str, ...]  # sentences that state the condition
-    support: tuple[str, ...]  # findings that suggest it (some shared with other diagnoses)
+    support: tuple[str, ...]  # findings that suggest it (each shared with other diagnoses)
     diagnosis: tuple[str, ...]  # discharge diagnosis lines
-    vague: str  # the diagnosis line of a note that never names the condition
+    vague: tuple[str, ...]  # discharge diagnosis lines of a note that never names it
 
 
+PNEUMONIA_FINDINGS = (
+    "Presented {w} {sputum} and {febrile}.", "{crackles} at the {side} base.",
+    "{leukocytosis} on admission.", "{hypoxia}, weaned to room air.",
+    "Pleuritic chest pain and {sob}.", "Blood cultures no growth to date.",
+    "{cxr} {w} {lobe} {opacity}.", "Started on {abx_course}.",
+    "Completed a {days} day course of {abx_course}.", "{sputum} improved on {abx}.",
+)
 CONDITIONS = (
     Condition(
-        "pna", ("cough and fever", "{sob}", "fever"),
-        ("Admitted {w} {pna}.", "{cxr} showed {lobe} consolidation consistent {w} {pna}.",
-         "Treated for {cap} {w} ceftriaxone and azithromycin.",
-         "{pna} improved on {abx} and {pt} was transitioned to oral levofloxacin.",
+        "pna", ("cough and fever", "{sob}", "fever", "{sputum}"),
+        ("Admitted {w} {pna_name}.", "{cxr} showed {lobe} {opacity} consistent {w} {pna_name}.",
+         "Treated for {pna_name} {w} {abx_course}.",
+         "{pna_name} improved on {abx} and {pt} was transitioned to oral levofloxacin.",
          "Sputum culture grew streptococcus pneumoniae.",
-         "Completed a {days} day course of {abx} for {pna}.",
-         "{lobe} infiltrate on imaging, started on {abx} for {cap}."),
-        ("Presented {w} productive cough and fever to {temp}.", "Crackles at the {side} base.",
-         "{wbc} {wbc_value} on admission.", "Required 2 liters nasal cannula, weaned to room air.",
-         "Pleuritic chest pain and {sob}.", "Blood cultures no growth to date."),
-        ("{pna}", "{cap}", "{lobe} {pna}"), "lower respiratory tract infection",
+         "Completed a {days} day course of {abx} for {pna_name}.",
+         "{lobe} {opacity} on imaging, started on {abx} for {pna_name}."),
+        PNEUMONIA_FINDINGS,
+        ("{pna_name}",),
+        ("lower respiratory tract infection", "sepsis", "acute hypoxic respiratory failure",
+         "cough and fever"),
     ),
     Condition(
         "chf", ("{sob}", "leg swelling", "{doe}"),
@@ -551,27 +616,60 @@ CONDITIONS = (
          "{bnp} elevated at {bnp_value}.", "Echo {w} {ef} of {ef_value} percent.",
          "Volume overloaded {w} bilateral {le} edema and orthopnea.",
          "Discharged on a higher dose of torsemide for {hf}."),
-        ("{sob} and {doe} for one week.", "Crackles at the {side} base.", "Weight up 4 kg.",
-         "Jugular venous distension on exam."),
-        ("acute on chronic {chf}", "{hf} exacerbation", "decompensated {chf}"), "volume overload",
+        ("{sob} and {doe} for one week.", "{crackles} at the {side} base.", "Weight up 4 kg.",
+         "Jugular venous distension on exam.", "{hypoxia}, weaned to room air."),
+        ("acute on chronic {chf}", "{hf} exacerbation", "decompensated {chf}"),
+        ("volume overload", "acute hypoxic respiratory failure"),
     ),
     Condition(
         "copd", ("{sob}", "wheezing", "cough"),
         ("Admitted {w} {copd} exacerbation.", "Diffuse expiratory wheezing on exam.",
          "Treated {w} nebulized albuterol and ipratropium and a prednisone burst.",
-         "{cxr} {wo} focal consolidation, hyperinflated lungs.",
+         "{cxr} {wo} focal {opacity}, hyperinflated lungs.",
          "{copd} on home oxygen, active smoker."),
-        ("{sob} and wheezing.", "Productive cough {w} increased sputum.",
-         "Completed a {days} day course of azithromycin."),
-        ("{copd} exacerbation", "acute exacerbation of {copd}"), "hypoxic respiratory failure",
+        ("{sob} and wheezing.", "{sputum} {w} increased sputum.",
+         "Completed a {days} day course of azithromycin.", "{hypoxia}, weaned to room air.",
+         "Started on doxycycline."),
+        ("{copd} exacerbation", "acute exacerbation of {copd}"),
+        ("hypoxic respiratory failure", "bronchospasm"),
     ),
 )
-OTHER_DIAGNOSES = (  # (complaints, hospital course, discharge diagnosis)
-    (("leg redness",),
-     ("Admitted {w} left leg cellulitis.", "Treated {w} {iv} cefazolin, erythema receding."),
+# Negative notes: (complaints, hospital course, discharge diagnosis). The respiratory mimics
+# share the findings, images and antibiotics of pneumonia without being pneumonia.
+RESPIRATORY_MIMICS = (
+    (("cough and fever", "fever"),
+     ("Viral upper respiratory infection {w} cough and {febrile}.",
+      "Influenza swab positive, started oseltamivir.", "{cxr} {wo} {opacity}."),
+     "influenza"),
+    (("cough", "{sputum}"),
+     ("Acute bronchitis {w} {sputum}.", "{cxr} clear.",
+      "Treated {w} albuterol and a {days} day course of {abx_course}."),
+     "acute bronchitis"),
+    (("{sob}",),
+     ("Postoperative {cxr} {w} {lobe} opacity, felt to be atelectasis.",
+      "Incentive spirometry, {hypoxia} resolved.", "Repeat imaging {w} resolution."),
+     "atelectasis"),
+    (("cough", "{sob}"),
+     ("Witnessed aspiration event at the nursing facility.",
+      "{cxr} {w} {lobe} {opacity}, felt to be chemical pneumonitis, {abx} were not started.",
+      "Speech and swallow evaluation, diet modified."),
+     "aspiration pneumonitis"),
+    (("pleuritic chest pain", "{sob}"),
+     ("{ct} angiogram showed a {side} segmental {pe}.", "{hypoxia}, weaned to room air.",
+      "Started on apixaban."),
+     "{pe}"),
+    (("cough",),
+     ("{cxr} {w} {lobe} opacity, {ct} chest showed a spiculated mass.",
+      "Bronchoscopy biopsy pending, referred to oncology."),
+     "lung mass"),
+)
+OTHER_DIAGNOSES = (
+    (("leg redness", "fever"),
+     ("Admitted {w} left leg cellulitis.",
+      "Treated {w} {iv} vancomycin and cefepime, erythema receding.", "{febrile}."),
      "cellulitis"),
     (("dysuria", "fever"),
-     ("{uti} {w} pyuria, urine culture grew e coli.",
+     ("{uti} {w} pyuria, urine culture grew e coli.", "{leukocytosis}, {febrile}.",
       "Treated {w} ceftriaxone then oral cephalexin."),
      "{uti}"),
     (("chest pain",),
@@ -591,15 +689,23 @@ OTHER_DIAGNOSES = (  # (complaints, hospital course, discharge diagnosis)
      ("{afib} {w} rapid ventricular response.",
       "Rate controlled {w} metoprolol, started apixaban."),
      "{afib} with RVR"),
-    (("cough and fever", "fever"),
-     ("Viral upper respiratory infection {w} cough and fever to {temp}.",
-      "Influenza swab positive, started oseltamivir."),
-     "influenza"),
-    (("cough",),
-     ("Acute bronchitis {w} productive cough.", "Treated {w} supportive care and albuterol."),
-     "lower respiratory tract infection"),
 )
 NEGATIONS = ("{cxr} {wo} evidence of {X}.", "Negative for {X}.", "{X} {ro}.")
+HISTORY = ("Remote {hx} {X}.", "Family {hx} {X}.", "Prior admission {w} {X} in {year}.",
+           "{hx} {X} requiring intubation in {year}.")
+# Discharge diagnoses that name no condition: hard positives end on one of these, and so do
+# many notes of other diagnoses (DISCHARGE_VAGUE of them).
+VAGUE_DIAGNOSES = ("lower respiratory tract infection", "sepsis",
+                   "acute hypoxic respiratory failure", "cough and fever", "{sob}")
+DISCHARGE_VAGUE = 0.4
+# Sentences a pneumonia note may share with a mimic: pneumonia after influenza, on COPD, after
+# aspiration (aspiration pneumonia, where the mimic is aspiration pneumonitis).
+COMPLICATED_BY = ("Influenza swab positive, started oseltamivir.", "{copd} on home oxygen.",
+                  "Witnessed aspiration event at the nursing facility.",
+                  "{cxr} {w} small bilateral effusions.")
+HEDGES = ("Possible early {pna} on {cxr}, treated empirically {w} {abx_course}.",
+          "Cannot exclude {pna}, {abx} were continued.",
+          "Initial concern for {pna}, however {cxr} was clear and {abx} were stopped.")
 FILLERS = (
     "Vital signs stable.", "Tolerating a regular diet.", "Ambulating independently {w} PT.",
     "Home medications were resumed.", "{fu} {w} {pcp} in 1 week.",
@@ -607,10 +713,12 @@ FILLERS = (
     "{pt} remained hemodynamically stable.", "Glucose controlled {w} sliding scale insulin.",
     "Code status full code.", "No acute events overnight.", "Pain controlled {w} acetaminophen.",
     "DVT prophylaxis {w} heparin.", "Seen in the {ed} and admitted to medicine.",
+    "Pneumococcal and influenza vaccines up to date.", "Physical therapy recommended rehab.",
 )
 COMORBIDITIES = ("{htn}", "{dm}", "{ckd}", "{afib}", "hyperlipidemia", "obesity", "{copd}", "{chf}")
 # Labels taken from billing codes or chart review disagree with the note text now and then.
-LABEL_NOISE = 0.05
+LABEL_NOISE = 0.07
+HARD_POSITIVE = 0.4  # share of positive notes that name no diagnosis, only findings
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -623,6 +731,11 @@ def _fill(
             return _fill(extra[key], style, rng, {})
         if key in NUMBERS:
             return _fill(NUMBERS[key](rng), style, rng, {})
+        if key in WORDING:
+            variants = WORDING[key]
+            own = rng.uniform() < SITE_WORDING
+            pick = style.preferred(key) if own else int(rng.integers(len(variants)))
+            return _fill(variants[pick], style, rng, {})
         spelled, short = TERMS[key]
         return short if rng.uniform() < style.abbreviation else spelled
 
@@ -664,11 +777,10 @@ def synthetic_note(
     """A discharge-summary-like note whose class is the primary diagnosis.
 
     Class k >= 1 is condition ``CONDITIONS[k-1]`` (pneumonia, heart failure, COPD); class 0
-    is anything else, including conditions that are not classes (in the binary task heart
-    failure and COPD notes share cough, dyspnoea and crackles with pneumonia). Every class
-    mixes in distractors: negated and historical mentions of the conditions ("no evidence of
-    pneumonia", "remote history of pneumonia", "initial concern for pneumonia ... stopped"),
-    and one positive in four names no diagnosis at all, only its findings.
+    is anything else: conditions that are not classes (in the binary task heart failure and
+    COPD), respiratory mimics (influenza, bronchitis, atelectasis, aspiration pneumonitis,
+    pulmonary embolism, a lung mass) and other admissions. See the section comment above for
+    what makes the classes overlap.
     """
     classes = CONDITIONS[: num_classes - 1]
 
@@ -679,37 +791,55 @@ def synthetic_note(
     if label >= 1:
         cond = classes[label - 1]
         complaint = _pick(rng, cond.complaint)[0]
-        hard = rng.uniform() < 0.25
-        strong = [] if hard else _pick(rng, cond.strong, int(rng.integers(1, 4)))
-        course += strong + _pick(rng, cond.support, int(rng.integers(1, 3)))
-        diagnosis = cond.vague if hard else _pick(rng, cond.diagnosis)[0]
+        if rng.uniform() < HARD_POSITIVE:  # findings only, the diagnosis never named
+            course += _pick(rng, cond.support, int(rng.integers(2, 5)))
+            diagnosis = _pick(rng, cond.vague)[0]
+            if cond.name == "pna" and rng.uniform() < 0.2:
+                course.append(_pick(rng, HEDGES[:2])[0])
+        else:
+            course += _pick(rng, cond.strong, int(rng.integers(1, 3)))
+            course += _pick(rng, cond.support, int(rng.integers(0, 3)))
+            diagnosis = _pick(rng, cond.diagnosis)[0]
+        if cond.name == "pna" and rng.uniform() < 0.3:
+            course.append(_pick(rng, COMPLICATED_BY)[0])
         others = [c for c in CONDITIONS if c is not cond]
+        negated = 0.35
     else:
         non_class = CONDITIONS[num_classes - 1 :]
-        if non_class and rng.uniform() < 0.3:
+        kind = rng.uniform()
+        if non_class and kind < 0.2:
             cond = non_class[int(rng.integers(len(non_class)))]
             complaint = _pick(rng, cond.complaint)[0]
             course += _pick(rng, cond.strong, int(rng.integers(1, 4)))
             course += _pick(rng, cond.support, 1)
             diagnosis = _pick(rng, cond.diagnosis)[0]
+        elif classes and kind < 0.35:  # an unexplained illness: findings, no diagnosis named
+            cond = classes[int(rng.integers(len(classes)))]
+            complaint = _pick(rng, cond.complaint)[0]
+            course += _pick(rng, cond.support, int(rng.integers(1, 4)))
+            diagnosis = _pick(rng, VAGUE_DIAGNOSES)[0]
         else:
-            complaints, sentences, diagnosis = OTHER_DIAGNOSES[rng.integers(len(OTHER_DIAGNOSES))]
+            pool = RESPIRATORY_MIMICS if kind < 0.65 else OTHER_DIAGNOSES
+            complaints, sentences, diagnosis = pool[int(rng.integers(len(pool)))]
             complaint = _pick(rng, complaints)[0]
-            course += list(sentences)
+            course += _pick(rng, sentences, int(rng.integers(len(sentences) - 1,
+                                                             len(sentences) + 1)))
         others = list(classes)
-        if rng.uniform() < 0.45 and classes:  # respiratory findings without the condition
-            course += _pick(rng, classes[int(rng.integers(len(classes)))].support, 1)
+        negated = 0.45
+        if rng.uniform() < DISCHARGE_VAGUE:
+            diagnosis = _pick(rng, VAGUE_DIAGNOSES)[0]
+        if classes and rng.uniform() < 0.55:  # findings of a class without the condition
+            cond = classes[int(rng.integers(len(classes)))]
+            course += _pick(rng, cond.support, int(rng.integers(1, 4)))
+        if classes and classes[0].name == "pna" and rng.uniform() < 0.12:
+            course.append(_pick(rng, HEDGES)[0])
     for other in others:  # negated mentions: a bag of words sees the condition's name here too
-        if rng.uniform() < 0.35:
+        if rng.uniform() < negated:
             phrasing = (NEGATIONS[style.negation] if rng.uniform() < 0.7
                         else _pick(rng, NEGATIONS)[0])
             course.append(r(phrasing, X="{" + other.name + "}"))
-    if label == 0 and classes and classes[0].name == "pna" and rng.uniform() < 0.15:
-        course.append(r("Initial concern for {pna}, however {cxr} was clear and {abx} "
-                        "were stopped."))
-    if rng.uniform() < 0.15:
-        course.append(r(_pick(rng, ("Remote {hx} {X}.", "Family {hx} {X}."))[0],
-                        X="{" + _pick(rng, CONDITIONS)[0].name + "}"))
+    if rng.uniform() < 0.2:
+        course.append(r(_pick(rng, HISTORY)[0], X="{" + _pick(rng, CONDITIONS)[0].name + "}"))
     course = [r(s) for s in course]
     # Routine sentences fill the hospital course up to a length set by the site's style, not
     # by the diagnosis: note length must not give the label away.
