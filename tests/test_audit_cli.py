@@ -27,6 +27,9 @@ SMALL_RUN = [
     "task=tabular", "num_hospitals=2", "rounds=1", "local_epochs=40", "lr=0.01",
     "task.synthetic.train_size=50", "task.synthetic.test_size=50",
     "model.hidden=[256,256]", "model.dropout=0",
+    # the audit's calibration is on plain Adam steps, also under privacy=dp (not the tuned DP
+    # defaults of conf/training/mlp_dp.yaml)
+    "optimizer=adam", "batch_size=32", "model.activation=relu",
     "audit.canaries.white_box=200", "audit.canaries.black_box=40",
     "audit.membership.shadow_models=2",
 ]
