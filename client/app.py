@@ -24,16 +24,20 @@ from flwr.clientapp import ClientApp
 from client import egress
 from client.approval import approval_refusal
 from client.evaluation import evaluate
-from client.privacy_budget import load_ledger, plan_ledger, save_ledger, site_budget
+from client.privacy_budget import (
+    load_ledger,
+    plan_ledger,
+    save_ledger,
+    site_budget,
+    train_private_round,
+)
 from client.secure_aggregation import register_secure_aggregation
 from client.site import PARTITION_ID, SITE_CONFIG, SiteSettings, simulated_site_from_root
 from client.tasks import SiteData, get_task
 from client.training import (
-    DPConfig,
     LocalTrainingConfig,
     StepHook,
     TrainOutcome,
-    dp_schedule,
     local_training_config,
     resolve_device,
     site_seed,
@@ -163,27 +167,14 @@ def train_with_dp(
         int(settings["plan"]["rounds"]), site_budget(site, privacy_cfg),
     )
     ledger.max_epsilon = site_budget(site, privacy_cfg)
-    # q follows the site's current data; a changed q becomes a new accountant entry.
-    ledger.sample_rate, steps = dp_schedule(len(data.train), config.batch_size, config.epochs)
     server_round = settings["server_round"]
-    after = ledger.epsilon_after(steps)
-    if ledger.max_epsilon is not None and after > ledger.max_epsilon:
-        ledger.record_declined()
-        save_ledger(site, context, ledger)
-        reason = (f"round {server_round} would raise epsilon from {ledger.epsilon():.4g} to "
-                  f"{after:.4g}, above this site's budget max_epsilon={ledger.max_epsilon:.4g}")
-        return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, ledger=ledger.report(),
-                            declined=reason)
-    dp = DPConfig(noise_multiplier=ledger.noise_multiplier,
-                  max_grad_norm=float(privacy_cfg["max_grad_norm"]),
-                  secure_noise=bool(privacy_cfg.get("secure_noise", False)))
     seed = site_seed(int(settings["seed"]), site.site_id, server_round)
-    result = train_local(model, data.train, config, seed=seed, device=device, dp=dp,
-                         step_hook=step_hook)
-    if int(result["steps"]) != steps:  # the ledger must account for exactly what ran
-        raise RuntimeError(f"DP-SGD ran {result['steps']} steps but {steps} were accounted")
-    ledger.record_round(steps)
+    result, declined = train_private_round(model, data.train, config, ledger, privacy_cfg,
+                                           seed=seed, device=device, step_hook=step_hook)
     save_ledger(site, context, ledger)
+    if result is None:
+        return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, ledger=ledger.report(),
+                            declined=f"round {server_round} {declined}")
     metrics = {protocol.NUM_EXAMPLES: len(data.train), **result}
     return TrainOutcome(model, metrics, ledger=ledger.report())
 

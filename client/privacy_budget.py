@@ -11,10 +11,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context
+from torch.utils.data import Dataset
 
 from client.site import SiteSettings
-from client.training import dp_schedule
+from client.training import (
+    DPConfig,
+    LocalTrainingConfig,
+    StepHook,
+    dp_schedule,
+    train_local,
+)
 from privacy.accounting import PrivacyLedger, default_delta, noise_multiplier_for
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -66,3 +74,31 @@ def site_budget(site: SiteSettings, privacy_cfg: Mapping[str, Any]) -> float | N
         return site.max_epsilon
     value = privacy_cfg.get("max_epsilon")
     return float(value) if value is not None else None
+
+
+def train_private_round(
+    model: torch.nn.Module, train: Dataset, config: LocalTrainingConfig, ledger: PrivacyLedger,
+    privacy_cfg: Mapping[str, Any], *, seed: int, device: str,
+    step_hook: StepHook | None = None,
+) -> tuple[dict[str, float] | None, str | None]:
+    """One round of DP-SGD charged to ``ledger``: ``(training metrics, None)``, or
+    ``(None, why)`` when the round would take the ledger past its ``max_epsilon`` (the decline
+    is recorded; nothing trains). The one place where a round's steps meet the accountant: the
+    site and the simulation's baselines both train through it."""
+    # q follows the current data; a changed q becomes a new accountant entry.
+    ledger.sample_rate, steps = dp_schedule(len(train), config.batch_size, config.epochs)
+    if ledger.exceeds_budget_after(steps):
+        ledger.record_declined()
+        return None, (f"would raise epsilon from {ledger.epsilon():.4g} to "
+                      f"{ledger.epsilon_after(steps):.4g}, above this site's budget "
+                      f"max_epsilon={ledger.max_epsilon:.4g}")
+    dp = DPConfig(noise_multiplier=ledger.noise_multiplier,
+                  max_grad_norm=float(privacy_cfg["max_grad_norm"]),
+                  secure_noise=bool(privacy_cfg.get("secure_noise", False)))
+    result = train_local(model, train, config, seed=seed, device=device, dp=dp,
+                         step_hook=step_hook)
+    if int(result["steps"]) != steps:  # the ledger must account for exactly what ran
+        raise RuntimeError(f"DP-SGD ran {result['steps']} steps but {steps} were accounted")
+    ledger.record_round(steps)
+    return result, None
+

@@ -42,12 +42,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from client.evaluation import evaluate
-from client.privacy_budget import plan_ledger
+from client.privacy_budget import plan_ledger, train_private_round
 from client.tasks import SiteData, get_task
 from client.training import (
-    DPConfig,
     LocalTrainingConfig,
-    dp_schedule,
     local_training_config,
     resolve_device,
     site_seed,
@@ -116,18 +114,8 @@ def _train_baseline(
         if ledger is None:
             train_local(model, train, config, seed=round_seed, device=device)
             continue
-        _, steps = dp_schedule(len(train), config.batch_size, config.epochs)
-        if ledger.exceeds_budget_after(steps):  # the site would decline this round
-            ledger.record_declined()
-            continue
-        privacy = cfg["privacy"]
-        dp = DPConfig(noise_multiplier=ledger.noise_multiplier,
-                      max_grad_norm=float(privacy["max_grad_norm"]),
-                      secure_noise=bool(privacy.get("secure_noise", False)))
-        result = train_local(model, train, config, seed=round_seed, device=device, dp=dp)
-        if int(result["steps"]) != steps:  # the ledger must account for exactly what ran
-            raise RuntimeError(f"DP-SGD ran {result['steps']} steps but {steps} were accounted")
-        ledger.record_round(steps)
+        train_private_round(model, train, config, ledger, cfg["privacy"], seed=round_seed,
+                            device=device)  # a round past max_epsilon is declined, as a site's
     if ledger is None:
         return model, {"dp": False}
     if ledger.steps == 0:  # every round declined: no records used, so no ε to claim
