@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers import note_token_ids
 from models.registry import register_model
 
 
@@ -100,11 +101,7 @@ class NoteEncoder(nn.Module):
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() == 2:  # word ids only, no bigram channel
-            tokens = tokens.unsqueeze(-1)
-        if tokens.shape[1] > self.max_len:
-            raise ValueError(f"notes of {tokens.shape[1]} positions are longer than max_len "
-                             f"{self.max_len} (task.spec.max_len)")
+        tokens = note_token_ids(tokens, self.max_len)
         mask = mask.bool()
         # Drop the trailing positions that are padding in every note of the batch: the output
         # does not depend on them, and attention costs length².

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.layers import note_token_ids
 from models.registry import register_model
 
 POOLINGS = ("sqrt", "mean")
@@ -67,11 +68,7 @@ class NgramBag(nn.Module):
         self.head = nn.Linear(dim or num_classes, num_classes, bias=False)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() == 2:  # word ids only, no bigram channel
-            tokens = tokens.unsqueeze(-1)
-        if tokens.shape[1] > self.max_len:
-            raise ValueError(f"notes of {tokens.shape[1]} positions are longer than max_len "
-                             f"{self.max_len} (task.spec.max_len)")
+        tokens = note_token_ids(tokens, self.max_len)
         counted = (mask.bool().unsqueeze(-1) & (tokens != 0)).to(torch.float32)  # B×L×2
         if self.buckets is not None:
             tokens = torch.where(tokens > 0, 1 + (tokens - 1) % (self.buckets - 1), 0)

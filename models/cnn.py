@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.layers import activation_layer, check_activation
 from models.registry import register_model
-
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def _block(c_in: int, c_out: int, groups: int, activation: str = "relu") -> nn.Sequential:
@@ -25,7 +24,7 @@ def _block(c_in: int, c_out: int, groups: int, activation: str = "relu") -> nn.S
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
         nn.GroupNorm(min(groups, c_out), c_out, affine=False),
-        ACTIVATIONS[activation](),
+        activation_layer(activation),
         nn.MaxPool2d(2),
     )
 
@@ -51,8 +50,7 @@ class ScanCNN(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        check_activation(activation)
         if image_size < 2**depth:
             raise ValueError(f"image_size {image_size} is too small for depth {depth}")
         blocks, c_in = [], channels

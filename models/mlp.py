@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.layers import activation_layer, check_activation
 from models.registry import register_model
-
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 class TabularMLP(nn.Module):
@@ -35,14 +34,13 @@ class TabularMLP(nn.Module):
                              f"{num_features} and {num_classes}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        check_activation(activation)
         layers: list[nn.Module] = []
         width = int(num_features)
         for size in hidden:
             if int(size) < 1:
                 raise ValueError(f"hidden layer widths must be >= 1, got {list(hidden)}")
-            layers += [nn.Linear(width, int(size)), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(width, int(size)), activation_layer(activation)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = int(size)

@@ -39,6 +39,15 @@ def test_mlp_activation_defaults_to_relu_and_tanh_bounds_the_hidden_units():
         build_model({"name": "mlp", "hidden": [16], "activation": "gelu"}, TABULAR_SPEC)
 
 
+def test_cnn_activation_is_configurable_and_checked():
+    spec = {"channels": 1, "image_size": 28, "num_classes": 2}
+    cnn = build_model({"name": "cnn", "activation": "tanh"}, spec)
+    kinds = {type(m) for m in cnn.features.modules()}
+    assert nn.Tanh in kinds and nn.ReLU not in kinds
+    with pytest.raises(ValueError, match="activation must be one of"):
+        build_model({"name": "cnn", "activation": "gelu"}, spec)
+
+
 def test_tanh_mlp_trains_under_dp_sgd_through_empty_poisson_batches(one_thread):
     model = build_model({"name": "mlp", "hidden": [16], "activation": "tanh"}, TABULAR_SPEC)
     keys, before = list(model.state_dict()), [p.detach().clone() for p in model.parameters()]
