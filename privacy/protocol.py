@@ -34,7 +34,8 @@ NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this key
 SERVER_ROUND = "server-round"  # injected by Flower strategies into every ConfigRecord
 SITE_ID = "site-id"
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx; the site adds the proximal term
-# run settings ``train.class_balance``: auto = logit_adjust without DP, none with DP-SGD
+# run settings ``train.class_balance`` (client/training.py local_training_config): auto =
+# logit_adjust with the site's prior without DP; under DP-SGD only with a public task.class_prior
 CLASS_BALANCE = ("auto", "logit_adjust", "none")
 STATUS = "status"
 STATUS_OK = "ok"

@@ -89,8 +89,9 @@ def collapse_warnings(report: Mapping[str, Any]) -> list[str]:
             "The final global model predicts the same class for every test example (balanced "
             f"accuracy {_fmt(report['final']['global'].get('balanced_accuracy'))}): it has not "
             "learned to tell the classes apart. Its accuracy is only the majority share. "
-            "Under DP, see docs/utility.md for settings that train; under label skew try "
-            "strategy=fedadam or fewer local_epochs.")
+            "docs/utility.md gives the settings measured to train under DP and under label "
+            "skew (class_balance=logit_adjust with optimizer=sgd held up there; server-side "
+            "Adam and FedProx did not).")
     sites = collapsed.get("sites") or []
     if sites and not collapsed.get("global"):
         warnings.append(f"At {len(sites)} of {len(report['final']['sites'])} sites the final "
