@@ -40,7 +40,9 @@ def test_builds_from_config_for_the_notes_task():
 
 
 @pytest.mark.parametrize("pooling", ["sqrt", "mean"])
-def test_padding_and_empty_ids_never_change_the_output(pooling):
+def test_a_note_is_a_bag_of_its_ids(pooling):
+    """Padding is tested for every notes model in tests/test_task_notes.py; here what is the
+    bag's own: word order does not matter, different notes differ."""
     torch.manual_seed(0)
     model = _bow(pooling=pooling, embedding_std=1.0).eval()
     tokens = torch.randint(1, 512, (4, 16, 2))
@@ -48,18 +50,9 @@ def test_padding_and_empty_ids_never_change_the_output(pooling):
     mask = torch.zeros(4, 16, dtype=torch.bool)
     for i, n in enumerate((16, 9, 3, 1)):
         mask[i, :n] = True
-    other = tokens.clone()
-    other[~mask] = torch.randint(0, 512, (int((~mask).sum()), 2))
-    assert not torch.equal(other, tokens)
-    assert torch.allclose(model(tokens, mask), model(other, mask), atol=1e-6)
-    # a note's output depends neither on the padding after it nor on its batch mates
-    assert torch.allclose(model(tokens, mask)[2:3], model(tokens[2:3, :3], mask[2:3, :3]),
-                          atol=1e-6)
-    # nor on the order of its words (a bag), and a note without words stays finite
     order = torch.randperm(9)
     assert torch.allclose(model(tokens[1:2, order], mask[1:2, order]),
                           model(tokens[1:2, :9], mask[1:2, :9]), atol=1e-5)
-    assert torch.isfinite(model(tokens, torch.zeros_like(mask))).all()
     assert not torch.allclose(model(tokens, mask)[0], model(tokens, mask)[1])
 
 
