@@ -15,6 +15,16 @@ config: ``--node-config 'site-config="/etc/medsilo/site.toml"'``::
     delta = 1e-5                         # wins over privacy.delta sent by the server
     require_approval = true              # the default in deployment
     approved_app_hashes = ["<64 hex>"]   # `python -m client.approval hash` of reviewed releases
+    # the site's privacy policy (client/policy.py): the server proposes, the site disposes
+    require_dp = true                    # default: true in deployment and with max_epsilon
+    min_noise_multiplier = 0.5           # never train with a smaller sigma
+    max_grad_norm_range = [0.1, 10.0]    # accepted per-sample clipping bounds C
+    allowed_tasks = ["tabular"]          # runs of other tasks are refused (also: task)
+    allowed_models = ["mlp", "logreg"]   # runs of other models are refused
+    secagg_min_threshold = 3             # never share secrets with a smaller Shamir threshold
+    identity_key = "supernode.key"       # this site's provisioned P-384 key (signs SecAgg keys)
+    roster = "roster.json"               # the federation roster signed by the CA
+    ca_cert = "ca.crt"                   # the federation CA (verifies the roster)
 
 The same keys also work directly as node config with dashes (``data-path``, ``state-dir``,
 ``max-epsilon``, ``approved-app-hashes="h1,h2"``, ...), as before the file existed; a node config
@@ -35,7 +45,10 @@ from typing import Any
 PARTITION_ID = "partition-id"
 SITE_CONFIG = "site-config"  # node config key naming the site configuration file
 SITE_KEYS = ("site-id", "data-path", "device", "threads", "state-dir", "max-epsilon", "delta",
-             "task", "require-approval", "approved-app-hashes")
+             "task", "require-approval", "approved-app-hashes",
+             # the site's privacy policy (client/policy.py) and its identity for SecAgg
+             "require-dp", "min-noise-multiplier", "max-grad-norm-range", "allowed-tasks",
+             "allowed-models", "secagg-min-threshold", "identity-key", "roster", "ca-cert")
 APP_HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -56,6 +69,21 @@ class SiteSettings:
     # Fail closed: only the simulation turns approval off, explicitly.
     require_approval: bool = True
     approved_app_hashes: tuple[str, ...] = ()
+    # The site's privacy policy (client/policy.py checks a run against it before any data is
+    # read). require_dp: a run without DP-SGD is refused; True in deployment by default and
+    # whenever the site sets max_epsilon; False only in simulation unless asked for.
+    require_dp: bool = True
+    min_noise_multiplier: float | None = None  # the site never trains with a smaller sigma
+    max_grad_norm_range: tuple[float, float] | None = None  # accepted clipping bounds C
+    allowed_tasks: tuple[str, ...] = ()  # empty: any task (``task`` still applies)
+    allowed_models: tuple[str, ...] = ()  # empty: any model
+    secagg_min_threshold: int | None = None  # Shamir threshold floor (beside the majority rule)
+    # The site's identity in secure aggregation: its provisioned P-384 private key, the
+    # federation roster signed by the CA, and the CA certificate that verifies it.
+    identity_key: Path | None = None
+    roster: Path | None = None
+    ca_cert: Path | None = None
+    simulated: bool = False  # a virtual SuperNode of a simulation on this machine
 
     @classmethod
     def from_node_config(
@@ -128,6 +156,20 @@ class SiteSettings:
             raise SiteConfigError(f"{source}: max-epsilon must be > 0, got {max_epsilon}")
         if delta is not None and not 0 < delta < 1:
             raise SiteConfigError(f"{source}: delta must be in (0, 1), got {delta}")
+        min_sigma = number("min-noise-multiplier")
+        if min_sigma is not None and min_sigma < 0:
+            raise SiteConfigError(f"{source}: min-noise-multiplier must be >= 0, got {min_sigma}")
+        clip_range = _number_range(values.get("max-grad-norm-range"), "max-grad-norm-range",
+                                   source)
+        floor = values.get("secagg-min-threshold")
+        if floor not in (None, "") and (isinstance(floor, bool) or not str(floor).isdigit()
+                                        or int(floor) < 2):
+            raise SiteConfigError(f"{source}: secagg-min-threshold must be an integer >= 2, "
+                                  f"got {floor!r}")
+        require_dp = values.get("require-dp")
+        if require_dp in (None, ""):
+            # fail closed: a deployed site, or one with a budget, requires DP unless it says not
+            require_dp = (not simulation) or max_epsilon is not None
         threads = values.get("threads", 0)
         if isinstance(threads, bool) or not str(threads).isdigit():
             raise SiteConfigError(f"{source}: threads must be an integer >= 0, got {threads!r}")
@@ -143,6 +185,16 @@ class SiteSettings:
             require_approval=_boolean(values.get("require-approval", not simulation),
                                       "require-approval", source),
             approved_app_hashes=_app_hashes(values.get("approved-app-hashes", ()), source),
+            require_dp=_boolean(require_dp, "require-dp", source),
+            min_noise_multiplier=min_sigma,
+            max_grad_norm_range=clip_range,
+            allowed_tasks=_names(values.get("allowed-tasks", ()), "allowed-tasks", source),
+            allowed_models=_names(values.get("allowed-models", ()), "allowed-models", source),
+            secagg_min_threshold=int(floor) if floor not in (None, "") else None,
+            identity_key=path("identity-key"),
+            roster=path("roster"),
+            ca_cert=path("ca-cert"),
+            simulated=simulation,
         )
 
 
@@ -154,6 +206,30 @@ def _boolean(value: Any, key: str, source: str) -> bool:
     if str(value).lower() in ("false", "0", "no"):
         return False
     raise SiteConfigError(f"{source}: {key} must be true or false, got {value!r}")
+
+
+def _names(value: Any, key: str, source: str) -> tuple[str, ...]:
+    """A TOML list of names, or in node config one string separated by commas or spaces."""
+    if value in (None, ""):
+        return ()
+    items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise SiteConfigError(f"{source}: {key} must be a list of names, got {value!r}")
+    return tuple(i for i in items if i)
+
+
+def _number_range(value: Any, key: str, source: str) -> tuple[float, float] | None:
+    """``[low, high]`` (TOML list, or "low,high" in node config) with 0 < low <= high."""
+    if value in (None, ""):
+        return None
+    items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else value
+    try:
+        low, high = (float(v) for v in items)
+    except (TypeError, ValueError) as err:
+        raise SiteConfigError(f"{source}: {key} must be [low, high], got {value!r}") from err
+    if not 0 < low <= high:
+        raise SiteConfigError(f"{source}: {key} must satisfy 0 < low <= high, got {value!r}")
+    return low, high
 
 
 def _app_hashes(value: Any, source: str) -> tuple[str, ...]:
