@@ -1,10 +1,16 @@
-"""The site's side of secure aggregation: four ``train.<action>`` handlers on the ClientApp.
+"""The site's side of secure aggregation: five ``train.<action>`` handlers on the ClientApp.
 
 The server drives the stages (server/secure_aggregation.py); the cryptography is in
 ``privacy/secagg/``. Between messages the site's secret state (its private keys until stage 3,
 then the shares it holds) lives only in Flower's ``Context.state`` at the site. Every reply
-leaves through ``client/egress.py`` like any other, with its content kind: ``secagg-keys``,
-``secagg-shares``, ``masked-update`` and ``secagg-unmask``.
+leaves through ``client/egress.py`` like any other, with its content kind: ``secagg-keys``
+(also the survivor-set signature of the consistency stage), ``secagg-shares``,
+``masked-update`` and ``secagg-unmask``.
+
+The site does not trust the server: it signs its keys with its provisioned identity key and
+checks everyone else's against the CA-signed roster (site.toml ``identity_key``, ``roster``,
+``ca_cert``; privacy/secagg/identity.py). Fail closed: a site without them refuses secure
+aggregation, naming the missing setting, as it refuses a threshold below its floor.
 
 Stage 3 trains exactly as a plain round does (the same function, DP-SGD and budget checks
 included), then sends only the *masked* update: the model delta clipped to ``clip`` per
@@ -24,11 +30,41 @@ from flwr.clientapp import ClientApp
 from client.site import SiteSettings
 from client.training import TrainOutcome, site_seed
 from privacy import protocol
-from privacy.secagg import advertise_keys, masked_input, share_keys, unmask
+from privacy.secagg import (
+    IdentityError,
+    SecAggProtocolError,
+    SiteIdentity,
+    advertise_keys,
+    confirm_survivors,
+    masked_input,
+    share_keys,
+    unmask,
+)
 from privacy.secagg.update import encode_update, site_weight
 
 STATE = "secagg-state"  # the site's protocol secrets, in Context.state (never sent)
 PUBLIC = "secagg-public"  # the round's public encoding parameters, in Context.state
+
+
+IDENTITY_SETTINGS = ("identity_key", "roster", "ca_cert")  # site.toml keys
+
+
+def identity_refusal(site: SiteSettings) -> str | None:
+    """Why this site cannot take part in secure aggregation at all, or None."""
+    missing = [name for name in IDENTITY_SETTINGS if getattr(site, name) is None]
+    if missing:
+        return (f"secure aggregation needs this site's identity, but its settings lack "
+                f"{', '.join(missing)} (site.toml: identity_key = the bundle's supernode.key, "
+                "roster = roster.json, ca_cert = ca.crt, from `python -m server.provision`)")
+    return None
+
+
+def site_identity(site: SiteSettings) -> SiteIdentity:
+    """The site's signing key and the CA-checked roster (IdentityError names a bad file)."""
+    if (reason := identity_refusal(site)) is not None:
+        raise IdentityError(reason)
+    return SiteIdentity.load(site.site_id, site.identity_key, site.roster, site.ca_cert,
+                             site.secagg_min_threshold)
 
 
 TrainRound = Callable[[Message, Context, SiteSettings], TrainOutcome]
@@ -43,7 +79,7 @@ def register_secure_aggregation(
     reply: Reply,
     refusal: Callable[[SiteSettings, dict[str, Any]], str | None],
 ) -> None:
-    """Add the four SecAgg stage handlers to ``app``. ``handler`` wraps a site handler (site
+    """Add the five SecAgg stage handlers to ``app``. ``handler`` wraps a site handler (site
     settings resolved, failures logged and replied through egress); ``refusal`` says why the
     site will not take part in this run (unapproved app, another task), or None."""
 
@@ -66,18 +102,23 @@ def register_secure_aggregation(
         settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
         if (reason := refusal(site, settings)) is not None:
             return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
-        received = fields(msg)
-        public_keys = (protocol.SECAGG_CLIP, protocol.SECAGG_MAX_EXAMPLES,
-                       protocol.SECAGG_NUM_SITES)
-        context.state[PUBLIC] = ConfigRecord({k: received.pop(k) for k in public_keys})
-        state, out = advertise_keys(received)
+        try:  # no identity, a bad roster, a threshold below the floor: refuse, say why
+            identity = site_identity(site)
+            received = fields(msg)
+            public_keys = (protocol.SECAGG_CLIP, protocol.SECAGG_MAX_EXAMPLES,
+                           protocol.SECAGG_NUM_SITES)
+            public = {k: received.pop(k) for k in public_keys}
+            state, out = advertise_keys(received, identity)
+        except (IdentityError, SecAggProtocolError) as err:
+            return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=str(err))
+        context.state[PUBLIC] = ConfigRecord(public)
         save(context, state)
         return reply(msg, context, site, {}, secagg=out, kind="secagg-keys")
 
     @app.train(protocol.SECAGG_SHARE_KEYS)
     @handler
     def share(msg: Message, context: Context, site: SiteSettings) -> Message:
-        state, out = share_keys(load(context), fields(msg))
+        state, out = share_keys(load(context), fields(msg), site_identity(site))
         save(context, state)
         return reply(msg, context, site, {}, secagg=out, kind="secagg-shares")
 
@@ -112,10 +153,18 @@ def register_secure_aggregation(
                      arrays=ArrayRecord({protocol.MASKED_UPDATE: Array(masked_vector)}),
                      kind="masked-update")
 
+    @app.train(protocol.SECAGG_CONSISTENCY)
+    @handler
+    def confirm(msg: Message, context: Context, site: SiteSettings) -> Message:
+        state, out = confirm_survivors(load(context), fields(msg), site_identity(site))
+        save(context, state)
+        # a signature by the site's identity key over the survivor set: public, like its keys
+        return reply(msg, context, site, {}, secagg=out, kind="secagg-keys")
+
     @app.train(protocol.SECAGG_UNMASK)
     @handler
     def reveal(msg: Message, context: Context, site: SiteSettings) -> Message:
-        state, out = unmask(load(context), fields(msg))
+        state, out = unmask(load(context), fields(msg), site_identity(site))
         save(context, state)
         return reply(msg, context, site, {}, secagg=out, kind="secagg-unmask")
 

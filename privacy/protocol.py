@@ -117,7 +117,7 @@ def decode_run_settings(record: ConfigRecord) -> dict[str, Any]:
 
 
 # Secure aggregation (privacy/secagg/, conf/secagg/on.yaml): with secagg=on a training round is
-# four train messages with these actions (``train.<action>``) instead of one plain ``train``.
+# five train messages with these actions (``train.<action>``) instead of one plain ``train``.
 # Stage messages carry their protocol fields in the ``secagg`` ConfigRecord
 # (privacy/secagg/messages.py names them); the masked update travels in ``arrays`` under
 # MASKED_UPDATE as one uint32 vector: the site's clipped, weighted model delta followed by its
@@ -126,6 +126,7 @@ SECAGG = "secagg"
 SECAGG_ADVERTISE_KEYS = "secagg_advertise_keys"
 SECAGG_SHARE_KEYS = "secagg_share_keys"
 SECAGG_MASKED_INPUT = "secagg_masked_input"
+SECAGG_CONSISTENCY = "secagg_consistency"  # survivors sign the survivor set (Bonawitz §6)
 SECAGG_UNMASK = "secagg_unmask"
 MASKED_UPDATE = "masked-update"
 # The public parameters every site needs to encode its update identically (in ``secagg``).

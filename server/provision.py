@@ -9,13 +9,23 @@
                                          SANs: every --dns and --ip (default localhost, 127.0.0.1)
     OUT/superlink/connection.toml        the `[superlink.medsilo]` table for $FLWR_HOME/config.toml
     OUT/sites/<site>/ca.crt              the bundle handed to one hospital: the CA (to verify the
-    OUT/sites/<site>/supernode.key, .pub SuperLink), its ECDSA P-384 key pair for Flower's
-    OUT/sites/<site>/site.toml           SuperNode authentication, and a site configuration template
+    OUT/sites/<site>/supernode.key, .pub SuperLink and the roster), its ECDSA P-384 key pair
+    OUT/sites/<site>/roster.json         (Flower's SuperNode authentication, and its identity in
+    OUT/sites/<site>/site.toml           secure aggregation), the federation roster, and a site
+                                         configuration template
 
 Private keys are written 0600. Nothing that exists is overwritten without ``--force``: running
 the command again adds what is missing (a new hospital) and keeps every existing key, so a
 re-run never invalidates a registered SuperNode. ``--force`` regenerates the CA, the SuperLink
 certificate and the named sites' keys (every site must then be registered again).
+
+The roster (``roster.json``: every provisioned site's public key, signed by the CA; see
+privacy/secagg/identity.py) lists all sites under ``OUT/sites/``, named on this run or not, and
+is re-signed and rewritten into every bundle on each run. When a site is added (or a key
+regenerated) EVERY site must get the new ``roster.json``: a site with the old one refuses
+secure aggregation with the new site ("not in the federation roster"). Whoever holds
+``ca/ca.key`` decides who is in the federation; it must not be the operator of the server
+(SuperLink), or that operator could sign a roster of keys of its own and impersonate sites.
 
 Key types follow Flower 1.41: SuperNode authentication takes an EC key on a NIST curve, the
 private key in OpenSSH format (``--auth-supernode-private-key``), the public key in OpenSSH
@@ -39,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.files import write_atomically
+from privacy.secagg.identity import Roster
 
 CURVE = ec.SECP384R1()  # P-384: Flower's SuperNode authentication and our TLS keys
 CONNECTION_NAME = "medsilo"
@@ -162,9 +173,10 @@ def server_cert_names(cert_path: Path) -> tuple[set[str], set[str]]:
             {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)})
 
 
-def site_config_template(site: str, task: str) -> str:
+def site_config_template(site: str, task: str, bundle: str = "/etc/medsilo") -> str:
     """The hospital's own configuration (client/site.py reads it). Its values win over the
-    server's; only the hospital edits it, so provisioning never overwrites it."""
+    server's; only the hospital edits it, so provisioning never overwrites it. ``bundle``: where
+    the hospital keeps this bundle's files (edit the paths if it moves them)."""
     return f"""\
 # medsilo site configuration for {site}: this hospital's own settings. They win over
 # anything the coordinating server sends. Start the SuperNode with
@@ -179,6 +191,14 @@ threads = 0                    # torch threads; 0 leaves torch's default
 max_epsilon = 8.0              # this site's privacy budget: a DP round that would exceed it is
                                # declined (remove the line for no budget)
 # delta = 1e-5                 # this site's delta (default: min(1e-5, ~1/(10 * training records)))
+
+# Secure aggregation: this site's identity (signs its keys; checks everyone else's against the
+# roster the federation CA signed). Replace a roster with the newest one whenever you get it.
+identity_key = "{bundle}/supernode.key"
+roster = "{bundle}/roster.json"
+ca_cert = "{bundle}/ca.crt"
+# secagg_min_threshold = 3     # never share secrets with a smaller Shamir threshold (the
+                               # default floor is a majority of this site's neighbourhood)
 
 # Only app versions this hospital has reviewed may touch its data. After review, add the
 # release's hash: `python -m client.approval hash /path/to/release/checkout`.
@@ -277,10 +297,29 @@ def provision(
         _write(bundle / "ca.crt", _pem_cert(ca_cert), private=False, force=True)
         template = bundle / "site.toml"
         if not template.exists():  # the hospital's own file: never overwritten, not even --force
-            _write(template, site_config_template(site, task).encode(), private=False,
-                   force=False)
+            _write(template, site_config_template(site, task, str(bundle.resolve())).encode(),
+                   private=False, force=False)
             result.created.append(template)
+    _write_rosters(result, ca_key)
     return result
+
+
+def _write_rosters(result: Provisioned, ca_key: ec.EllipticCurvePrivateKey) -> None:
+    """Sign the roster of every site bundle under OUT/sites and put it in each bundle."""
+    keys = {}
+    sites_dir = result.out_dir / "sites"
+    for bundle in sorted(sites_dir.iterdir()) if sites_dir.is_dir() else ():
+        key_path = bundle / "supernode.key"
+        if bundle.is_dir() and key_path.is_file():
+            keys[bundle.name] = serialization.load_ssh_private_key(key_path.read_bytes(), None)
+    roster = Roster.of(keys)
+    data = None
+    for site in keys:
+        path = result.site_dir(site) / "roster.json"
+        if data is None:
+            data = roster.write(path, ca_key)
+        else:
+            _write(path, data, private=False, force=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

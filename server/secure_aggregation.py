@@ -1,14 +1,20 @@
 """Secure aggregation driven over Flower's Grid: the server learns only the sum of the updates.
 
 With ``secagg=on`` the training exchange of a round (``server/rounds.py``) is not one ``train``
-message per site but the four SecAgg stages (Bonawitz et al. 2017; SecAgg+ neighbour graph of
+message per site but the five SecAgg stages (Bonawitz et al. 2017; SecAgg+ neighbour graph of
 Bell et al. 2020 with ``secagg.neighbours``), each a ``train.<action>`` message answered by the
 handlers in ``client/secure_aggregation.py``:
 
-1. advertise keys  → 2. share keys (encrypted Shamir shares, routed, unreadable here) →
+1. advertise keys (signed with each site's provisioned identity key) → 2. share keys
+   (encrypted Shamir shares, routed, unreadable here) →
 3. masked input: the site trains, then sends its clipped, weighted, quantized model delta
    masked with pairwise and self masks (privacy/secagg/update.py says exactly what) →
+3b. consistency: every survivor signs the survivor set; a survivor that does not sign aborts
+   the round (its self mask cannot be removed) →
 4. unmask: survivors reveal what removes the masks of the sum, and nothing more.
+
+The sites check everything routed here against the CA-signed roster (client/secure_aggregation
+.py); this driver needs no roster. Which site took which index is what the sites signed.
 
 Sites that drop (no answer within ``secagg.stage_timeout_s``, a decline for their privacy budget,
 a failure) after sharing keys are recovered from the survivors' shares; with fewer than the
@@ -154,11 +160,15 @@ class SecureAggregation:
                 site_replies.append(_without_arrays(reply))
             shapes = [a.numpy().shape for a in global_arrays.values()]
             length = int(sum(np.prod(s) for s in shapes)) + 1
-            requests = server.request_unmask(
+            checks = server.request_consistency(
                 {i: fields(r) for i, r in masked.items()},
                 {i: r.content[protocol.ARRAYS][protocol.MASKED_UPDATE].numpy()
                  for i, r in masked.items()},
                 length, drop_invalid=True)
+            replies = send(protocol.SECAGG_CONSISTENCY, {
+                i: RecordDict({protocol.SECAGG: ConfigRecord(msg)}) for i, msg in checks.items()})
+            requests = server.request_unmask({i: fields(r) for i, r in replies.items()},
+                                             drop_invalid=True)
             replies = send(protocol.SECAGG_UNMASK, {
                 i: RecordDict({protocol.SECAGG: ConfigRecord(msg)})
                 for i, msg in requests.items()})

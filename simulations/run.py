@@ -31,6 +31,7 @@ from server.settings import ConfigError, baseline_kinds, to_dict, validate
 from simulations.baselines import TrainedBaseline, run_baselines
 from simulations.engine import run_in_process
 from simulations.global_evaluation import pooled_test_evaluation
+from simulations.identities import simulation_identities
 from simulations.sites import lazy_synthetic_sites, site_folders
 
 console = Console(stderr=True)
@@ -59,6 +60,10 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
                     "state-dir": str(out_dir / "sites" / site)}
         for partition, (site, folder) in enumerate(folders.items())
     }
+    if cfg["secagg"]["name"] == "on":  # each site signs its SecAgg keys: a simulated CA + roster
+        identities = simulation_identities(out_dir, folders)
+        for node_config in sites.values():
+            node_config.update(identities[node_config["site-id"]])
     console.print(f"[bold]medsilo[/] {cfg['task']['name']} · {len(folders)} hospitals · "
                   f"{cfg['rounds']} rounds · strategy {cfg['strategy']['name']} · "
                   f"privacy {cfg['privacy']['name']} → {out_dir}")

@@ -20,6 +20,7 @@ from privacy.secagg import (
     SecAggServer,
     ShareDecryptionError,
     advertise_keys,
+    confirm_survivors,
     dequantize,
     masked_input,
     neighbour_graph,
@@ -34,6 +35,7 @@ from privacy.secagg import (
 from privacy.secagg import messages as m
 from privacy.secagg.crypto import apply_mask, expand_mask
 from privacy.secagg.graph import is_connected, suggested_degree
+from privacy.secagg.identity import test_identities
 from privacy.secagg.loopback import run_round
 from privacy.secagg.quantize import levels_per_site
 
@@ -168,20 +170,37 @@ class Round:
         self.plan = setup(n, session=session, seed=seed, **plan_args)
         self.server = SecAggServer(self.plan)
         self.entropy = {i: SeededEntropy(seed, session, i) for i in range(n)}
+        made = test_identities(f"site-{i}" for i in range(n))
+        self.identities = {i: made[f"site-{i}"] for i in range(n)}
         self.states: dict = {}
         self.vectors = inputs(n, 16, seed)
 
     def keys(self):
         replies = {}
         for i, config in self.server.site_configs().items():
-            self.states[i], replies[i] = advertise_keys(config, self.entropy[i])
+            self.states[i], replies[i] = advertise_keys(config, self.identities[i],
+                                                        self.entropy[i])
         return replies
 
     def shares(self):
         routed = self.server.route_public_keys(self.keys())
         replies = {}
         for i, message in routed.items():
-            self.states[i], replies[i] = share_keys(self.states[i], message, self.entropy[i])
+            self.states[i], replies[i] = share_keys(self.states[i], message,
+                                                    self.identities[i], self.entropy[i])
+        return replies
+
+    def confirm(self, checks):
+        replies = {}
+        for i, message in checks.items():
+            self.states[i], replies[i] = confirm_survivors(self.states[i], message,
+                                                           self.identities[i])
+        return replies
+
+    def reveal(self, requests):
+        replies = {}
+        for i, request in requests.items():
+            self.states[i], replies[i] = unmask(self.states[i], request, self.identities[i])
         return replies
 
     def masked(self, routed):
@@ -212,11 +231,10 @@ def test_tampered_share_ciphertext_is_rejected_naming_its_sender():
         masked_input(game.states[2], swapped, game.vectors[2])
     # site 2 sends nothing; to the server it dropped, and the others' sum comes out exactly
     headers, vectors = game.masked({i: routed[i] for i in (0, 1, 3)})
-    requests = game.server.request_unmask(headers, vectors, 16)
-    replies = {}
-    for i, request in requests.items():
-        game.states[i], replies[i] = unmask(game.states[i], request)
-    np.testing.assert_array_equal(game.server.unmask(replies), ring_sum(game.vectors, {0, 1, 3}))
+    checks = game.server.request_consistency(headers, vectors, 16)
+    requests = game.server.request_unmask(game.confirm(checks))
+    np.testing.assert_array_equal(game.server.unmask(game.reveal(requests)),
+                                  ring_sum(game.vectors, {0, 1, 3}))
 
 
 def test_share_ciphertext_from_a_previous_round_is_rejected():
@@ -245,31 +263,32 @@ def test_server_rejects_replayed_unknown_and_wrong_length_messages():
     headers, vectors = game.masked(routed)
     vectors[3] = vectors[3][:-1]
     with pytest.raises(SecAggProtocolError, match=r"participant 3 must be uint32 of shape \(16,\)"):
-        game.server.request_unmask(headers, vectors, 16)
+        game.server.request_consistency(headers, vectors, 16)
     # the failed call used nothing; the same stage can be retried, leaving the bad site out
-    requests = game.server.request_unmask(headers, vectors, 16, drop_invalid=True)
+    checks = game.server.request_consistency(headers, vectors, 16, drop_invalid=True)
     assert set(game.server.rejected) == {3} and game.server.dropped == {3}
-    replies = {}
-    for i, request in requests.items():
-        game.states[i], replies[i] = unmask(game.states[i], request)
-    np.testing.assert_array_equal(game.server.unmask(replies),
+    requests = game.server.request_unmask(game.confirm(checks))
+    np.testing.assert_array_equal(game.server.unmask(game.reveal(requests)),
                                   ring_sum(game.vectors, {0, 1, 2, 4}))
 
 
 def test_a_site_never_reveals_both_shares_of_one_participant():
     game = Round(5)
     routed = game.server.route_shares(game.shares())
-    game.masked(routed)
-    state = game.states[0]
-    both = {m.SESSION: SESSION, m.INDEX: 0, m.SURVIVORS: [0, 1, 2], m.DROPPED: [2]}
+    headers, vectors = game.masked(routed)
+    checks = game.server.request_consistency(headers, vectors, 16)
+    requests = game.server.request_unmask(game.confirm(checks))
+    request = requests[0]  # signed by all five for U3 = {0..4}
     with pytest.raises(RevealRefused, match="both survivors and dropped"):
-        unmask(state, both)
-    state, reply = unmask(state, {**both, m.DROPPED: []})  # 2 as a survivor: its b-share
-    assert reply[m.B_OWNERS] == [0, 1, 2] and reply[m.S_OWNERS] == []
-    with pytest.raises(RevealRefused, match="already revealed"):  # now 2 as dropped
-        unmask(state, {**both, m.SURVIVORS: [0, 1, 3], m.DROPPED: [2]})
+        unmask(game.states[0], {**request, m.DROPPED: [2]}, game.identities[0])
     with pytest.raises(RevealRefused, match="cannot be treated as dropped"):
-        unmask(state, {**both, m.SURVIVORS: [1, 2, 3], m.DROPPED: [0]})
+        unmask(game.states[0], {**request, m.SURVIVORS: [1, 2, 3], m.DROPPED: [0]},
+               game.identities[0])
+    with pytest.raises(RevealRefused, match="contradicts the signed survivor set"):
+        unmask(game.states[0], {**request, m.SURVIVORS: [0, 1, 3], m.DROPPED: [2]},
+               game.identities[0])
+    state, reply = unmask(game.states[0], request, game.identities[0])
+    assert reply[m.B_OWNERS] == [0, 1, 2, 3, 4] and reply[m.S_OWNERS] == []
 
 
 def test_masked_upload_is_uniform_on_the_ring_and_uncorrelated_with_the_input():
@@ -424,5 +443,7 @@ def test_a_site_forgets_its_private_keys_and_self_mask_seed_once_its_masked_inpu
                if key in ("c-private-key", "s-private-key", "self-mask-seed")]
     assert len(secrets) == 3 and all(isinstance(v, bytes) and len(v) >= 32 for v in secrets)
     after, _, _ = masked_input(before, routed[1], game.vectors[1])
+    after, _ = confirm_survivors(after, {m.SESSION: SESSION, m.INDEX: 1,
+                                         m.SURVIVOR_SET: [0, 1, 2, 3]}, game.identities[1])
     kept = [v for value in after.values() for v in (value if isinstance(value, list) else [value])]
     assert not any(secret in kept for secret in secrets)

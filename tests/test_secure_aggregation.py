@@ -128,7 +128,7 @@ def test_the_report_states_bytes_uploaded_per_site(runs):
     record = secure["rounds"][0]["secure_aggregation"]
     plaintext = record["plaintext_update_bytes"]
     for site, sent in record["upload_bytes"].items():
-        # all four stage replies of a site: at most the fp32 model plus a fixed overhead
+        # all five stage replies of a site: at most the fp32 model plus a fixed overhead
         assert plaintext < sent < plaintext + 8_000, (site, sent, plaintext)
     # no site sent its example count or weights in the clear
     for metrics in secure["rounds"][0]["train"].values():
@@ -146,6 +146,7 @@ def test_under_secagg_no_plain_update_leaves_a_site_and_both_sides_count_the_sam
             "evaluate", *(f"train.{a}" for a in (protocol.SECAGG_ADVERTISE_KEYS,
                                                  protocol.SECAGG_SHARE_KEYS,
                                                  protocol.SECAGG_MASKED_INPUT,
+                                                 protocol.SECAGG_CONSISTENCY,
                                                  protocol.SECAGG_UNMASK))}
         # what the server reports a site uploaded is what the site logged as sent
         reported = sum(r["secure_aggregation"]["upload_bytes"].get(site_dir.name, 0)

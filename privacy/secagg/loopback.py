@@ -8,6 +8,9 @@ and by ``benchmark.py``.
 ``dropouts`` maps a stage name (messages.STAGES) to the participants that go silent at that
 stage: they send nothing from that stage on (a site dropping after ``share-keys`` sent its shares
 but no masked input).
+
+``identities`` maps a participant index to its SiteIdentity (identity.py); by default fresh
+in-memory identities ``site-0``, ``site-1``, ... under one roster.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from privacy.secagg import client
 from privacy.secagg import messages as m
 from privacy.secagg.crypto import Entropy
+from privacy.secagg.identity import SiteIdentity, test_identities
 from privacy.secagg.server import SecAggPlan, SecAggServer
 
 Wire = Callable[[dict[str, Any]], dict[str, Any]]
@@ -57,7 +61,8 @@ def payload_bytes(message: Mapping[str, Any]) -> int:
 def run_round(plan: SecAggPlan, vectors: Mapping[int, np.ndarray], *,
               dropouts: Mapping[str, Iterable[int]] | None = None,
               entropy: Callable[[int], Entropy] | None = None,
-              wire: Wire = _identity) -> LoopbackResult:
+              wire: Wire = _identity,
+              identities: Mapping[int, SiteIdentity] | None = None) -> LoopbackResult:
     """Run stages 0–4 for ``plan`` with site i masking ``vectors[i]`` (1-D uint32).
 
     ``entropy(i)`` gives site i's randomness source (default ``os.urandom``; tests pass a
@@ -69,6 +74,9 @@ def run_round(plan: SecAggPlan, vectors: Mapping[int, np.ndarray], *,
     if unknown_stages:
         raise ValueError(f"unknown stages {sorted(unknown_stages)}, expected {m.STAGES}")
     sources = {i: (entropy(i) if entropy else None) for i in range(plan.num_participants)}
+    if identities is None:
+        made = test_identities(f"site-{i}" for i in range(plan.num_participants))
+        identities = {i: made[f"site-{i}"] for i in range(plan.num_participants)}
     site_seconds: dict[str, float] = {}
     server_seconds: dict[str, float] = {}
     upload: dict[int, int] = {i: 0 for i in range(plan.num_participants)}
@@ -103,10 +111,10 @@ def run_round(plan: SecAggPlan, vectors: Mapping[int, np.ndarray], *,
     server = SecAggServer(plan)
     configs = on_server(m.STAGE_SETUP, server.site_configs)
     replies = at_sites(m.STAGE_ADVERTISE_KEYS, configs, lambda i, msg: reply_of(
-        i, *client.advertise_keys(msg, **extra(i))))
+        i, *client.advertise_keys(msg, identities[i], **extra(i))))
     routed = on_server(m.STAGE_ADVERTISE_KEYS, lambda: server.route_public_keys(replies))
     replies = at_sites(m.STAGE_SHARE_KEYS, routed, lambda i, msg: reply_of(
-        i, *client.share_keys(states[i], msg, **extra(i))))
+        i, *client.share_keys(states[i], msg, identities[i], **extra(i))))
     routed = on_server(m.STAGE_SHARE_KEYS, lambda: server.route_shares(replies))
     masked: dict[int, np.ndarray] = {}
 
@@ -118,10 +126,13 @@ def run_round(plan: SecAggPlan, vectors: Mapping[int, np.ndarray], *,
 
     headers = at_sites(m.STAGE_MASKED_INPUT, routed, mask)
     length = len(next(iter(vectors.values())))
-    requests = on_server(m.STAGE_MASKED_INPUT, lambda: server.request_unmask(
+    checks = on_server(m.STAGE_MASKED_INPUT, lambda: server.request_consistency(
         headers, {i: masked[i] for i in headers}, length))
+    replies = at_sites(m.STAGE_CONSISTENCY, checks, lambda i, msg: reply_of(
+        i, *client.confirm_survivors(states[i], msg, identities[i])))
+    requests = on_server(m.STAGE_CONSISTENCY, lambda: server.request_unmask(replies))
     replies = at_sites(m.STAGE_UNMASK, requests, lambda i, msg: reply_of(
-        i, *client.unmask(states[i], msg)))
+        i, *client.unmask(states[i], msg, identities[i])))
     total = on_server(m.STAGE_UNMASK, lambda: server.unmask(replies))
     return LoopbackResult(total=total, survivors=set(server.survivors),
                           dropped=set(server.dropped), site_seconds=site_seconds,

@@ -5,7 +5,8 @@
     configs = server.site_configs()                          # 0: index → site config
     routed_keys = server.route_public_keys(key_replies)      # 1 → 2: index → neighbours' keys
     routed_shares = server.route_shares(share_replies)       # 2 → 3: index → ciphertexts for it
-    requests = server.request_unmask(headers, masked, L)     # 3 → 4: index → what to reveal
+    checks = server.request_consistency(headers, masked, L)  # 3 → 3b: index → survivor set U3
+    requests = server.request_unmask(confirmations)          # 3b → 4: index → what to reveal
     total = server.unmask(unmask_replies)                    # Σ_{survivors} y_i mod 2³² (uint32)
 
 Every ``replies`` argument maps a participant index to the message that site sent (the driver
@@ -25,11 +26,12 @@ length) raise :class:`SecAggProtocolError` naming the participant; with ``drop_i
 they are instead left out (that site counts as dropped) and the reason is kept in
 ``server.rejected``. Either way an invalid reply is never used.
 
-Threat model: honest-but-curious server; sites honest (they follow the protocol, possibly
-dropping out). With t > half of each neighbourhood, an honest site's input stays hidden from the
-server together with fewer than t colluding holders of its shares. Not covered (would need a
-PKI / signatures, Bonawitz et al. §6 "active adversary"): a server that substitutes public keys
-in stage 1.
+Threat model: the sites do not trust this code. Every site checks what the server routes
+(client.py): keys signed by roster identities, one signed survivor set per round, never both
+secrets of one participant. The checks here are what an honest server does to fail early and
+clearly (abort before anything is revealed) instead of being refused by the sites; a dishonest
+server gains nothing by skipping them. docs/secure_aggregation.md states what an active server
+can and cannot learn.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import numpy as np
 
 from privacy.secagg import crypto, graph, shamir
 from privacy.secagg import messages as m
-from privacy.secagg.client import CIPHERTEXT_BYTES, SEED_BYTES
+from privacy.secagg.client import CIPHERTEXT_BYTES, SEED_BYTES, quorum
 from privacy.secagg.errors import SecAggAborted, SecAggProtocolError
+from privacy.secagg.identity import SIGNATURE_MAX_BYTES
 
 SESSION_BYTES = 16
 _ABORTED = "aborted"
@@ -158,6 +161,9 @@ class SecAggServer:
         self._stage = m.STAGE_SETUP
         self._c_keys: dict[int, bytes] = {}
         self._s_keys: dict[int, bytes] = {}
+        self._site_ids: dict[int, str] = {}
+        self._key_signatures: dict[int, bytes] = {}
+        self._survivor_set: list[int] = []
         self._key_owners: dict[int, list[int]] = {}
         self._masked: dict[int, np.ndarray] = {}
         self._requests: dict[int, dict[str, Any]] = {}
@@ -211,16 +217,27 @@ class SecAggServer:
         """Stage 1 → 2: record who advertised keys (U1); send each its neighbours' keys."""
         stage = m.STAGE_ADVERTISE_KEYS
         seen: set[bytes] = set()
+        seen_sites: set[str] = set()
 
         def check(index: int, reply: Any) -> None:
             m.check_envelope(reply, self.plan.session, index, stage)
             c_key = crypto.check_public_key(reply.get(m.C_PUBLIC_KEY), index, "c public key")
             s_key = crypto.check_public_key(reply.get(m.S_PUBLIC_KEY), index, "s public key")
+            site_id = m.get_str(reply, m.SITE_ID, stage, index)
+            signature = m.get_bytes(reply, m.KEY_SIGNATURE, stage, index)
             if c_key == s_key or {c_key, s_key} & seen:
                 raise SecAggProtocolError(f"{stage}: public keys of participant {index} repeat "
                                           "a key already advertised", index)
+            if site_id in seen_sites:  # its neighbours would refuse the round: leave it out
+                raise SecAggProtocolError(f"{stage}: participant {index} claims site "
+                                          f"{site_id!r}, already another participant", index)
+            if len(signature) > SIGNATURE_MAX_BYTES:
+                raise SecAggProtocolError(f"{stage}: key signature of participant {index} is "
+                                          "too long for ECDSA P-384", index)
             seen.update((c_key, s_key))
+            seen_sites.add(site_id)
             self._c_keys[index], self._s_keys[index] = c_key, s_key
+            self._site_ids[index], self._key_signatures[index] = site_id, signature
 
         accepted = self._accept(replies, set(range(self.plan.num_participants)), stage, check,
                                 drop_invalid)
@@ -228,6 +245,7 @@ class SecAggServer:
         for index in list(self._c_keys):
             if index not in self.advertised:
                 del self._c_keys[index], self._s_keys[index]
+                del self._site_ids[index], self._key_signatures[index]
         self._check_holders(stage, self.advertised)
         routed = {}
         for index in sorted(self.advertised):
@@ -235,7 +253,9 @@ class SecAggServer:
             self._key_owners[index] = owners
             routed[index] = {**self._envelope(index), m.KEY_OWNERS: owners,
                              m.C_PUBLIC_KEYS: [self._c_keys[j] for j in owners],
-                             m.S_PUBLIC_KEYS: [self._s_keys[j] for j in owners]}
+                             m.S_PUBLIC_KEYS: [self._s_keys[j] for j in owners],
+                             m.KEY_SITE_IDS: [self._site_ids[j] for j in owners],
+                             m.KEY_SIGNATURES: [self._key_signatures[j] for j in owners]}
         return routed
 
     def _check_holders(self, stage: str, alive: set[int]) -> None:
@@ -278,12 +298,16 @@ class SecAggServer:
                     inbox[receiver][m.CIPHERTEXTS].append(ciphertext)
         return inbox
 
+    @property
+    def site_ids(self) -> dict[int, str]:
+        """index → the site id each participant signed its keys with (stage 1)."""
+        return dict(self._site_ids)
+
     @_server_stage(m.STAGE_SHARE_KEYS, m.STAGE_MASKED_INPUT)
-    def request_unmask(self, replies: Mapping[int, Mapping[str, Any]],
-                       masked_inputs: Mapping[int, np.ndarray], vector_length: int, *,
-                       drop_invalid: bool = False) -> dict[int, dict[str, Any]]:
-        """Stage 3 → 4: keep the valid masked inputs (U3); ask each survivor for the b-shares
-        of survivors and the s-key shares of dropped participants it holds.
+    def request_consistency(self, replies: Mapping[int, Mapping[str, Any]],
+                            masked_inputs: Mapping[int, np.ndarray], vector_length: int, *,
+                            drop_invalid: bool = False) -> dict[int, dict[str, Any]]:
+        """Stage 3 → 3b: keep the valid masked inputs (U3); ask each survivor to sign U3.
 
         ``replies`` are the stage-3 headers, ``masked_inputs`` the vectors (same keys); a vector
         that is not 1-D uint32 of ``vector_length`` is rejected.
@@ -322,6 +346,46 @@ class SecAggServer:
         if not graph.is_connected(self.survivors, [list(r) for r in self.plan.neighbours]):
             raise SecAggAborted(stage, "the survivors' neighbour graph is disconnected; "
                                 "unmasking would reveal the sum of each part")
+        needed = quorum(self.plan.num_participants, self.plan.threshold)
+        if len(self.survivors) < needed:  # the sites would refuse to sign or reveal
+            raise SecAggAborted(stage, f"{len(self.survivors)} survivors, fewer than the quorum "
+                                f"{needed} = max(t, n//2 + 1) of signatures sites require",
+                                required=needed, available=len(self.survivors))
+        self._survivor_set = sorted(self.survivors)
+        return {i: {**self._envelope(i), m.SURVIVOR_SET: list(self._survivor_set)}
+                for i in self._survivor_set}
+
+    @_server_stage(m.STAGE_MASKED_INPUT, m.STAGE_CONSISTENCY)
+    def request_unmask(self, replies: Mapping[int, Mapping[str, Any]], *,
+                       drop_invalid: bool = False) -> dict[int, dict[str, Any]]:
+        """Stage 3b → 4: collect every survivor's signature on U3; ask each survivor for the
+        b-shares of survivors and the s-key shares of dropped participants it holds, with all
+        the signatures (sites reveal nothing without them).
+
+        A survivor that does not sign aborts the round: sites reveal a survivor's self-mask
+        seed only once it has signed U3, and U3 cannot change (each site signs one U3).
+        """
+        stage = m.STAGE_CONSISTENCY
+        signatures: dict[int, bytes] = {}
+
+        def check(index: int, reply: Any) -> None:
+            m.check_envelope(reply, self.plan.session, index, stage)
+            signature = m.get_bytes(reply, m.SURVIVOR_SET_SIGNATURE, stage, index)
+            if len(signature) > SIGNATURE_MAX_BYTES:
+                raise SecAggProtocolError(f"{stage}: signature of participant {index} is too "
+                                          "long for ECDSA P-384", index)
+            signatures[index] = signature
+
+        accepted = self._accept(replies, self.survivors, stage, check, drop_invalid)
+        missing = sorted(self.survivors - set(accepted))
+        if missing:
+            raise SecAggAborted(stage, f"survivors {missing} did not sign the survivor set; "
+                                "their self masks cannot be removed", required=len(
+                                    self.survivors), available=len(accepted))
+        signed = {m.SURVIVOR_SET: list(self._survivor_set),
+                  m.SIGNER_INDICES: list(self._survivor_set),
+                  m.SIGNER_SITE_IDS: [self._site_ids[i] for i in self._survivor_set],
+                  m.SIGNER_SIGNATURES: [signatures[i] for i in self._survivor_set]}
         self._requests = {}
         for index in sorted(self.survivors):
             holds = self.plan.holders(index) & self.shared  # whose shares it received
@@ -330,13 +394,13 @@ class SecAggServer:
                 m.SURVIVORS: sorted(holds & self.survivors),
                 m.DROPPED: sorted(holds & self._dropped_with_survivor_neighbours()),
             }
-        return {i: dict(request) for i, request in self._requests.items()}
+        return {i: {**request, **signed} for i, request in self._requests.items()}
 
     def _dropped_with_survivor_neighbours(self) -> set[int]:
         """Dropped participants whose pairwise masks are inside some survivor's input."""
         return {j for j in self.dropped if set(self.plan.neighbours[j]) & self.survivors}
 
-    @_server_stage(m.STAGE_MASKED_INPUT, m.STAGE_UNMASK)
+    @_server_stage(m.STAGE_CONSISTENCY, m.STAGE_UNMASK)
     def unmask(self, replies: Mapping[int, Mapping[str, Any]], *,
                drop_invalid: bool = False) -> np.ndarray:
         """Stage 4: reconstruct the survivors' b and the dropped participants' s keys from ≥ t
