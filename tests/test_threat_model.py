@@ -1,0 +1,444 @@
+"""The threat model, as attacks: each test is an attack that must fail.
+
+Secure aggregation against an ACTIVE server (one that deviates from the protocol at will): the
+attackers below drive honest sites through the real stage functions of privacy/secagg/client.py
+and do whatever a server can do: route, withhold, substitute and forge. Honest sites hold
+provisioned identities and a CA-signed roster (privacy/secagg/identity.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from privacy.secagg import (
+    IdentityError,
+    RevealRefused,
+    Roster,
+    SecAggProtocolError,
+    SecAggServer,
+    SiteIdentity,
+    advertise_keys,
+    confirm_survivors,
+    masked_input,
+    setup,
+    shamir,
+    share_keys,
+    unmask,
+)
+from privacy.secagg import messages as m
+from privacy.secagg.client import SEED_BYTES
+from privacy.secagg.crypto import KEY_BYTES, apply_mask, generate_key_pair, pairwise_mask_seed
+from privacy.secagg.identity import generate_key, test_identities, write_ephemeral_federation
+from privacy.secagg.loopback import run_round
+
+SESSION = b"threat-model-session"
+LENGTH = 32
+
+
+class Federation:
+    """Honest sites 0..n-1 (site-0, site-1, ...) whose every message an attacker handles.
+
+    ``server`` is the honest SecAggServer bookkeeping the attacker may use or bypass; the
+    attacker reads and rewrites what it routes between the calls.
+    """
+
+    def __init__(self, n: int, threshold: int | None = None, seed: int = 0,
+                 min_threshold: int | None = None) -> None:
+        self.plan = setup(n, threshold=threshold, session=SESSION, seed=seed)
+        self.server = SecAggServer(self.plan)
+        made = test_identities((f"site-{i}" for i in range(n)), min_threshold=min_threshold)
+        self.identities = {i: made[f"site-{i}"] for i in range(n)}
+        rng = np.random.default_rng(seed)
+        self.vectors = {i: rng.integers(0, 2**32, LENGTH, dtype=np.uint32) for i in range(n)}
+        self.states: dict[int, dict] = {}
+
+    def advertise(self) -> dict[int, dict]:
+        replies = {}
+        for i, config in self.server.site_configs().items():
+            self.states[i], replies[i] = advertise_keys(config, self.identities[i])
+        return replies
+
+    def share(self, routed: dict[int, dict]) -> dict[int, dict]:
+        replies = {}
+        for i, message in routed.items():
+            self.states[i], replies[i] = share_keys(self.states[i], message, self.identities[i])
+        return replies
+
+    def mask(self, routed: dict[int, dict]) -> tuple[dict[int, dict], dict[int, np.ndarray]]:
+        headers, masked = {}, {}
+        for i, message in routed.items():
+            self.states[i], headers[i], masked[i] = masked_input(self.states[i], message,
+                                                                 self.vectors[i])
+        return headers, masked
+
+    def up_to_masked_input(self) -> tuple[dict[int, dict], dict[int, np.ndarray]]:
+        routed = self.server.route_public_keys(self.advertise())
+        return self.mask(self.server.route_shares(self.share(routed)))
+
+    def try_confirm(self, index: int, survivor_set: list[int]) -> bytes | None:
+        """Ask site ``index`` to sign ``survivor_set``; its signature, or None if it refuses."""
+        request = {m.SESSION: SESSION, m.INDEX: index, m.SURVIVOR_SET: survivor_set}
+        try:
+            self.states[index], reply = confirm_survivors(self.states[index], request,
+                                                          self.identities[index])
+        except SecAggProtocolError:
+            return None
+        return reply[m.SURVIVOR_SET_SIGNATURE]
+
+    def try_unmask(self, index: int, request: dict) -> dict | None:
+        try:
+            self.states[index], reply = unmask(self.states[index], request,
+                                               self.identities[index])
+        except SecAggProtocolError:
+            return None
+        return reply
+
+
+def _shares_of(replies: list[dict], owner: int, kind: str) -> dict[int, bytes]:
+    owners_key, shares_key = (m.B_OWNERS, m.B_SHARES) if kind == "b" else (m.S_OWNERS,
+                                                                         m.S_SHARES)
+    return {reply[m.INDEX]: share for reply in replies
+            for j, share in zip(reply[owners_key], reply[shares_key]) if j == owner}
+
+
+# -- (a) the lying server of issue 15: two views of who survived --------------------------------
+
+V, A, B, C, D = range(5)
+# What the attacker wants each site to reveal (issue 15): b-shares of `survivors`, s-key shares
+# of `dropped`. Together: b_V from V, A, B; s_sk_A from B, C, D; s_sk_B from A, C, D.
+LIES = {V: ([V, A, B], []), A: ([A, V, C], [B]), B: ([B, V, D], [A]),
+        C: ([C, D, V], [A, B]), D: ([D, C, V], [A, B])}
+
+
+def lying_server_attack(fed: Federation) -> tuple[list[dict], dict[int, np.ndarray]]:
+    """The attack, against the real stage functions: V receives only A's and B's shares (so it
+    masks with A and B alone), then every site is told a different survivor set and asked to
+    reveal accordingly. Returns every reveal the sites agreed to, and the masked inputs."""
+    routed = fed.server.route_public_keys(fed.advertise())
+    inbox = fed.server.route_shares(fed.share(routed))
+    keep = [k for k, sender in enumerate(inbox[V][m.SENDERS]) if sender in (A, B)]
+    inbox[V] = {**inbox[V], m.SENDERS: [inbox[V][m.SENDERS][k] for k in keep],
+                m.CIPHERTEXTS: [inbox[V][m.CIPHERTEXTS][k] for k in keep]}
+    _, masked = fed.mask(inbox)
+    # Consistency stage: each site is shown the survivor set of its own lie.
+    signatures = {i: fed.try_confirm(i, sorted(LIES[i][0])) for i in LIES}
+    revealed = []
+    for i, (survivors, dropped) in LIES.items():
+        view = sorted(survivors)
+        # the attacker forwards every signature it holds; a site whose signature it lacks is
+        # "signed" with a signature over another set (all it has), or with a key of its own
+        own_key = generate_key()
+        signers, site_ids, sigs = [], [], []
+        for j in view:
+            signature = signatures.get(j) or own_key.sign(b"forged", _ecdsa())
+            signers.append(j)
+            site_ids.append(f"site-{j}")
+            sigs.append(signature)
+        request = {m.SESSION: SESSION, m.INDEX: i, m.SURVIVORS: sorted(survivors),
+                   m.DROPPED: sorted(dropped), m.SURVIVOR_SET: view, m.SIGNER_INDICES: signers,
+                   m.SIGNER_SITE_IDS: site_ids, m.SIGNER_SIGNATURES: sigs}
+        reply = fed.try_unmask(i, request)
+        if reply is not None:
+            revealed.append(reply)
+    return revealed, masked
+
+
+def _ecdsa():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.ECDSA(hashes.SHA384())
+
+
+def test_lying_server_cannot_unmask_one_site_with_two_views_of_the_survivors():
+    fed = Federation(5)  # t = 3
+    assert fed.plan.threshold == 3
+    revealed, masked = lying_server_attack(fed)
+    assert revealed == []  # every honest site refused: no view has every member's signature
+    t = fed.plan.threshold
+    needed = {"b_V": _shares_of(revealed, V, "b"), "s_A": _shares_of(revealed, A, "s"),
+              "s_B": _shares_of(revealed, B, "s")}
+    assert all(len(shares) < t for shares in needed.values()), needed
+    with pytest.raises(shamir.ShamirError):
+        shamir.combine(needed["b_V"], t, SEED_BYTES)
+    # V's masked input stays masked: without b_V the attacker's best guess is not V's vector
+    assert not np.array_equal(masked[V], fed.vectors[V])
+
+
+def test_lying_server_with_one_view_learns_only_a_sum_of_at_least_t_sites():
+    """The attacker's best consistent move after withholding C's and D's shares from V:
+    U3 = {V, A, B}. V, A and B sign it and reveal; what comes out is y_V + y_A + y_B (the sum of
+    t sites, as the protocol allows), never y_V alone: A's and B's mask keys stay secret."""
+    fed = Federation(5)
+    routed = fed.server.route_public_keys(fed.advertise())
+    inbox = fed.server.route_shares(fed.share(routed))
+    keep = [k for k, sender in enumerate(inbox[V][m.SENDERS]) if sender in (A, B)]
+    inbox[V] = {**inbox[V], m.SENDERS: [inbox[V][m.SENDERS][k] for k in keep],
+                m.CIPHERTEXTS: [inbox[V][m.CIPHERTEXTS][k] for k in keep]}
+    # (test-only peek, to check the attacker's arithmetic below: secrets the sites never send)
+    peeked = {j: fed.states[j]["s-private-key"] for j in (A, B)}
+    s_public_v = fed.states[A][m.S_PUBLIC_KEYS][fed.states[A][m.KEY_OWNERS].index(V)]
+    _, masked = fed.mask(inbox)
+    everyone = [V, A, B, C, D]
+    assert fed.try_confirm(V, everyone) is None  # C, D listed, V never masked with them
+    view = [V, A, B]
+    signatures = {i: fed.try_confirm(i, view) for i in everyone}
+    assert signatures[C] is None and signatures[D] is None  # not in the view: they refuse
+    assert signatures[A] is not None and signatures[B] is not None
+    signed = {m.SURVIVOR_SET: view, m.SIGNER_INDICES: view,
+              m.SIGNER_SITE_IDS: [f"site-{j}" for j in view],
+              m.SIGNER_SIGNATURES: [signatures[j] for j in view]}
+    replies = []
+    for i in view:
+        # greedy: ask for b-shares of the view and s-key shares of everyone else, A and B too
+        for dropped in ([A, B, C, D], [C, D], []):
+            survivors = [j for j in view if j not in dropped]
+            reply = fed.try_unmask(i, {m.SESSION: SESSION, m.INDEX: i, m.SURVIVORS: survivors,
+                                       m.DROPPED: [j for j in dropped if j != i], **signed})
+            if reply is not None:
+                replies.append(reply)
+                break
+    assert len(_shares_of(replies, A, "s")) == 0 and len(_shares_of(replies, B, "s")) == 0
+    b_v = shamir.combine(_shares_of(replies, V, "b"), fed.plan.threshold, SEED_BYTES)
+    guess = masked[V].copy()
+    apply_mask(guess, b_v, subtract=True)  # V's pairwise masks with A and B remain
+    assert not np.array_equal(guess, fed.vectors[V])
+    # Had A and B revealed their mask keys (as "dropped"), this is all it would take:
+    for j in (A, B):
+        seed = pairwise_mask_seed(peeked[j], j, s_public_v, V, SESSION)
+        apply_mask(guess, seed, subtract=j > V)  # V added PRG(s_Vj) for j > V
+    np.testing.assert_array_equal(guess, fed.vectors[V])
+
+
+def test_withholding_shares_to_isolate_a_site_makes_it_refuse_and_nobody_reveals_its_seed():
+    """n = 9, t = 5: the server delivers V only four peers' shares, then declares those four
+    dropped (U3 = V + the other four). Their mask keys would come out, and with V's self-mask
+    seed, V's input. V refuses to sign such a U3, and no site reveals b_V without V's
+    signature on U3."""
+    fed = Federation(9)
+    t = fed.plan.threshold
+    assert t == 5
+    routed = fed.server.route_public_keys(fed.advertise())
+    inbox = fed.server.route_shares(fed.share(routed))
+    peers = [1, 2, 3, 4]
+    keep = [k for k, sender in enumerate(inbox[0][m.SENDERS]) if sender in peers]
+    inbox[0] = {**inbox[0], m.SENDERS: [inbox[0][m.SENDERS][k] for k in keep],
+                m.CIPHERTEXTS: [inbox[0][m.CIPHERTEXTS][k] for k in keep]}
+    fed.mask(inbox)
+    view = [0, 5, 6, 7, 8]
+    signatures = {i: fed.try_confirm(i, view) for i in view}
+    assert signatures[0] is None
+    replies = []
+    for i in view[1:]:
+        request = {m.SESSION: SESSION, m.INDEX: i, m.SURVIVORS: view, m.DROPPED: peers,
+                   m.SURVIVOR_SET: view, m.SIGNER_INDICES: view[1:],
+                   m.SIGNER_SITE_IDS: [f"site-{j}" for j in view[1:]],
+                   m.SIGNER_SIGNATURES: [signatures[j] for j in view[1:]]}
+        if (reply := fed.try_unmask(i, request)) is not None:
+            replies.append(reply)
+    assert replies == []
+    assert len(_shares_of(replies, 0, "b")) < t
+
+
+# -- (b) key substitution in stage 1 -------------------------------------------------------------
+
+def _routed_keys() -> tuple[Federation, dict[int, dict]]:
+    fed = Federation(5)
+    return fed, fed.server.route_public_keys(fed.advertise())
+
+
+def _replace(message: dict, key: str, position: int, value) -> dict:
+    values = list(message[key])
+    values[position] = value
+    return {**message, key: values}
+
+
+def test_a_substituted_public_key_is_detected_naming_the_participant():
+    fed, routed = _routed_keys()
+    message = routed[V]
+    k = message[m.KEY_OWNERS].index(A)
+    _, attacker_key = generate_key_pair()
+    for key in (m.C_PUBLIC_KEYS, m.S_PUBLIC_KEYS):
+        with pytest.raises(SecAggProtocolError, match=r"participant 1 \(site 'site-1'\) are "
+                                                      "not signed") as error:
+            share_keys(fed.states[V], _replace(message, key, k, attacker_key), fed.identities[V])
+        assert error.value.participant == A
+    # the attacker signs its keys with a P-384 key of its own: not the roster's key of site-1
+    own = generate_key()
+    forged = own.sign(m.key_statement(SESSION, A, 5, 3, "site-1", attacker_key, attacker_key),
+                      _ecdsa())
+    tampered = _replace(_replace(_replace(message, m.C_PUBLIC_KEYS, k, attacker_key),
+                                 m.S_PUBLIC_KEYS, k, bytes(KEY_BYTES - 1) + b"\x09"),
+                        m.KEY_SIGNATURES, k, forged)
+    with pytest.raises(SecAggProtocolError, match="not signed"):
+        share_keys(fed.states[V], tampered, fed.identities[V])
+
+
+def test_identities_outside_the_roster_duplicated_or_impersonating_the_site_are_refused():
+    fed, routed = _routed_keys()
+    message = routed[V]
+    k = message[m.KEY_OWNERS].index(A)
+    with pytest.raises(SecAggProtocolError, match="'mallory' is not in the federation roster"):
+        share_keys(fed.states[V], _replace(message, m.KEY_SITE_IDS, k, "mallory"),
+                   fed.identities[V])
+    with pytest.raises(SecAggProtocolError, match="several participants"):
+        share_keys(fed.states[V], _replace(message, m.KEY_SITE_IDS, k, "site-2"),
+                   fed.identities[V])
+    with pytest.raises(SecAggProtocolError, match="claims to be this site"):
+        share_keys(fed.states[V], _replace(message, m.KEY_SITE_IDS, k, "site-0"),
+                   fed.identities[V])
+    # the site sent nothing and stays where it was: the round goes on without it or aborts
+    assert fed.states[V]["stage"] == "advertised"
+
+
+def test_sites_told_different_round_parameters_detect_it():
+    """The server tells site V that t = 4 (or n = 6) while the others run t = 3: every
+    neighbour's signature was made over the real parameters, so V refuses."""
+    fed = Federation(5)
+    replies = fed.advertise()
+    configs = fed.server.site_configs()
+    fed.states[V], replies[V] = advertise_keys({**configs[V], m.THRESHOLD: 4}, fed.identities[V])
+    routed = fed.server.route_public_keys(replies)
+    with pytest.raises(SecAggProtocolError, match="different round parameters"):
+        share_keys(fed.states[V], routed[V], fed.identities[V])
+    # and V's own keys, signed for t = 4, are refused by every other site
+    with pytest.raises(SecAggProtocolError, match=r"participant 0 \(site 'site-0'\)"):
+        share_keys(fed.states[A], routed[A], fed.identities[A])
+
+
+# -- (c) a threshold below the site's floor ------------------------------------------------------
+
+def test_a_threshold_below_a_majority_of_the_neighbourhood_is_refused():
+    plan = setup(5, threshold=2, session=SESSION)
+    identities = test_identities(["site-0"])
+    with pytest.raises(SecAggProtocolError, match="refuses threshold 2: its floor is 3"):
+        advertise_keys(plan.site_config(0), identities["site-0"])
+
+
+def test_a_threshold_below_the_sites_own_floor_is_refused():
+    plan = setup(7, session=SESSION)  # t = 4, a majority
+    strict = test_identities(["site-0"], min_threshold=5)["site-0"]
+    with pytest.raises(SecAggProtocolError, match="secagg_min_threshold 5"):
+        advertise_keys(plan.site_config(0), strict)
+
+
+def test_a_site_without_an_identity_refuses_secure_aggregation(tmp_path):
+    from client.secure_aggregation import identity_refusal, site_identity
+    from client.site import SiteSettings
+
+    site = SiteSettings(site_id="hospital_a", data_path=tmp_path)
+    reason = identity_refusal(site)
+    assert reason is not None and "identity_key, roster, ca_cert" in reason
+    entries = write_ephemeral_federation(tmp_path / "ids", ["hospital_a"])["hospital_a"]
+    with_key = SiteSettings(site_id="hospital_a", data_path=tmp_path,
+                            identity_key=tmp_path / "ids" / "keys" / "hospital_a.key")
+    assert "roster, ca_cert" in identity_refusal(with_key)
+    complete = SiteSettings(site_id="hospital_a", data_path=tmp_path,
+                            identity_key=entries["identity-key"], roster=entries["roster"],
+                            ca_cert=entries["ca-cert"])
+    assert identity_refusal(complete) is None
+    assert site_identity(complete).site_id == "hospital_a"
+
+
+# -- (d) forged or missing consistency signatures ------------------------------------------------
+
+def _signed_round(n: int = 5) -> tuple[Federation, dict[int, dict]]:
+    fed = Federation(n)
+    headers, masked = fed.up_to_masked_input()
+    checks = fed.server.request_consistency(headers, masked, LENGTH)
+    confirmations = {}
+    for i, message in checks.items():
+        fed.states[i], confirmations[i] = confirm_survivors(fed.states[i], message,
+                                                            fed.identities[i])
+    return fed, fed.server.request_unmask(confirmations)
+
+
+def test_a_survivor_set_missing_a_members_signature_is_refused():
+    fed, requests = _signed_round()
+    request = requests[A]
+    short = {**request, m.SIGNER_INDICES: request[m.SIGNER_INDICES][1:],
+             m.SIGNER_SITE_IDS: request[m.SIGNER_SITE_IDS][1:],
+             m.SIGNER_SIGNATURES: request[m.SIGNER_SIGNATURES][1:]}
+    with pytest.raises(RevealRefused, match=r"not by every member of it \(missing \[0\]\)"):
+        unmask(fed.states[A], short, fed.identities[A])
+
+
+def test_forged_consistency_signatures_are_refused():
+    fed, requests = _signed_round()
+    request = requests[A]
+    # V's signature replaced by B's (valid, but over B's index), by one of the attacker's own
+    # key, and V's slot claimed by a site outside the roster
+    swapped = _replace(request, m.SIGNER_SIGNATURES, V, request[m.SIGNER_SIGNATURES][B])
+    with pytest.raises(SecAggProtocolError, match=r"participant 0 \(site 'site-0'\) on the "
+                                                  "survivor set does not verify"):
+        unmask(fed.states[A], swapped, fed.identities[A])
+    own = generate_key().sign(m.survivor_set_statement(SESSION, V, [0, 1, 2, 3, 4]), _ecdsa())
+    with pytest.raises(SecAggProtocolError, match="does not verify"):
+        unmask(fed.states[A], _replace(request, m.SIGNER_SIGNATURES, V, own), fed.identities[A])
+    with pytest.raises(SecAggProtocolError, match="participant 0 is site 'site-0'"):
+        unmask(fed.states[A], _replace(request, m.SIGNER_SITE_IDS, V, "site-9"),
+               fed.identities[A])
+    # a smaller survivor set than the one A signed (its signatures reused)
+    smaller = {**request, m.SURVIVOR_SET: [0, 1, 2, 3], m.SURVIVORS: [0, 1, 2, 3],
+               m.DROPPED: [4]}
+    with pytest.raises(RevealRefused, match="it signed"):
+        unmask(fed.states[A], smaller, fed.identities[A])
+    # after all that, the honest request still works: refusals used nothing
+    _, reply = unmask(fed.states[A], request, fed.identities[A])
+    assert reply[m.B_OWNERS] == [0, 1, 2, 3, 4]
+
+
+def test_a_site_signs_one_survivor_set_per_round():
+    fed = Federation(5)
+    fed.up_to_masked_input()
+    assert fed.try_confirm(A, [0, 1, 2, 3, 4]) is not None
+    assert fed.try_confirm(A, [0, 1, 2, 3, 4]) is not None  # the same set again: fine
+    with pytest.raises(RevealRefused, match="already signed the survivor set"):
+        confirm_survivors(fed.states[A], {m.SESSION: SESSION, m.INDEX: A,
+                                          m.SURVIVOR_SET: [0, 1, 2]}, fed.identities[A])
+    other = Federation(5)
+    other.up_to_masked_input()
+    with pytest.raises(RevealRefused, match="fewer than the quorum 3"):
+        confirm_survivors(other.states[A], {m.SESSION: SESSION, m.INDEX: A,
+                                            m.SURVIVOR_SET: [0, 1]}, other.identities[A])
+
+
+# -- the roster ------------------------------------------------------------------------------------
+
+def test_a_roster_not_signed_by_the_federation_ca_is_refused_naming_the_file(tmp_path):
+    entries = write_ephemeral_federation(tmp_path / "fed", ["h1", "h2"])["h1"]
+    roster_path = tmp_path / "fed" / "roster.json"
+    assert sorted(Roster.load(roster_path, entries["ca-cert"]).sites) == ["h1", "h2"]
+    document = json.loads(roster_path.read_text())
+    document["sites"]["mallory"] = document["sites"]["h2"]  # a site added by someone else
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(document))
+    with pytest.raises(IdentityError, match=f"roster {tampered} is not signed by the federation"):
+        Roster.load(tampered, entries["ca-cert"])
+    other = write_ephemeral_federation(tmp_path / "other", ["h1"])["h1"]
+    with pytest.raises(IdentityError, match="not signed by the federation CA"):
+        Roster.load(roster_path, other["ca-cert"])
+    with pytest.raises(IdentityError, match="is not the one the roster"):
+        SiteIdentity.load("h1", other["identity-key"], roster_path, entries["ca-cert"])
+
+
+# -- an honest round still sums exactly ------------------------------------------------------------
+
+def test_an_honest_round_with_provisioned_identities_sums_exactly_with_a_dropout(tmp_path):
+    n = 6
+    names = [f"hospital_{i}" for i in range(n)]
+    entries = write_ephemeral_federation(tmp_path / "fed", names)
+    identities = {i: SiteIdentity.load(name, entries[name]["identity-key"],
+                                       entries[name]["roster"], entries[name]["ca-cert"])
+                  for i, name in enumerate(names)}
+    rng = np.random.default_rng(3)
+    vectors = {i: rng.integers(0, 2**32, LENGTH, dtype=np.uint32) for i in range(n)}
+    result = run_round(setup(n, session=SESSION), vectors, identities=identities,
+                       dropouts={m.STAGE_MASKED_INPUT: {2}, m.STAGE_UNMASK: {5}})
+    assert result.survivors == {0, 1, 3, 4, 5}
+    expected = np.zeros(LENGTH, dtype=np.uint32)
+    for i in result.survivors:
+        expected += vectors[i]
+    np.testing.assert_array_equal(result.total, expected)
