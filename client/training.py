@@ -155,10 +155,14 @@ def train_local(
     dp: DPConfig | None = None,
     step_hook: StepHook | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place on ``dataset``; returns the mean training loss and step count.
+    """Train ``model`` in place on ``dataset``; returns the step count and, without DP, the
+    mean training loss.
 
     With ``dp`` the model is trained with Opacus DP-SGD and is left unwrapped (its state_dict
-    keys unchanged, no hooks left behind), ready to be sent or evaluated.
+    keys unchanged, no hooks left behind), ready to be sent or evaluated. Under DP no
+    ``train_loss`` is returned: the un-noised mean loss over the site's records is a statistic
+    of the training data that DP-SGD's clipping and noise do not cover, and these metrics are
+    sent to the server with the update.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
@@ -225,6 +229,10 @@ def train_local(
     finally:
         if hooks is not None:
             hooks.cleanup()
+    if dp is not None:
+        # steps = epochs / q: nothing the ledger sent with the update (its sample rate q) does
+        # not already say
+        return {"steps": float(steps)}
     return {"train_loss": total_loss / max(total_examples, 1), "steps": float(steps)}
 
 

@@ -22,6 +22,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Reference models trained beside the federation (simulation only: simulations/baselines.py)
 BASELINES = ("local", "pooled")
+# task.standardize (tabular, vitals): whose statistics standardise features (client/tasks/base.py)
+STANDARDIZE = ("site", "reference", "auto")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,13 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
            per_round)
     _check(cfg.get("final_evaluation", "all") in ("all", "sampled"), "final_evaluation",
            "'all' or 'sampled'", cfg.get("final_evaluation"))
+    standardize = cfg["task"].get("standardize")
+    _check(standardize is None or standardize in STANDARDIZE, "task.standardize",
+           f"one of {list(STANDARDIZE)}", standardize)
+    for name, entry in (cfg["task"].get("reference") or {}).items():
+        _check(isinstance(entry, list | tuple | ListConfig) and len(entry) == 2
+               and all(_is_number(x) for x in entry) and entry[1] > 0,
+               f"task.reference.{name}", "[mean, sd] with sd > 0", entry)
     _validate_simulation(cfg["simulation"])
     _validate_baselines(cfg.get("baselines", "auto"))
     generate = cfg["data"].get("generate", "upfront")
@@ -220,7 +229,24 @@ def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    return resolve_standardize(plain)
+
+
+def resolve_standardize(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``task.standardize=auto`` -> ``reference`` under privacy=dp (site statistics would let one
+    patient move every other patient's features, which DP-SGD does not cover), ``site``
+    otherwise. Resolved here, once, so the sites (they receive ``task`` as resolved), the
+    baselines, the pooled evaluation and the report all see the same choice."""
+    task = cfg.get("task")
+    if not isinstance(task, dict):
+        return cfg
+    if task.get("standardize") == "auto":
+        dp = cfg.get("privacy", {}).get("name", "off") != "off"
+        task["standardize"] = "reference" if dp else "site"
+    if task.get("reference"):  # floats on the wire: a list sent to a site holds one type
+        task["reference"] = {k: [float(x) for x in v] for k, v in task["reference"].items()}
+    return cfg
 
 
 def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:

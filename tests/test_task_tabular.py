@@ -86,6 +86,52 @@ def test_uci_heart_disease_file_reads_with_missing_values_and_binarised_label(tm
     assert x[3, col["ca"]] == 0 and x[3, col["ca_missing"]] == 1
 
 
+def test_standardize_auto_is_reference_under_dp_and_site_otherwise():
+    dp = compose(["task=tabular", "privacy=dp"])["task"]
+    off = compose(["task=tabular"])["task"]
+    assert dp["standardize"] == "reference" and off["standardize"] == "site"
+
+
+@pytest.mark.parametrize("column", ["chol", "age"])
+def test_under_reference_one_patient_moves_no_other_patients_features(tmp_path, cfg, column):
+    """DP-SGD bounds each record's influence through its own gradient only: with reference
+    standardisation an extreme patient changes its own features and nobody else's; with the
+    site's statistics it moves every other patient's standardised value."""
+    index = cfg["task"]["columns"].index(column)
+    extreme = [*UCI_ROWS[0].split(",")]
+    extreme[index] = "560"
+    changed = [",".join(extreme), *UCI_ROWS[1:]]
+    col = feature_names(cfg["task"]).index(column)
+    for mode, others_move in (("reference", False), ("site", True)):
+        task_cfg = {**_all_train(cfg["task"]), "standardize": mode}
+        before = TASK.load_site(_site(tmp_path / mode / "a", UCI_ROWS), task_cfg, "a")
+        after = TASK.load_site(_site(tmp_path / mode / "b", changed), task_cfg, "b")
+        x, x_changed = before.train.tensors[0], after.train.tensors[0]
+        assert x_changed[0, col] != x[0, col]  # the patient's own value changes either way
+        moved = (x_changed[1:] - x[1:]).abs().max().item()
+        assert (moved > 0.1) == others_move, (mode, moved)
+        if not others_move:
+            assert torch.equal(x_changed[1:], x[1:])
+
+
+def test_reference_standardisation_uses_the_configured_values_and_imputes_their_mean(
+        tmp_path, cfg):
+    task_cfg = {**_all_train(cfg["task"]), "standardize": "reference"}
+    data = TASK.load_site(_site(tmp_path, UCI_ROWS), task_cfg, "cleveland")
+    x = data.train.tensors[0]
+    col = {name: i for i, name in enumerate(feature_names(task_cfg))}
+    mean, sd = task_cfg["reference"]["chol"]
+    assert x[0, col["chol"]].item() == pytest.approx((233 - mean) / sd, rel=1e-5)
+    # chol 0 (missing): the reference mean, i.e. 0 after scaling, flagged
+    assert x[3, col["chol"]] == 0 and x[3, col["chol_missing"]] == 1
+    missing_reference = {**task_cfg, "reference": {
+        k: v for k, v in task_cfg["reference"].items() if k != "oldpeak"}}
+    with pytest.raises(DataError, match="task.reference.oldpeak"):
+        TASK.load_site(tmp_path, missing_reference, "cleveland")
+    with pytest.raises(DataError, match="unresolved"):
+        TASK.load_site(tmp_path, {**task_cfg, "standardize": "auto"}, "cleveland")
+
+
 def test_header_csv_with_train_and_test_files_and_declared_classes(tmp_path, cfg):
     task_cfg = {
         **cfg["task"], "header": "first_line", "file": "*.csv", "zero_as_missing": [],

@@ -100,6 +100,58 @@ def test_physionet_stays_become_hourly_values_masks_and_time_since(tmp_path, sma
     assert static[0, 0].item() == pytest.approx(-1.0) and static[1, 0].item() == pytest.approx(1.0)
 
 
+def _hr_site(folder, extreme_hr="95", extreme_age="60"):
+    """Five training stays; the first one's heart rate and age can be made extreme."""
+    _record(folder, 150000, [f"01:00,HR,{extreme_hr}", "02:00,pH,7.35"], age=extreme_age,
+            weight="90")
+    for i, rid in enumerate(range(150001, 150005)):
+        _record(folder, rid, [f"0{i}:30,HR,{70 + 10 * i}", f"03:00,pH,7.{30 + i}", "04:00,GCS,14"],
+                age=str(50 + 5 * i), weight=str(70 + 5 * i))
+    _outcomes(folder, {rid: rid % 2 for rid in range(150000, 150005)})
+
+
+def test_under_reference_one_stay_moves_no_other_stays_tensors(tmp_path, small):
+    """With reference standardisation an extreme stay changes its own tensors only (what
+    DP-SGD's per-example clipping bounds); with the site's statistics every other stay's
+    values move."""
+    for mode, others_move in (("reference", False), ("site", True)):
+        task_cfg = {**small, "standardize": mode}
+        _hr_site(tmp_path / mode / "a")
+        _hr_site(tmp_path / mode / "b", extreme_hr="290", extreme_age="110")
+        before = TASK.load_site(tmp_path / mode / "a", task_cfg, "a").train.tensors
+        after = TASK.load_site(tmp_path / mode / "b", task_cfg, "b").train.tensors
+        for x, x_changed in zip(before[:2], after[:2], strict=True):  # series, static
+            assert not torch.equal(x_changed[0], x[0])  # the stay's own tensors change
+            assert torch.equal(x_changed[1:], x[1:]) != others_move, mode
+
+
+def test_reference_standardisation_uses_the_configured_values_on_their_scale(tmp_path, small):
+    task_cfg = {**small, "variables": ["HR", "pH", "Lactate"], "standardize": "reference"}
+    _record(tmp_path, 150100, ["01:00,HR,80", "02:00,Lactate,4.0"], age="81")
+    _record(tmp_path, 150101, ["01:00,HR,100"])
+    _outcomes(tmp_path, {150100: 1, 150101: 0})
+    series, static, _ = TASK.load_site(tmp_path, task_cfg, "h1").train.tensors
+    reference = task_cfg["reference"]
+    hr_mean, hr_sd = reference["HR"]
+    assert series[0, 1, 0].item() == pytest.approx((80 - hr_mean) / hr_sd, abs=1e-5)
+    # a log variable on the log1p scale its reference is written in
+    lac_mean, lac_sd = reference["Lactate"]
+    assert series[0, 2, 2].item() == pytest.approx((np.log1p(4.0) - lac_mean) / lac_sd, abs=1e-5)
+    # before the first observation, and never measured: the reference mean (0)
+    assert series[0, 0, 0].item() == 0 and series[1, :, 1].abs().max().item() == 0
+    age_mean, age_sd = reference["Age"]
+    assert static[0, 0].item() == pytest.approx((81 - age_mean) / age_sd, abs=1e-5)
+    assert static[1, 5].item() == 1 and static[1, 4].item() == 0  # height missing: mean, flag
+    without_hr = {**task_cfg, "reference": {k: v for k, v in reference.items() if k != "HR"}}
+    with pytest.raises(DataError, match="task.reference.HR"):
+        TASK.load_site(tmp_path, without_hr, "h1")
+
+
+def test_standardize_auto_is_reference_under_dp_and_site_otherwise():
+    assert compose(["task=vitals", "privacy=dp"])["task"]["standardize"] == "reference"
+    assert compose(["task=vitals"])["task"]["standardize"] == "site"
+
+
 def test_test_split_is_a_stable_hash_and_uses_training_statistics_only(tmp_path, small):
     task_cfg = {**small, "test_fraction": 0.5}
     ids = list(range(140000, 140020))

@@ -8,7 +8,7 @@ and tells the model builder what it is built for (:meth:`Task.input_spec`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,50 @@ def text_lines(path: Path, expected: str) -> Iterator[str]:
 def read_text_file(path: Path, expected: str) -> str:
     """The whole text of a UTF-8 file; the same checks and messages as :func:`text_lines`."""
     return "".join(text_lines(path, expected))
+
+
+# Where a task's standardisation statistics come from (``task.standardize``):
+# - ``site``: the site's own training split. Every patient's encoded features then depend on
+#   every other training patient (an extreme value shifts the mean and sd), an influence that
+#   DP-SGD's per-example clipping does not bound: not covered by a DP guarantee.
+# - ``reference``: fixed reference values from config (``task.reference``: published summary
+#   statistics, outside any site's data; no privacy cost). A patient's features depend on that
+#   patient alone, and a missing value is imputed with the reference mean.
+# ``auto`` (reference under privacy=dp, site otherwise) is resolved with the run settings
+# (server/settings.py) before any site loads data; a loader never guesses it.
+STANDARDIZE = ("site", "reference")
+
+
+def standardize_mode(task_cfg: Mapping[str, Any]) -> str:
+    """``task.standardize`` as a loader applies it: ``site`` or ``reference``."""
+    mode = str(task_cfg.get("standardize", "site"))
+    if mode == "auto":
+        raise DataError("task.standardize=auto reached a site loader unresolved: it is resolved "
+                        "against privacy.name with the run settings (server/settings.py); pass "
+                        "site or reference")
+    if mode not in STANDARDIZE:
+        raise DataError(f"task.standardize must be one of {list(STANDARDIZE)} (or auto), "
+                        f"got {mode!r}")
+    return mode
+
+
+def reference_stats(task_cfg: Mapping[str, Any], names: Sequence[str],
+                    ) -> dict[str, tuple[float, float]]:
+    """``task.reference``'s (mean, sd) for each of ``names``; a name without one, or an sd that
+    is not > 0, is a :class:`DataError` naming the key."""
+    table = task_cfg.get("reference") or {}
+    stats = {}
+    for name in names:
+        entry = table.get(name)
+        if entry is None:
+            raise DataError(f"task.standardize=reference needs task.reference.{name}: [mean, sd] "
+                            f"(published reference values, never a site's own data); "
+                            f"task.reference has {sorted(table)}")
+        if len(entry) != 2 or not float(entry[1]) > 0:
+            raise DataError(f"task.reference.{name} must be [mean, sd] with sd > 0, got "
+                            f"{list(entry)}")
+        stats[name] = (float(entry[0]), float(entry[1]))
+    return stats
 
 
 @dataclass

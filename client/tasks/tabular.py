@@ -9,9 +9,12 @@ Any CSV works by configuration (``conf/task/tabular.yaml``):
   ``columns``); ``delimiter``; ``missing_values`` (tokens meaning "not recorded", e.g. ``?``,
   empty, ``NaN``); ``zero_as_missing`` (columns where 0 means "not measured", like
   switzerland's cholesterol).
-- ``numeric``: columns read as numbers. Each becomes two features: the value standardised with
-  the site's own training-split mean/std (a missing value is imputed with that mean, i.e. 0
-  after standardising) and a missing indicator.
+- ``numeric``: columns read as numbers. Each becomes two features: the standardised value (a
+  missing value is imputed with the mean, i.e. 0 after standardising) and a missing indicator.
+  ``standardize`` says whose mean/std: ``reference`` (``task.reference``: published UCI
+  Cleveland summary statistics, outside every site's data, so a patient's features depend on
+  that patient alone; what DP-SGD needs) or ``site`` (the site's own training split); ``auto``
+  is reference under privacy=dp, site otherwise (resolved with the run settings).
 - ``categorical``: column -> its fixed list of codes. Each becomes a one-hot block over the
   declared codes plus a missing indicator. Codes come from config, never from data, so every
   site encodes identically. A value that is not a declared code is a :class:`DataError`
@@ -47,7 +50,16 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task, text_lines
+from client.tasks.base import (
+    DataError,
+    PooledRecords,
+    SiteData,
+    SiteProfile,
+    Task,
+    reference_stats,
+    standardize_mode,
+    text_lines,
+)
 from client.tasks.registry import register_task
 
 SPLIT_FILES = ("train.csv", "test.csv")
@@ -268,20 +280,35 @@ def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
     return Parsed(numeric=numeric, categorical=cats, labels=labels)
 
 
-def encode_features(parsed: Parsed, task_cfg: Mapping[str, Any], train_rows: np.ndarray,
-                    ) -> np.ndarray:
-    """Encoded float32 matrix. Means and standard deviations come from ``train_rows`` only
-    (this site's training split): nothing about another site's values is needed."""
-    blocks = []
+def numeric_scale(parsed: Parsed, task_cfg: Mapping[str, Any], train_rows: np.ndarray,
+                  ) -> list[tuple[float, float]]:
+    """(mean, sd) per numeric column: ``task.reference``'s published values under
+    ``standardize: reference`` (no patient's value enters them), else the site's own training
+    split (``train_rows``; every training patient moves every other one's features)."""
+    numeric = _numeric(task_cfg)
+    if standardize_mode(task_cfg) == "reference":
+        reference = reference_stats(task_cfg, numeric)
+        return [reference[col] for col in numeric]
+    scale = []
     train_values = parsed.numeric[train_rows]
-    for j in range(parsed.numeric.shape[1]):
+    for j in range(len(numeric)):
         observed = train_values[:, j][~np.isnan(train_values[:, j])]
         mean = float(observed.mean()) if len(observed) else 0.0
         std = float(observed.std()) if len(observed) > 1 else 0.0
-        std = std if std > 1e-8 else 1.0
+        scale.append((mean, std if std > 1e-8 else 1.0))
+    return scale
+
+
+def encode_features(parsed: Parsed, task_cfg: Mapping[str, Any], train_rows: np.ndarray,
+                    ) -> np.ndarray:
+    """Encoded float32 matrix, standardised by :func:`numeric_scale` (``site``: statistics of
+    ``train_rows`` only, this site's training split; nothing about another site is needed)."""
+    blocks = []
+    for j, (mean, std) in enumerate(numeric_scale(parsed, task_cfg, train_rows)):
         values = parsed.numeric[:, j]
         is_missing = np.isnan(values)
-        # mean imputation: a missing value sits at 0 after standardising, flagged by the indicator
+        # mean imputation (the reference or site mean): a missing value sits at 0 after
+        # standardising, flagged by the indicator
         blocks += [np.where(is_missing, 0.0, (values - mean) / std)[:, None],
                    is_missing[:, None].astype(np.float64)]
     for j, (_, codes) in enumerate(_categorical(task_cfg)):

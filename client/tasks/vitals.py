@@ -17,8 +17,11 @@ Two site formats (``task.format``: ``physionet``, ``long_csv`` or ``auto``):
 Each stay becomes two tensors: ``series`` (hours x 3V: per variable the standardised value
 carried forward, the observed mask, and the hours since the last observation / ``hours``) over
 the first ``task.hours`` hours, and ``static`` (descriptors, each with a missing flag;
-ICUType one-hot over the four challenge units). Standardisation statistics come from the
-site's own training split only. Train/test is a stable hash of the stay id, so a stay keeps
+ICUType one-hot over the four challenge units). Standardisation (``task.standardize``):
+``reference`` takes each variable's mean/sd from ``task.reference`` (outside data: a stay's
+tensors then depend on that stay alone, as DP-SGD needs), ``site`` from the site's own
+training split (every training stay moves every other one's values), ``auto`` is reference
+under privacy=dp and site otherwise. Train/test is a stable hash of the stay id, so a stay keeps
 its split whichever folder it is copied into.
 """
 
@@ -46,6 +49,8 @@ from client.tasks.base import (
     SiteProfile,
     Task,
     read_text_file,
+    reference_stats,
+    standardize_mode,
     text_lines,
 )
 from client.tasks.registry import register_task
@@ -441,7 +446,9 @@ def read_site(folder: Path, task_cfg: Mapping[str, Any]) -> _Site:
 
 @dataclass(frozen=True)
 class Standardiser:
-    """Per-variable and per-descriptor mean/sd, fitted on one site's training stays only."""
+    """Per-variable (on the log1p scale for ``log`` variables) and per-descriptor mean/sd:
+    fitted on one site's training stays (:func:`fit_standardiser`) or fixed reference values
+    (:func:`reference_standardiser`)."""
 
     mean: np.ndarray
     sd: np.ndarray
@@ -486,6 +493,24 @@ def fit_standardiser(stays: Sequence[Stay], variables: Sequence[str],
                         {k: max(v, 1e-6) for k, v in static_sd.items()})
 
 
+def reference_standardiser(task_cfg: Mapping[str, Any]) -> Standardiser:
+    """``task.reference``'s [mean, sd] per variable and scaled descriptor (Age, Height, Weight):
+    no stay's value enters them."""
+    variables = _variables(task_cfg)
+    scaled = [s for s in _statics(task_cfg) if s not in ("ICUType", "Gender")]
+    reference = reference_stats(task_cfg, [*variables, *scaled])
+    return Standardiser(np.array([reference[v][0] for v in variables]),
+                        np.array([reference[v][1] for v in variables]),
+                        {s: reference[s][0] for s in scaled}, {s: reference[s][1] for s in scaled})
+
+
+def standardiser_for(train_stays: Sequence[Stay], task_cfg: Mapping[str, Any]) -> Standardiser:
+    """The ``task.standardize`` choice: reference values, or this site's training stays."""
+    if standardize_mode(task_cfg) == "reference":
+        return reference_standardiser(task_cfg)
+    return fit_standardiser(train_stays, _variables(task_cfg), _statics(task_cfg))
+
+
 def stays_to_tensors(stays: Sequence[Stay], labels: Sequence[int], task_cfg: Mapping[str, Any],
                      scale: Standardiser) -> TensorDataset:
     """``series`` (N, hours, 3V) = [value carried forward | observed mask | hours since last
@@ -503,7 +528,7 @@ def stays_to_tensors(stays: Sequence[Stay], labels: Sequence[int], task_cfg: Map
         np.add.at(counts[i], (bins, columns), 1)
     observed = counts > 0
     hourly = np.divide(sums, counts, out=np.zeros_like(sums), where=observed)
-    # Carry the last observation forward (0 = the site's training mean before the first one);
+    # Carry the last observation forward (0 = the standardiser's mean before the first one);
     # delta counts hours since the last observation (GRU-D, Che et al. 2018).
     values = np.zeros_like(hourly)
     delta = np.zeros_like(hourly)
@@ -559,8 +584,9 @@ class VitalsTask(Task):
         if not train_stays:
             raise DataError(f"site {site_id}: {site.source} has zero training stays "
                             f"(usable stays: {len(site.stays)}, left out: {dict(site.skipped)})")
-        # Nothing about this hospital's values leaves it: the statistics stay inside SiteData.
-        scale = fit_standardiser(train_stays, _variables(task_cfg), _statics(task_cfg))
+        # Site statistics never leave the site, but under DP they must not be used at all: each
+        # stay would move every other stay's values (task.standardize=reference).
+        scale = standardiser_for(train_stays, task_cfg)
         return SiteData(
             site_id=site_id,
             train=stays_to_tensors(train_stays, labels[~in_test], task_cfg, scale),
