@@ -5,6 +5,7 @@
     {"run": {...}, "rounds": [{"round", "global", "sites", "train", "failures", "declined",
      "refused", "asked", "started_at", "duration_s", ...}], "initial": {"global"},
      "final": {"global", "sites", "client_mean"}, "privacy": {site: {...}},
+     "privacy_guarantee": {"dp", "unit", "covered": [...], "not_covered": [...], ...},
      "sites": {site: {"rounds_asked", "rounds_trained", "last_round_trained", "num_examples",
                       "final", "dp", ["epsilon", ...]}},
      "baselines": null | {"local": {"sites", "client_mean", "privacy"},
@@ -170,6 +171,7 @@ def build_report(
             "collapsed": collapse_summary(last["global"], last["sites"]),
         },
         "privacy": privacy,
+        "privacy_guarantee": privacy_guarantee(cfg),
         "data": {site: {"skipped": history.latest_skipped().get(site, {})} for site in sites},
         "sites": site_summary.site_table(rounds, last["sites"], privacy, dp=dp),
         "baselines": baselines,
@@ -186,6 +188,89 @@ def _privacy_section(
     ledgers = history.latest_ledgers()
     return {site: {"dp": True, **ledgers[site]} for site in sorted(set(sites) | set(ledgers))
             if site in ledgers}
+
+
+def privacy_guarantee(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What the run's DP guarantee covers, and what else left the sites outside it.
+
+    Built from the run's settings alone (no constant claims: ε is each site's own ledger in
+    ``privacy``). Under DP-SGD the guarantee covers the model updates a site sent and what the
+    server computed from them; anything else a site sends, or any training input computed from
+    many records at once, is listed as not covered.
+    """
+    if cfg["privacy"]["name"] == "off":
+        return {"dp": False, "covered": [],
+                "not_covered": ["everything the sites sent: model updates trained without "
+                                "DP-SGD, training loss, evaluation metrics and example counts"]}
+    task = cfg["task"]
+    covered = [
+        "the model updates each site sent, trained with DP-SGD (Poisson sampling, per-example "
+        "gradient clipping, Gaussian noise σ from the site's ledger), and everything computed "
+        "from them: the aggregated and final model, update norms, checkpoints",
+        "the training steps a site ran (epochs / q, as its ledger's sample rate q states); no "
+        "training loss is sent under DP",
+    ]
+    not_covered = []
+    standardize = task.get("standardize")
+    if standardize == "reference":
+        covered.append("feature standardisation and missing-value imputation: fixed reference "
+                       "values from configuration (task.reference), outside every site's data, "
+                       "no privacy cost")
+    elif standardize == "site":
+        not_covered.append("feature standardisation from each site's own training-split "
+                           "mean/sd (task.standardize=site): one patient moves every other "
+                           "patient's features, which DP-SGD does not bound; the updates are "
+                           "then not (ε, δ)-DP in that patient")
+    else:  # the task fits nothing to site data (images: fixed pixel scale; notes: hashing)
+        covered.append("preprocessing fixed by configuration (the task fits no statistics to "
+                       "site data)")
+    if cfg.get("class_balance", "none") != "none" and task.get("class_prior") is not None:
+        covered.append("the class prior of logit adjustment: public (task.class_prior), never "
+                       "a site's own label counts")
+    covered_counts, leaked_counts = _count_release(cfg["privacy"])
+    covered += covered_counts
+    not_covered += leaked_counts
+    not_covered += [
+        "each site's evaluation metrics on its own test split (loss, accuracy, AUROC, ...) and "
+        "the number of test examples: test-split patients are not protected by DP-SGD",
+        "the data-quality counts a site reports with its evaluation (records and values its "
+        "loader left out, and why)",
+    ]
+    return {
+        "dp": True,
+        "unit": "one patient record in one site's training split (add or remove)",
+        "accountant": cfg["privacy"].get("accountant"),
+        "standardize": standardize,
+        "covered": covered,
+        "not_covered": not_covered,
+    }
+
+
+def _count_release(privacy_cfg: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(covered, not covered) for the training-set size a site sends with its update.
+
+    COUNTS: keep in step with how a DP site releases its size (client/app.py train_with_dp,
+    ``privacy.count_noise``)."""
+    noise = privacy_cfg.get("count_noise")
+    leaks = []
+    if privacy_cfg.get("delta") is None:
+        leaks.append("δ where privacy.delta is unset: a power of ten each site picks from its "
+                     "exact size (privacy/accounting.default_delta), so a site over 10 000 "
+                     "records reveals that size's order of magnitude")
+    if noise:
+        return ([f"each site's training-set size: released once as a noisy count ñ (Gaussian, "
+                 f"sd {noise} examples) charged to its ledger; the example count sent with "
+                 "each update and the ledger's q are computed from ñ"], leaks)
+    return ([], ["each site's exact number of training examples, sent with every update "
+                 "(num_examples) and implied by its ledger's sample rate q", *leaks])
+
+
+def _guarantee_markdown(guarantee: Mapping[str, Any]) -> list[str]:
+    lines = ["", "**What this guarantee covers** (report.json `privacy_guarantee`):", ""]
+    lines += [f"- {item}" for item in guarantee["covered"]]
+    lines += ["", "**Sent by the sites but not covered by it:**", ""]
+    lines += [f"- {item}" for item in guarantee["not_covered"]]
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -226,6 +311,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                  if row.get("privacy") == site_summary.NEVER_TRAINED]
         if never:
             lines += ["", "No ε for " + ", ".join(never) + ": never trained, no records used."]
+    if run["privacy"] != "off" and report.get("privacy_guarantee"):
+        lines += _guarantee_markdown(report["privacy_guarantee"])
     if run.get("stopped_early"):
         lines += ["", f"**The run stopped early:** {run['stopped_early']}"]
     pooled = run["global_evaluation"] == "pooled"
@@ -547,9 +634,10 @@ _PRIVACY_EXPLANATION = [
     "Each hospital trained with DP-SGD (per-example gradient clipping + Gaussian noise) and",
     "accounted for its own privacy over every round it trained. **(ε, δ)-DP per patient "
     "record at each site** means: whether or not any one patient's record was in that site's",
-    "training data, the probability of any outcome of the whole collaboration (all updates",
-    "the site sent, hence the final model) changes by at most a factor e^ε, except with",
-    "probability δ. Smaller ε is stronger; δ is set below 1/(number of the site's training",
+    "training split, the probability of any outcome of the model updates the site sent (hence",
+    "the aggregated and final model) changes by at most a factor e^ε, except with probability",
+    "δ. It covers those updates, not everything a site sent: the lists below say what is and",
+    "is not covered. Smaller ε is stronger; δ is set below 1/(number of the site's training",
     "records) so that it cannot cover leaking one record outright.",
     "",
 ]

@@ -49,6 +49,39 @@ def test_report_follows_the_contract():
     assert report["privacy"] == {"hospital_01": {"dp": False}, "hospital_02": {"dp": False}}
 
 
+def test_the_report_says_what_the_dp_guarantee_covers_and_what_it_does_not(tmp_path):
+    history = _history()
+    for record in history.rounds.values():  # DP sites send no training loss
+        for metrics in record.train.values():
+            metrics.pop("train_loss")
+    reference = build_report(compose(["task=tabular", "privacy=dp"]), history, duration_s=1.0,
+                             global_evaluation="pooled")
+    guarantee = reference["privacy_guarantee"]
+    assert guarantee["dp"] is True and guarantee["standardize"] == "reference"
+    covered, leaks = " ".join(guarantee["covered"]), " ".join(guarantee["not_covered"])
+    assert "model updates" in covered and "reference values" in covered
+    assert "standardisation" not in leaks
+    assert "evaluation metrics on its own test split" in leaks and "test examples" in leaks
+    assert "training-set size" in covered or "number of training examples" in leaks
+    write_report(tmp_path, reference, None)
+    md = (tmp_path / "report.md").read_text()
+    assert "(ε, δ)-DP per patient record at each site" in md
+    assert "model updates the site sent" in md and "all updates" not in md
+    assert "**What this guarantee covers**" in md and "reference values" in md
+    assert "test split" in md
+
+    site_stats = build_report(compose(["task=tabular", "privacy=dp", "task.standardize=site"]),
+                              history, duration_s=1.0, global_evaluation="pooled")
+    leaks = " ".join(site_stats["privacy_guarantee"]["not_covered"])
+    assert "own training-split mean/sd" in leaks
+    images = build_report(compose(["privacy=dp"]), history, duration_s=1.0,
+                          global_evaluation="pooled")["privacy_guarantee"]
+    assert images["standardize"] is None and "fixed by configuration" in " ".join(
+        images["covered"])
+    off = build_report(compose([]), history, duration_s=1.0, global_evaluation="pooled")
+    assert off["privacy_guarantee"]["dp"] is False and not off["privacy_guarantee"]["covered"]
+
+
 def test_client_mean_is_unweighted_and_skips_undefined():
     mean = client_mean({"a": {"accuracy": 0.8, "auroc": 0.9},
                         "b": {"accuracy": 0.6, "auroc": float("nan")}})
