@@ -442,3 +442,46 @@ def test_an_honest_round_with_provisioned_identities_sums_exactly_with_a_dropout
     for i in result.survivors:
         expected += vectors[i]
     np.testing.assert_array_equal(result.total, expected)
+
+
+# -- the site's handler: fail closed -------------------------------------------------------------
+
+def _advertise_at_site(tmp_path, node_config: dict, threshold: int | None = None):
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from client.app import build_client_app
+    from privacy import protocol
+
+    plan = setup(5, threshold=threshold, session=SESSION)
+    fields = {**plan.site_config(0), protocol.SECAGG_CLIP: 0.5,
+              protocol.SECAGG_MAX_EXAMPLES: 1000, protocol.SECAGG_NUM_SITES: 5}
+    content = RecordDict({protocol.SECAGG: ConfigRecord(fields),
+                          protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1})})
+    metadata = Metadata(run_id=3, message_id="m-1", src_node_id=1, dst_node_id=7,
+                        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600,
+                        message_type=f"train.{protocol.SECAGG_ADVERTISE_KEYS}")
+    config = {"site-id": "hospital_a", "data-path": str(tmp_path),
+              "state-dir": str(tmp_path / "state"), "require-approval": False,
+              "require-dp": False, **node_config}
+    context = Context(run_id=3, node_id=7, node_config=config, state=RecordDict(),
+                      run_config={})
+    reply = build_client_app()(message=Message(metadata=metadata, content=content),
+                               context=context)
+    return reply.content[protocol.SITE], reply.content.get(protocol.SECAGG)
+
+
+def test_a_site_handler_without_identity_or_asked_for_a_low_threshold_refuses(tmp_path):
+    from privacy import protocol
+
+    status, secagg = _advertise_at_site(tmp_path, {})
+    assert status[protocol.STATUS] == protocol.STATUS_REFUSED and secagg is None
+    assert "identity_key, roster, ca_cert" in status[protocol.REASON]
+    entries = write_ephemeral_federation(tmp_path / "ids", ["hospital_a"])["hospital_a"]
+    status, _ = _advertise_at_site(tmp_path, entries, threshold=2)
+    assert status[protocol.STATUS] == protocol.STATUS_REFUSED
+    assert "refuses threshold 2" in status[protocol.REASON]
+    status, secagg = _advertise_at_site(tmp_path, entries)
+    assert status[protocol.STATUS] == protocol.STATUS_OK
+    assert secagg[m.SITE_ID] == "hospital_a" and secagg[m.KEY_SIGNATURE]
