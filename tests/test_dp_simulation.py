@@ -3,11 +3,15 @@ the steps it ran, budgets are enforced at the site, and DP training still learns
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
+from torch.utils.data import TensorDataset
 
 from client.tasks import get_task
-from client.training import dp_schedule
+from client.training import DPConfig, LocalTrainingConfig, dp_schedule, train_local
 from server.settings import compose
 from simulations.sites import site_folders
 from tests.conftest import run_simulation_cli
@@ -46,6 +50,10 @@ def test_ledger_matches_an_independent_accountant(target_run):
         # δ below 1/n for the site's training records
         n_train = report["rounds"][-1]["train"][site]["num_examples"]
         assert led["delta"] < 1 / n_train
+    # no un-noised statistic of the training data comes back with a DP update
+    for record in report["rounds"]:
+        for site, metrics in record["train"].items():
+            assert "train_loss" not in metrics, (record["round"], site)
 
 
 def test_target_epsilon_is_reached_but_not_exceeded(target_run):
@@ -65,8 +73,22 @@ def test_privacy_section_in_markdown_and_plot(target_run):
     out, _ = target_run
     md = (out / "report.md").read_text()
     assert "(ε, δ)-DP per patient record at each site" in md
+    guarantee = json.loads((out / "report.json").read_text())["privacy_guarantee"]
+    assert guarantee["dp"] is True and guarantee["covered"] and guarantee["not_covered"]
+    assert "**What this guarantee covers**" in md
+    assert all(item in md for item in guarantee["covered"] + guarantee["not_covered"])
     assert (out / "plots" / "privacy_epsilon.png").is_file()
     assert (out / "sites" / "hospital_01" / "privacy_ledger.json").is_file()
+
+
+def test_only_training_without_dp_reports_its_loss():
+    data = TensorDataset(torch.randn(40, 5), torch.randint(0, 2, (40,)))
+    config = LocalTrainingConfig(batch_size=10, lr=0.1)
+    plain = train_local(torch.nn.Linear(5, 2), data, config, seed=0)
+    private = train_local(torch.nn.Linear(5, 2), data, config, seed=0,
+                          dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    assert set(plain) == {"train_loss", "steps"}
+    assert set(private) == {"steps"}  # the un-noised mean loss would leak; it stays home
 
 
 def test_a_site_over_budget_declines_and_the_run_finishes(tmp_path):
