@@ -22,11 +22,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import egress
-from client.approval import approval_refusal
 from client.evaluation import evaluate
+from client.policy import apply_noise_floor, refusal_reason, site_privacy
 from client.privacy_budget import (
     load_ledger,
+    count_noise_draw,
     plan_ledger,
+    released_size,
     save_ledger,
     site_budget,
     train_private_round,
@@ -61,21 +63,6 @@ def load_site_data(site: SiteSettings, task_cfg: Mapping[str, Any]) -> SiteData:
     """Parse the site's files once per process (simulation actors serve many rounds)."""
     task_json = json.dumps(dict(task_cfg), sort_keys=True)
     return _load_site_cached(task_cfg["name"], str(site.data_path), task_json, site.site_id)
-
-
-def refusal_reason(site: SiteSettings, settings: Mapping[str, Any]) -> str | None:
-    """Why this site will not run this message, or ``None``: checked before any data is read.
-
-    The site decides (its configuration wins over the server's): the running app must be a
-    version the site approved, and the run must be for the task the site's data is for.
-    """
-    reason = approval_refusal(site.require_approval, site.approved_app_hashes)
-    if reason is not None:
-        return reason
-    task = settings.get("task", {}).get("name")
-    if site.task is not None and task != site.task:
-        return f"this site's data is for task {site.task!r}; the run asks for task {task!r}"
-    return None
 
 
 def _prepare(
@@ -159,23 +146,39 @@ def train_with_dp(
     data: SiteData, model: torch.nn.Module, device: str, step_hook: StepHook | None = None,
 ) -> TrainOutcome:
     """DP-SGD for one round, or a clear decline if the round would exceed the site's budget."""
-    privacy_cfg, config = dict(settings["privacy"]), _local_config(settings, msg, data, dp=True)
-    if site.delta is not None:  # the site's own δ wins over the server's
-        privacy_cfg["delta"] = site.delta
-    ledger = load_ledger(site, context) or plan_ledger(
-        privacy_cfg, len(data.train), config.batch_size, config.epochs,
-        int(settings["plan"]["rounds"]), site_budget(site, privacy_cfg),
-    )
-    ledger.max_epsilon = site_budget(site, privacy_cfg)
+    # the site's policy (client/policy.py): its own δ, its budget caps the target ε
+    privacy_cfg = site_privacy(site, settings["privacy"])
+    config = _local_config(settings, msg, data, dp=True)
     server_round = settings["server_round"]
     seed = site_seed(int(settings["seed"]), site.site_id, server_round)
+    ledger = load_ledger(site, context)
+    if ledger is None:  # planned once, at this site's first DP round; σ fixed from then on
+        try:
+            ledger = plan_ledger(privacy_cfg, len(data.train), config.batch_size, config.epochs,
+                                 int(settings["plan"]["rounds"]), site_budget(site, privacy_cfg),
+                                 count_draw=count_noise_draw(seed, bool(privacy_cfg.get(
+                                     "secure_noise", False))))
+        except RuntimeError as err:  # the budget cannot cover even the count release
+            # nothing was released or trained: nothing is charged, the site declines
+            budget = site_budget(site, privacy_cfg)
+            return TrainOutcome(
+                None, {protocol.NUM_EXAMPLES: 0}, declined=(
+                    f"round {server_round}: no noise multiplier keeps this site within its "
+                    f"budget max_epsilon={budget} ({err})"),
+                ledger={"accountant": privacy_cfg.get("accountant", "prv"),
+                        "delta": privacy_cfg.get("delta"),  # None: not reported
+                        "epsilon": 0.0, "max_epsilon": budget, "rounds_trained": 0,
+                        "rounds_declined": 1, "epsilon_per_round": []})
+        ledger.noise_multiplier = apply_noise_floor(site, ledger.noise_multiplier)
+    ledger.max_epsilon = site_budget(site, privacy_cfg)
     result, declined = train_private_round(model, data.train, config, ledger, privacy_cfg,
                                            seed=seed, device=device, step_hook=step_hook)
     save_ledger(site, context, ledger)
     if result is None:
         return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, ledger=ledger.report(),
                             declined=f"round {server_round} {declined}")
-    metrics = {protocol.NUM_EXAMPLES: len(data.train), **result}
+    # the weight the server sees is ñ, the noisy count charged to the ledger, never n
+    metrics = {protocol.NUM_EXAMPLES: released_size(ledger, len(data.train)), **result}
     return TrainOutcome(model, metrics, ledger=ledger.report())
 
 

@@ -47,7 +47,7 @@ EGRESS_KINDS = {
     "metrics": "numbers about a round: example counts, loss, evaluation metrics",
     "privacy-ledger": "the site's DP ledger summary (epsilon spent), with no model",
     "refusal": "the site refused the run (unapproved app or another task), with the reason",
-    "error": "the site failed to handle a message; the error text left the site",
+    "error": "the site failed to handle a message; only the error class and a code left",
     "secagg-keys": "secure aggregation: the site's public keys",
     "secagg-shares": "secure aggregation: encrypted secret shares for other sites",
     "secagg-unmask": "secure aggregation: shares revealed to remove masks",
@@ -69,9 +69,9 @@ def _server_round(msg: Message) -> int | None:
 
 def _append(path: Path, entry: Mapping[str, Any]) -> None:
     """One line, one write, flushed to disk: the log survives a crash right after sending."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, line)
         os.fsync(fd)
@@ -120,17 +120,31 @@ def send_error(
 ) -> Message:
     """The error reply Flower would send for a failed handler, logged like any reply.
 
-    Only the reason text (Flower's format) leaves; the line holds it verbatim, with its size
-    and SHA-256.
+    Only the error's class and a short code leave the site (:func:`error_reason`): an error's
+    text can quote a patient value or a local path. The full text goes to the site's own log
+    under the same code, so the site's engineer finds it from the server's report.
     """
-    reason = f"{type(error)}:<'{error}'>"
-    log.error("handler for %s failed; replying with an error", msg.metadata.message_type,
-              exc_info=error)
+    reason = error_reason(error)
+    log.error("handler for %s failed (%s); replying with the error class and code only",
+              msg.metadata.message_type, reason, exc_info=error)
     payload = reason.encode("utf-8")
     _log_reply(msg, kind="error", site=site, context=context, server_round=None,
                size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), reason=reason)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                    reply_to=msg)
+
+
+def error_code(error: BaseException) -> str:
+    """A short code naming this error's text (8 hex digits of its SHA-256): it identifies the
+    log line at the site and reveals nothing of the text."""
+    text = f"{type(error).__qualname__}:{error}".encode("utf-8", "replace")
+    return hashlib.sha256(text).hexdigest()[:8]
+
+
+def error_reason(error: BaseException) -> str:
+    """What leaves the site for a failed handler: class and code, never values or paths."""
+    return (f"{type(error).__name__} [site error {error_code(error)}]: details are in the "
+            "site's own log")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ file wins: it is written after every round, atomically. A ledger is never reset 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,32 +41,56 @@ def load_ledger(site: SiteSettings, context: Context) -> PrivacyLedger | None:
 def save_ledger(site: SiteSettings, context: Context, ledger: PrivacyLedger) -> None:
     context.state[STATE_KEY] = ConfigRecord({"json": json.dumps(ledger.to_dict())})
     if site.state_dir is not None:
-        site.state_dir.mkdir(parents=True, exist_ok=True)
+        site.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ledger.save(site.state_dir / LEDGER_FILE)
 
 
 def plan_ledger(
     privacy_cfg: Mapping[str, Any], num_train: int, batch_size: int, epochs: int, rounds: int,
-    max_epsilon: float | None,
+    max_epsilon: float | None, *, count_draw: float = 0.0,
 ) -> PrivacyLedger:
     """A new site ledger: σ is fixed here once, for the whole planned run.
 
-    With ``target_epsilon`` σ is the smallest noise that keeps ε ≤ target after
-    ``rounds × steps per round`` steps at this site's own sample rate.
+    With ``privacy.count_noise`` (the default) the site first releases its size as a noisy
+    count ñ = n + count_noise · ``count_draw`` (a standard normal draw), charged to the ledger;
+    q, the steps per round and σ are then computed from ñ, never from n. With
+    ``target_epsilon`` σ is the smallest noise that keeps ε ≤ target after the count release and
+    ``rounds × steps per round`` steps.
     """
-    sample_rate, steps = dp_schedule(num_train, batch_size, epochs)
     accountant = str(privacy_cfg.get("accountant", "prv"))
-    delta = privacy_cfg.get("delta") or default_delta(num_train)
+    count_noise = privacy_cfg.get("count_noise")
+    ledger = PrivacyLedger(accountant=accountant, delta=1e-5, noise_multiplier=1.0,
+                           sample_rate=1.0, max_epsilon=max_epsilon,
+                           count_noise=float(count_noise) if count_noise else None)
+    size = ledger.release_count(num_train, count_draw) if count_noise else num_train
+    # the default δ follows the released size too (it is reported)
+    delta = privacy_cfg.get("delta") or default_delta(size)
+    ledger.delta = float(delta)
+    sample_rate, steps = dp_schedule(size, batch_size, epochs)
     sigma = privacy_cfg.get("noise_multiplier")
     if sigma is None:
         sigma = noise_multiplier_for(
             float(privacy_cfg["target_epsilon"]), float(delta), sample_rate, rounds * steps,
-            accountant=accountant,
+            accountant=accountant, prefix=tuple(ledger.count_entries()),
         )
-    return PrivacyLedger(
-        accountant=accountant, delta=float(delta), noise_multiplier=float(sigma),
-        sample_rate=sample_rate, max_epsilon=max_epsilon,
-    )
+    ledger.noise_multiplier, ledger.sample_rate = float(sigma), sample_rate
+    return ledger
+
+
+def count_noise_draw(seed: int, secure: bool) -> float:
+    """The standard normal draw behind ñ: seeded like the DP-SGD noise (same seed, same ñ), or
+    from the OS CSPRNG when the site draws secure noise."""
+    if secure:
+        import random
+        return random.SystemRandom().gauss(0.0, 1.0)
+    generator = torch.Generator().manual_seed(seed + 3)
+    return float(torch.randn((), generator=generator))
+
+
+def released_size(ledger: PrivacyLedger, num_train: int) -> int:
+    """The training-set size everything the site sends is computed from: ñ, or n when the
+    ledger releases exact counts (``count_noise`` null: a stated leak in the report)."""
+    return ledger.released_count if ledger.released_count is not None else num_train
 
 
 def site_budget(site: SiteSettings, privacy_cfg: Mapping[str, Any]) -> float | None:
@@ -85,8 +110,11 @@ def train_private_round(
     ``(None, why)`` when the round would take the ledger past its ``max_epsilon`` (the decline
     is recorded; nothing trains). The one place where a round's steps meet the accountant: the
     site and the simulation's baselines both train through it."""
-    # q follows the current data; a changed q becomes a new accountant entry.
-    ledger.sample_rate, steps = dp_schedule(len(train), config.batch_size, config.epochs)
+    # q follows the released size (ñ, or n with exact counts); a changed q becomes a new
+    # accountant entry.
+    batches = math.ceil(released_size(ledger, len(train)) / config.batch_size)
+    ledger.sample_rate, steps = dp_schedule(released_size(ledger, len(train)),
+                                            config.batch_size, config.epochs)
     if ledger.exceeds_budget_after(steps):
         ledger.record_declined()
         return None, (f"would raise epsilon from {ledger.epsilon():.4g} to "
@@ -94,7 +122,8 @@ def train_private_round(
                       f"max_epsilon={ledger.max_epsilon:.4g}")
     dp = DPConfig(noise_multiplier=ledger.noise_multiplier,
                   max_grad_norm=float(privacy_cfg["max_grad_norm"]),
-                  secure_noise=bool(privacy_cfg.get("secure_noise", False)))
+                  secure_noise=bool(privacy_cfg.get("secure_noise", False)),
+                  batches=batches if ledger.released_count is not None else None)
     result = train_local(model, train, config, seed=seed, device=device, dp=dp,
                          step_hook=step_hook)
     if int(result["steps"]) != steps:  # the ledger must account for exactly what ran

@@ -93,6 +93,10 @@ class DPConfig:
     # model's own choice (its ``grad_sample_mode`` class attribute, chosen by measurement for
     # its layers: simulations/benchmarks/training.py), else hooks.
     grad_sample_mode: str | None = None
+    # Poisson batches per epoch, i.e. sample rate q = 1 / batches. None: ceil(n / batch size)
+    # from the exact n; a site that releases only a noisy count ñ passes ceil(ñ / batch size),
+    # so q (which the server sees in the ledger summary) never depends on the exact n.
+    batches: int | None = None
 
 
 def grad_sample_mode_for(model: nn.Module, dp: DPConfig) -> str:
@@ -167,6 +171,10 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
+    if dp is not None and dp.batches is not None:
+        # Opacus takes q = 1 / len(loader) and draws its own Poisson batches: a loader of
+        # exactly ``batches`` placeholder batches fixes q without looking at n
+        loader = DataLoader(dataset, batch_sampler=[[0]] * int(dp.batches), generator=generator)
     model.to(device).train()
     optimizer = make_optimizer(model, config)
     hooks = None

@@ -92,6 +92,35 @@ def noise_multiplier_for(
     sample_rate: float,
     total_steps: int,
     accountant: str = "prv",
+    prefix: tuple[HistoryEntry, ...] = (),
+) -> float:
+    """σ for DP-SGD as :func:`_plain_noise_multiplier`; with ``prefix`` (mechanisms already
+    charged to the ledger, e.g. the noisy count release), σ such that the WHOLE history
+    ``prefix + [(σ, q, total_steps)]`` stays within ``target_epsilon`` (the same accountant
+    composes them). The prefix costs little under PRV (σ=10 count: +0.013 at ε≈11)."""
+    sigma = _plain_noise_multiplier(target_epsilon, delta, sample_rate, total_steps, accountant)
+    if not prefix:
+        return sigma
+    goal = float(target_epsilon)
+    for _ in range(4):
+        joint = _opacus_epsilon(accountant, [*prefix, (sigma, float(sample_rate),
+                                                       int(total_steps))], delta)
+        if joint <= target_epsilon:
+            return sigma
+        goal -= (joint - target_epsilon) + 0.002 * target_epsilon
+        if goal <= 0:
+            break
+        sigma = _plain_noise_multiplier(goal, delta, sample_rate, total_steps, accountant)
+    raise RuntimeError(f"could not plan σ within ε={target_epsilon:.4g} after the mechanisms "
+                       f"already charged ({list(prefix)}): they alone spend too much")
+
+
+def _plain_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str = "prv",
 ) -> float:
     """σ such that ``total_steps`` steps at sample rate ``sample_rate`` spend ε ∈ [0.9·t, t].
 
@@ -114,11 +143,16 @@ def noise_multiplier_for(
     epsilon = math.inf
     sigma = math.nan
     for tolerance in (0.01 * target_epsilon, 0.001 * target_epsilon):
-        sigma = float(get_noise_multiplier(
-            target_epsilon=float(target_epsilon), target_delta=float(delta),
-            sample_rate=float(sample_rate), steps=total_steps, accountant=accountant,
-            epsilon_tolerance=tolerance,
-        ))
+        try:
+            sigma = float(get_noise_multiplier(
+                target_epsilon=float(target_epsilon), target_delta=float(delta),
+                sample_rate=float(sample_rate), steps=total_steps, accountant=accountant,
+                epsilon_tolerance=tolerance,
+            ))
+        except ValueError as error:  # Opacus: "The privacy budget is too low."
+            raise RuntimeError(f"no noise multiplier reaches ε={target_epsilon:.4g} "
+                               f"({accountant}, δ={delta}, q={sample_rate}, "
+                               f"steps={total_steps}): {error}") from error
         epsilon = _opacus_epsilon(accountant, [(sigma, float(sample_rate), total_steps)], delta)
         if 0.9 * target_epsilon <= epsilon <= target_epsilon:
             return sigma
@@ -171,6 +205,14 @@ class PrivacyLedger:
     rounds_declined: int = 0
     epsilon_per_round: list[float] = field(default_factory=list)
     max_epsilon: float | None = None
+    # The site's size, released as a noisy count ñ = n + N(0, count_noise²) (sensitivity 1:
+    # one patient more or less moves n by 1). ñ is drawn when the ledger is planned; the
+    # Gaussian mechanism becomes the FIRST history entry (σ = count_noise, q = 1, one step) with
+    # the first trained round, i.e. when ñ first leaves the site (as the update's weight), and is
+    # composed with DP-SGD by the same accountant. Every number the site sends (weight, q,
+    # steps, σ) derives from ñ, never n; before the charge the summary omits q and steps.
+    count_noise: float | None = None
+    released_count: int | None = None
     # ε already computed, keyed by the history it was computed for (PRV is slow; see module doc).
     _epsilon_cache: dict[tuple[HistoryEntry, ...], float] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -189,13 +231,40 @@ class PrivacyLedger:
                 raise ValueError(f"max_epsilon must be positive or None, got {self.max_epsilon!r}")
             self.max_epsilon = float(self.max_epsilon)
         self.history = [(float(s), float(q), int(n)) for s, q, n in self.history]
+        if self.count_noise is not None:
+            if not (isinstance(self.count_noise, int | float) and self.count_noise > 0
+                    and math.isfinite(self.count_noise)):
+                raise ValueError(f"count_noise must be a positive finite number or None, "
+                                 f"got {self.count_noise!r}")
+            self.count_noise = float(self.count_noise)
         self.epsilon_per_round = [float(e) for e in self.epsilon_per_round]
 
     # ----------------------------------------------------------------------------- accounting
     @property
     def steps(self) -> int:
         """Total DP-SGD steps taken at this site so far (every step, empty Poisson batches too)."""
-        return sum(n for _, _, n in self.history)
+        return sum(n for _, _, n in self.history) - self.count_charged
+
+    @property
+    def count_charged(self) -> bool:
+        """Whether the noisy count has left the site (it is the history's first entry)."""
+        return self.released_count is not None and bool(self.history)
+
+    def count_entries(self) -> list[HistoryEntry]:
+        """The count release as accountant history: ``[(count_noise, 1, 1)]``, or none."""
+        return [] if self.count_noise is None else [(self.count_noise, 1.0, 1)]
+
+    def release_count(self, num_examples: int, noise: float) -> int:
+        """ñ = max(1, round(n + N(0, count_noise²))) with ``noise`` a standard normal draw,
+        drawn once; it is charged with the first trained round (when it first leaves)."""
+        if self.released_count is not None:
+            return self.released_count
+        if self.count_noise is None:
+            raise ValueError("this ledger releases exact counts (count_noise is None)")
+        if self.history:
+            raise ValueError("the count release must be the ledger's first entry")
+        self.released_count = max(1, round(num_examples + self.count_noise * float(noise)))
+        return self.released_count
 
     def _epsilon_of(self, history: list[HistoryEntry]) -> float:
         key = tuple(history)
@@ -236,7 +305,10 @@ class PrivacyLedger:
     def _history_after(self, steps: int) -> list[HistoryEntry]:
         if int(steps) != steps or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        return _extend(self.history, self.noise_multiplier, self.sample_rate, int(steps))
+        history = self.history
+        if self.released_count is not None and not history and steps > 0:
+            history = self.count_entries()  # the first trained round releases ñ
+        return _extend(history, self.noise_multiplier, self.sample_rate, int(steps))
 
     def accountant_state_dict(self) -> dict[str, Any]:
         """The ledger as Opacus accountant state, for ``accountant.load_state_dict``."""
@@ -250,18 +322,22 @@ class PrivacyLedger:
 
     def report(self) -> dict[str, Any]:
         """The ``privacy.<site>`` entry of report.json for a DP site."""
+        # before ñ is charged, q (a function of ñ) does not leave the site
+        hidden = self.released_count is not None and not self.count_charged
         return {
             "dp": True,
             "epsilon": self.epsilon(),
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
+            "sample_rate": None if hidden else self.sample_rate,
             "steps": self.steps,
             "accountant": self.accountant,
             "max_epsilon": self.max_epsilon,
             "rounds_trained": self.rounds_trained,
             "rounds_declined": self.rounds_declined,
             "epsilon_per_round": list(self.epsilon_per_round),
+            # the site's size is released noisy (count_noise) and accounted, or exactly (None)
+            "count_noise": self.count_noise,
         }
 
     # ---------------------------------------------------------------------------- persistence
@@ -279,6 +355,8 @@ class PrivacyLedger:
             "rounds_declined": self.rounds_declined,
             "epsilon_per_round": list(self.epsilon_per_round),
             "max_epsilon": self.max_epsilon,
+            "count_noise": self.count_noise,
+            "released_count": self.released_count,
         }
 
     @classmethod
@@ -314,6 +392,8 @@ class PrivacyLedger:
             rounds_declined=state["rounds_declined"],
             epsilon_per_round=state["epsilon_per_round"],
             max_epsilon=state["max_epsilon"],
+            count_noise=state.get("count_noise"),
+            released_count=state.get("released_count"),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -323,7 +403,7 @@ class PrivacyLedger:
         never a half-written file: losing spent budget would under-report ε.
         """
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        write_atomically(path, text.encode("utf-8"))
+        write_atomically(path, text.encode("utf-8"), mode=0o600)  # the site's alone
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:

@@ -47,7 +47,9 @@ SKIPPED_PREFIX = "skipped."  # in the site record: counts of records the site's 
 # The privacy ledger summary a DP site reports after every round (privacy/accounting.py keeps
 # the full ledger at the site). Only these keys leave the site.
 LEDGER_KEYS = ("accountant", "delta", "epsilon", "noise_multiplier", "sample_rate", "steps",
-               "rounds_trained", "rounds_declined", "epsilon_per_round", "max_epsilon")
+               "rounds_trained", "rounds_declined", "epsilon_per_round", "max_epsilon",
+               # the std of the noise on the site's released size (its first mechanism)
+               "count_noise")
 
 # The run settings the server sends with every train/evaluate message, flattened into
 # dotted keys because a ConfigRecord holds only scalars and lists of scalars.

@@ -114,6 +114,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
         mu = cfg["strategy"].get("proximal_mu")
         _check(_is_number(mu) and mu >= 0, "strategy.proximal_mu", "a number >= 0", mu)
     _validate_privacy(cfg)
+    _validate_site_policy(cfg)
     _validate_secagg(cfg)
 
 
@@ -222,10 +223,59 @@ def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
     budget = privacy.get("max_epsilon")
     if budget is not None:
         _check(_is_number(budget) and budget > 0, "privacy.max_epsilon", "a number > 0", budget)
+    count_noise = privacy.get("count_noise")
+    _check(_is_number(count_noise) and count_noise >= 1, "privacy.count_noise",
+           "a number >= 1 (the std of the noise on a site's released size, in examples; sites "
+           "refuse less)", count_noise)
     _check(isinstance(privacy.get("secure_noise", False), bool), "privacy.secure_noise",
            "true or false", privacy.get("secure_noise"))
     _check(cfg["strategy"]["name"] != "fedprox", "strategy",
            "not fedprox with privacy=dp (its proximal term is not clipped per sample)", "fedprox")
+
+
+# ``site.<key>`` (simulation): every simulated site's own settings, as its site.toml would set
+# them (client/site.py reads them; client/policy.py enforces them). Never sent to the sites.
+SITE_POLICY_KEYS = ("require_dp", "max_epsilon", "delta", "min_noise_multiplier",
+                    "max_grad_norm_range", "allowed_tasks", "allowed_models",
+                    "secagg_min_threshold")
+
+
+def _validate_site_policy(cfg: DictConfig | Mapping[str, Any]) -> None:
+    site = cfg.get("site") or {}
+    unknown = sorted(set(site) - set(SITE_POLICY_KEYS))
+    _check(not unknown, "site", f"keys among {list(SITE_POLICY_KEYS)}", unknown)
+    require_dp = site.get("require_dp")
+    _check(require_dp is None or isinstance(require_dp, bool), "site.require_dp",
+           "true, false or null", require_dp)
+    for key in ("max_epsilon", "min_noise_multiplier"):
+        value = site.get(key)
+        _check(value is None or (_is_number(value) and value > 0), f"site.{key}",
+               "a number > 0 or null", value)
+    delta = site.get("delta")
+    _check(delta is None or (_is_number(delta) and 0 < delta < 1), "site.delta",
+           "a number in (0, 1) or null", delta)
+    clip = site.get("max_grad_norm_range")
+    _check(clip is None or (isinstance(clip, list | tuple | ListConfig) and len(clip) == 2
+                            and all(_is_number(c) for c in clip) and 0 < clip[0] <= clip[1]),
+           "site.max_grad_norm_range", "[low, high] with 0 < low <= high, or null", clip)
+    for key in ("allowed_tasks", "allowed_models"):
+        names = site.get(key)
+        _check(names is None or (isinstance(names, list | tuple | ListConfig)
+                                 and all(isinstance(n, str) for n in names)),
+               f"site.{key}", "a list of names or null", names)
+    floor = site.get("secagg_min_threshold")
+    _check(floor is None or (_is_int(floor) and floor >= 2), "site.secagg_min_threshold",
+           "an integer >= 2 or null", floor)
+
+
+def site_node_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``site.<key>`` as the node-config entries (dashed keys) of every simulated site."""
+    entries = {}
+    for key, value in (cfg.get("site") or {}).items():
+        if value is not None:
+            entries[key.replace("_", "-")] = list(value) if isinstance(value, list | tuple) \
+                else value
+    return entries
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

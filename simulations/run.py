@@ -27,7 +27,7 @@ from server.app import build_server_app
 from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
 from server.history import RoundRecord
 from server.report import collapse_warnings, is_collapsed
-from server.settings import ConfigError, baseline_kinds, to_dict, validate
+from server.settings import ConfigError, baseline_kinds, site_node_config, to_dict, validate
 from simulations.baselines import TrainedBaseline, run_baselines
 from simulations.engine import run_in_process
 from simulations.global_evaluation import pooled_test_evaluation
@@ -57,7 +57,9 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
         partition: {"site-id": site, "data-path": str(folder), "device": cfg["device"],
                     "threads": max(1, int(cfg["simulation"]["client_cpus"])),
                     # each simulated site keeps its own records (privacy ledger) here
-                    "state-dir": str(out_dir / "sites" / site)}
+                    "state-dir": str(out_dir / "sites" / site),
+                    # the site's own policy (site.<key>=...), as its site.toml would set it
+                    **site_node_config(cfg)}
         for partition, (site, folder) in enumerate(folders.items())
     }
     if cfg["secagg"]["name"] == "on":  # each site signs its SecAgg keys: a simulated CA + roster
@@ -147,13 +149,17 @@ def main(hydra_cfg: DictConfig) -> None:
         # message stays on one line, so a file name is never broken across lines
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(2)
-    final = report["final"]["global"]
+    final = report["final"]["global"] or {}
     for warning in collapse_warnings(report):
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    refused = {site: why for r in report["rounds"] for site, why in r.get("refused", {}).items()}
+    for site, why in sorted(refused.items()):
+        console.print(f"[bold yellow]refused by {escape(site)}:[/] {escape(why)}", soft_wrap=True)
+    scores = " · ".join(f"{k} {final[k]:.3f}" for k in ("accuracy", "auroc")
+                        if final.get(k) is not None)
     console.print(
-        f"[bold green]done[/] in {time.perf_counter() - started:.1f} s · final global "
-        + " · ".join(f"{k} {final[k]:.3f}" for k in ("accuracy", "auroc")
-                     if final.get(k) is not None)
+        f"[bold green]done[/] in {time.perf_counter() - started:.1f} s · "
+        + (f"final global {scores}" if scores else "no model was trained")
         + f"\nreport: {out_dir / 'report.md'}"
     )
 

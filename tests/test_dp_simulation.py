@@ -11,7 +11,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import TensorDataset
 
 from client.tasks import get_task
-from client.training import DPConfig, LocalTrainingConfig, dp_schedule, train_local
+from client.privacy_budget import count_noise_draw
+from client.training import DPConfig, LocalTrainingConfig, dp_schedule, site_seed, train_local
 from server.settings import compose
 from simulations.sites import site_folders
 from tests.conftest import run_simulation_cli
@@ -20,9 +21,12 @@ BASE = ("num_hospitals=3", "task.synthetic.train_size=200", "task.synthetic.test
         "privacy=dp", "local_epochs=2")
 
 
-def _independent_epsilon(accountant: str, sigma: float, q: float, steps: int, delta: float):
+def _independent_epsilon(accountant: str, sigma: float, q: float, steps: int, delta: float,
+                         count_noise: float | None = None):
+    """ε from a fresh Opacus accountant: the site's noisy count release (σ = count_noise,
+    q = 1, one step) first, when it released one, then its DP-SGD steps."""
     acct = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
-    acct.history = [(sigma, q, steps)]
+    acct.history = [(count_noise, 1.0, 1)] * (count_noise is not None) + [(sigma, q, steps)]
     return acct.get_epsilon(delta=delta)
 
 
@@ -43,8 +47,9 @@ def test_ledger_matches_an_independent_accountant(target_run):
         assert led["rounds_trained"] == 3 and led["rounds_declined"] == 0
         assert len(led["epsilon_per_round"]) == 3
         assert led["epsilon_per_round"] == sorted(led["epsilon_per_round"])
+        assert led["count_noise"] == 10.0  # conf/privacy/dp.yaml
         expected = _independent_epsilon("prv", led["noise_multiplier"], led["sample_rate"],
-                                        led["steps"], led["delta"])
+                                        led["steps"], led["delta"], led["count_noise"])
         assert led["epsilon"] == pytest.approx(expected, abs=1e-6), site
         assert led["epsilon_per_round"][-1] == pytest.approx(led["epsilon"], abs=1e-9)
         # δ below 1/n for the site's training records
@@ -102,8 +107,12 @@ def test_a_site_over_budget_declines_and_the_run_finishes(tmp_path):
              for site, folder in site_folders(cfg).items()}
     trajectories = {}
     for site, n in sizes.items():
-        q, steps = dp_schedule(n, 32, epochs)
-        trajectories[site] = [_independent_epsilon("rdp", sigma, q, k * steps, 1e-5)
+        # q follows the site's released noisy count ñ, drawn at its first round (round 1)
+        draw = count_noise_draw(site_seed(int(cfg["seed"]), site, 1), secure=False)
+        released = max(1, round(n + cfg["privacy"]["count_noise"] * draw))
+        q, steps = dp_schedule(released, 32, epochs)
+        trajectories[site] = [_independent_epsilon("rdp", sigma, q, k * steps, 1e-5,
+                                                   cfg["privacy"]["count_noise"])
                               for k in range(1, rounds + 1)]
     # the budget lets the most exposed site train 2 rounds; others may train all 3
     worst = max(trajectories, key=lambda s: trajectories[s][-1])

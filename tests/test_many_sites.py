@@ -184,7 +184,9 @@ def test_a_site_is_charged_only_for_the_rounds_it_trained(partial):
         steps_per_round = ledger["steps"] // len(rounds)
         assert ledger["steps"] == steps_per_round * len(rounds)
         accountant = create_accountant(mechanism=ledger["accountant"])
-        accountant.history = [(ledger["noise_multiplier"], ledger["sample_rate"],
+        # the noisy count release first (σ = count_noise, q = 1, one step), then DP-SGD
+        accountant.history = [(ledger["count_noise"], 1.0, 1),
+                              (ledger["noise_multiplier"], ledger["sample_rate"],
                                ledger["steps"])]
         assert ledger["epsilon"] == pytest.approx(accountant.get_epsilon(ledger["delta"]),
                                                   rel=1e-9), site

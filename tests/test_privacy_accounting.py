@@ -96,7 +96,8 @@ def test_report_entry_has_the_ledger_fields():
     assert report["epsilon"] == ledger.epsilon() > 0
     assert set(report) == {"dp", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
                            "accountant", "max_epsilon", "rounds_trained", "rounds_declined",
-                           "epsilon_per_round"}
+                           "epsilon_per_round", "count_noise"}
+    assert report["count_noise"] is None  # this ledger releases no count
     json.dumps(report, allow_nan=False)
 
 

@@ -1,0 +1,126 @@
+"""The site's policy: what a run must promise before this hospital reads a single record.
+
+The server proposes a run (task, model, privacy settings travel in every message); the site
+disposes. Its own settings (``client/site.py``: site.toml in deployment, ``site.<key>=...`` in
+simulation) win, and a run that asks for less is refused with a reason the server reports:
+
+- the app version must be one the site approved (``client/approval.py``), the task the site's
+  (``task`` / ``allowed_tasks``), the model one it allows (``allowed_models``);
+- a deployed site keeps its privacy ledger and egress log in a writable ``state_dir``, or it
+  does not take part (fail closed: without it, ε would restart at 0 after a restart);
+- ``require_dp``: a run without DP-SGD is refused;
+- under DP: σ at least ``min_noise_multiplier`` (an explicit smaller σ is refused; a planned σ
+  is raised to the floor), C inside ``max_grad_norm_range``, the site's size released only as a
+  noisy count (``count_noise`` >= 1), a known accountant, δ < 1. The site plans σ itself, from
+  its own budget: a server's ``target_epsilon`` above the site's ``max_epsilon`` is lowered to it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from client.approval import approval_refusal
+from client.site import SiteSettings
+from privacy.accounting import ACCOUNTANTS
+
+PRIVACY_MODES = ("off", "dp")
+MIN_COUNT_NOISE = 1.0  # the smallest count noise (std, in examples) a DP site accepts
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value) and value > 0
+
+
+def state_dir_refusal(site: SiteSettings) -> str | None:
+    """A deployed site without a writable state directory refuses every run."""
+    if site.simulated:
+        return None
+    if site.state_dir is None:
+        return ("this site has no state_dir: its privacy ledger and egress log would not "
+                "survive a restart; set state_dir in its site configuration")
+    try:
+        site.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return "this site's state_dir cannot be created; fix its permissions"
+    if not os.access(site.state_dir, os.W_OK | os.X_OK):
+        return "this site's state_dir is not writable; fix its permissions"
+    return None
+
+
+def privacy_refusal(site: SiteSettings, privacy: Mapping[str, Any]) -> str | None:
+    """Why the run's privacy settings fall short of this site's policy, or None."""
+    mode = privacy.get("name", "off")
+    if mode not in PRIVACY_MODES:
+        return f"unknown privacy mode {mode!r}; this site knows {list(PRIVACY_MODES)}"
+    if mode == "off":
+        if site.require_dp:
+            return "this site requires DP-SGD (require_dp); the run asks for privacy=off"
+        return None
+    sigma = privacy.get("noise_multiplier")
+    if sigma is None and not _positive(privacy.get("target_epsilon")):
+        return "the run sets neither a noise multiplier nor a positive target epsilon"
+    if sigma is not None and not _positive(sigma):
+        return f"noise multiplier must be positive, the run asks for {sigma!r}"
+    floor = site.min_noise_multiplier
+    if sigma is not None and floor is not None and sigma < floor:
+        return (f"the run asks for noise multiplier {sigma:g}, below this site's "
+                f"min_noise_multiplier {floor:g}")
+    clip = privacy.get("max_grad_norm")
+    if not _positive(clip):
+        return f"max_grad_norm must be positive, the run asks for {clip!r}"
+    if site.max_grad_norm_range is not None:
+        low, high = site.max_grad_norm_range
+        if not low <= clip <= high:
+            return (f"the run asks for max_grad_norm {clip:g}, outside this site's "
+                    f"max_grad_norm_range [{low:g}, {high:g}]")
+    if privacy.get("accountant", "prv") not in ACCOUNTANTS:
+        return f"unknown accountant {privacy.get('accountant')!r}; expected one of {ACCOUNTANTS}"
+    count_noise = privacy.get("count_noise")
+    if not _positive(count_noise) or count_noise < MIN_COUNT_NOISE:
+        return (f"this site releases its size only as a noisy count: privacy.count_noise must "
+                f"be >= {MIN_COUNT_NOISE:g}, the run asks for {count_noise!r}")
+    delta = privacy.get("delta")
+    if delta is not None and not (_positive(delta) and delta < 1):
+        return f"delta must be in (0, 1), the run asks for {delta!r}"
+    return None
+
+
+def refusal_reason(site: SiteSettings, settings: Mapping[str, Any]) -> str | None:
+    """Why this site will not run this message, or ``None``: checked before any data is read."""
+    reason = approval_refusal(site.require_approval, site.approved_app_hashes)
+    if reason is not None:
+        return reason
+    if (reason := state_dir_refusal(site)) is not None:
+        return reason
+    task = settings.get("task", {}).get("name")
+    if site.task is not None and task != site.task:
+        return f"this site's data is for task {site.task!r}; the run asks for task {task!r}"
+    if site.allowed_tasks and task not in site.allowed_tasks:
+        return f"task {task!r} is not among this site's allowed_tasks {list(site.allowed_tasks)}"
+    model = settings.get("model", {}).get("name")
+    if site.allowed_models and model not in site.allowed_models:
+        return (f"model {model!r} is not among this site's allowed_models "
+                f"{list(site.allowed_models)}")
+    return privacy_refusal(site, settings.get("privacy", {}))
+
+
+def site_privacy(site: SiteSettings, privacy: Mapping[str, Any]) -> dict[str, Any]:
+    """The privacy settings this site enforces: its own δ, and a target ε no larger than its
+    own budget (it plans σ from its budget, whatever the server proposes)."""
+    effective = dict(privacy)
+    if site.delta is not None:  # the site's own δ wins over the server's
+        effective["delta"] = site.delta
+    target = effective.get("target_epsilon")
+    if site.max_epsilon is not None and target is not None and target > site.max_epsilon:
+        effective["target_epsilon"] = site.max_epsilon
+    return effective
+
+
+def apply_noise_floor(site: SiteSettings, sigma: float) -> float:
+    """A planned σ is never below the site's ``min_noise_multiplier``."""
+    floor = site.min_noise_multiplier
+    return max(sigma, floor) if floor is not None else sigma
