@@ -50,6 +50,7 @@ EGRESS_KINDS = {
     "error": "the site failed to handle a message; only the error class and a code left",
     "secagg-keys": "secure aggregation: the site's public keys",
     "secagg-shares": "secure aggregation: encrypted secret shares for other sites",
+    "secagg-consistency": "secure aggregation: the site's signature on the survivor set",
     "secagg-unmask": "secure aggregation: shares revealed to remove masks",
 }
 

@@ -159,7 +159,7 @@ def register_secure_aggregation(
         state, out = confirm_survivors(load(context), fields(msg), site_identity(site))
         save(context, state)
         # a signature by the site's identity key over the survivor set: public, like its keys
-        return reply(msg, context, site, {}, secagg=out, kind="secagg-keys")
+        return reply(msg, context, site, {}, secagg=out, kind="secagg-consistency")
 
     @app.train(protocol.SECAGG_UNMASK)
     @handler

@@ -261,4 +261,15 @@ def simulated_site_from_root(
     if index >= len(folders):
         raise ValueError(f"virtual SuperNode {index} has no folder: data.root={root} has "
                          f"{len(folders)} sub-folders")
-    return {"site-id": folders[index].name, "data-path": str(folders[index]), "threads": 1}
+    # secure aggregation: a throw-away CA, roster and key per virtual site, shared by the
+    # virtual SuperNodes of this machine (simulation only; deployed sites are provisioned)
+    import hashlib
+    import tempfile
+
+    from privacy.secagg.identity import write_ephemeral_federation
+
+    key = hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:16]
+    identities = write_ephemeral_federation(
+        Path(tempfile.gettempdir()) / f"medsilo-secagg-{key}", [f.name for f in folders])
+    return {"site-id": folders[index].name, "data-path": str(folders[index]), "threads": 1,
+            **identities[folders[index].name]}

@@ -192,6 +192,13 @@ max_epsilon = 8.0              # this site's privacy budget: a DP round that wou
                                # declined (remove the line for no budget)
 # delta = 1e-5                 # this site's delta (default: min(1e-5, ~1/(10 * training records)))
 
+# This site's privacy policy (client/policy.py): a run that asks for less is refused, with the
+# reason in the coordinator's report. The site plans its own noise from max_epsilon.
+require_dp = true              # runs without DP-SGD are refused (the default in deployment)
+# min_noise_multiplier = 0.8   # never train with a smaller sigma
+# max_grad_norm_range = [0.1, 10.0]   # per-example clipping bounds C this site accepts
+# allowed_models = ["mlp", "logreg"]  # runs of other models are refused (default: any)
+
 # Secure aggregation: this site's identity (signs its keys; checks everyone else's against the
 # roster the federation CA signed). Replace a roster with the newest one whenever you get it.
 identity_key = "{bundle}/supernode.key"

@@ -108,6 +108,11 @@ def test_virtual_supernode_reads_the_ith_folder_of_data_root(tmp_path):
     site = SiteSettings.from_node_config(
         simulated_site_from_root({"data.root": str(tmp_path)}, {"partition-id": 1}))
     assert site.site_id == "b_hospital" and site.data_path == tmp_path / "b_hospital"
+    # each virtual site gets a throw-away SecAgg identity on a roster of exactly these sites
+    from privacy.secagg.identity import Roster
+    roster = Roster.load(site.roster, site.ca_cert)
+    assert sorted(roster.sites) == ["a_hospital", "b_hospital"]
+    assert site.identity_key.is_file()
     with pytest.raises(ValueError, match="has 2 sub-folders"):
         simulated_site_from_root({"data.root": str(tmp_path)}, {"partition-id": 2})
     with pytest.raises(ValueError, match="needs its folder"):
