@@ -25,8 +25,8 @@ from client import egress
 from client.evaluation import evaluate
 from client.policy import apply_noise_floor, refusal_reason, site_privacy
 from client.privacy_budget import (
-    load_ledger,
     count_noise_draw,
+    load_ledger,
     plan_ledger,
     released_size,
     save_ledger,

@@ -10,8 +10,8 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import TensorDataset
 
-from client.tasks import get_task
 from client.privacy_budget import count_noise_draw
+from client.tasks import get_task
 from client.training import DPConfig, LocalTrainingConfig, dp_schedule, site_seed, train_local
 from server.settings import compose
 from simulations.sites import site_folders
