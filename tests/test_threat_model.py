@@ -689,3 +689,15 @@ def test_only_a_noisy_count_of_the_site_leaves_and_it_is_charged(cfg):
     assert a.epsilon() > alone.epsilon()  # the count is charged, not free
     again = PrivacyLedger.from_dict(json.loads(json.dumps(a.to_dict())))
     assert again.released_count == 403 and again.epsilon() == a.epsilon()
+
+
+def test_the_threat_model_document_names_only_attacks_tested_here():
+    """docs/threat_model.md's attack table cites tests of this file; each must exist."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "threat_model.md").read_text(encoding="utf-8")
+    cited = set(re.findall(r"`(test_\w+)`", doc))
+    defined = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))
+    assert len(cited) >= 15 and cited <= defined, sorted(cited - defined)
