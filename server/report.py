@@ -252,17 +252,16 @@ def _count_release(privacy_cfg: Mapping[str, Any]) -> tuple[list[str], list[str]
     COUNTS: keep in step with how a DP site releases its size (client/app.py train_with_dp,
     ``privacy.count_noise``)."""
     noise = privacy_cfg.get("count_noise")
-    leaks = []
-    if privacy_cfg.get("delta") is None:
-        leaks.append("δ where privacy.delta is unset: a power of ten each site picks from its "
-                     "exact size (privacy/accounting.default_delta), so a site over 10 000 "
-                     "records reveals that size's order of magnitude")
+    default_delta = privacy_cfg.get("delta") is None
     if noise:
         return ([f"each site's training-set size: released once as a noisy count ñ (Gaussian, "
                  f"sd {noise} examples) charged to its ledger; the example count sent with "
-                 "each update and the ledger's q are computed from ñ"], leaks)
+                 "each update, the ledger's q"
+                 + (" and its default δ" if default_delta else "") + " are computed from ñ"],
+                [])
     return ([], ["each site's exact number of training examples, sent with every update "
-                 "(num_examples) and implied by its ledger's sample rate q", *leaks])
+                 "(num_examples) and implied by its ledger's sample rate q"
+                 + (" and default δ" if default_delta else "")])
 
 
 def _guarantee_markdown(guarantee: Mapping[str, Any]) -> list[str]:
