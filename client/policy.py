@@ -105,7 +105,12 @@ def refusal_reason(site: SiteSettings, settings: Mapping[str, Any]) -> str | Non
     if site.allowed_models and model not in site.allowed_models:
         return (f"model {model!r} is not among this site's allowed_models "
                 f"{list(site.allowed_models)}")
-    return privacy_refusal(site, settings.get("privacy", {}))
+    reason = privacy_refusal(site, settings.get("privacy", {}))
+    if reason is None and site.require_dp and settings.get("task", {}).get("standardize") == "site":
+        # features fitted to the site's own training records: outside the DP guarantee
+        reason = ("this site requires DP-SGD (require_dp); task.standardize=site fits the "
+                  "features to its training records, outside the DP guarantee")
+    return reason
 
 
 def site_privacy(site: SiteSettings, privacy: Mapping[str, Any]) -> dict[str, Any]:

@@ -119,8 +119,10 @@ def synthetic_sites(
 ) -> SyntheticSites:
     """The synthetic sites of this (task, number of sites, seed); nothing is written yet
     except the folder and its config.json (what the key was made of)."""
+    # how a loader standardises is not part of the files: DP and non-DP runs share them
+    files_cfg = {k: v for k, v in task_cfg.items() if k not in ("standardize", "reference")}
     key_material = json.dumps(
-        {"task": task_cfg, "sites": num_sites, "seed": seed, "v": GENERATOR_VERSION},
+        {"task": files_cfg, "sites": num_sites, "seed": seed, "v": GENERATOR_VERSION},
         sort_keys=True,
     )
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]

@@ -83,9 +83,11 @@ def test_dp_baselines_report_their_own_accountant_epsilon(tmp_path, one_thread):
         assert ledger["sample_rate"] == q and ledger["steps"] == 2 * per_round
         assert ledger["delta"] == default_delta(sizes[name])
         assert ledger["rounds_trained"] == 2 and len(ledger["epsilon_per_round"]) == 2
-        # the reported epsilon is what an Opacus accountant gives for exactly those steps
+        # the reported epsilon is what an Opacus accountant gives for exactly those steps,
+        # after the size release every DP ledger charges first (σ = count_noise, q = 1)
         accountant = create_accountant(mechanism=ledger["accountant"])
-        accountant.history = [(ledger["noise_multiplier"], q, ledger["steps"])]
+        accountant.history = [(ledger["count_noise"], 1.0, 1),
+                              (ledger["noise_multiplier"], q, ledger["steps"])]
         assert ledger["epsilon"] == pytest.approx(accountant.get_epsilon(ledger["delta"]))
     # the pooled set samples at another rate, so it needs other noise for the same target
     assert ledgers["pooled"]["noise_multiplier"] != ledgers["hospital_01"]["noise_multiplier"]

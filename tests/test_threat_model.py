@@ -525,10 +525,12 @@ def site_folder(cfg, tmp_path_factory):
     return folder
 
 
-def _message(cfg, message_type: str = "train", **privacy) -> Message:
-    """What a (dishonest) server sends: the run settings with ``privacy`` overridden."""
+def _message(cfg, message_type: str = "train", task=None, **privacy) -> Message:
+    """What a (dishonest) server sends: the run settings with ``privacy`` (and ``task``)
+    overridden."""
     settings = site_settings(cfg)
     settings["privacy"] = {**settings["privacy"], **privacy}
+    settings["task"] = {**settings["task"], **(task or {})}
     content = RecordDict({
         protocol.ARRAYS: ArrayRecord(initial_model(cfg).state_dict()),
         protocol.CONFIG: ConfigRecord({**protocol.encode_run_settings(settings),
@@ -540,10 +542,22 @@ def _message(cfg, message_type: str = "train", **privacy) -> Message:
     return Message(metadata=metadata, content=content)
 
 
-def _send(cfg, node_config, message_type="train", **privacy) -> Message:
+def _send(cfg, node_config, message_type="train", task=None, **privacy) -> Message:
     context = Context(run_id=RUN_ID, node_id=7, node_config=node_config, state=RecordDict(),
                       run_config={})
-    return build_client_app()(message=_message(cfg, message_type, **privacy), context=context)
+    return build_client_app()(message=_message(cfg, message_type, task, **privacy),
+                              context=context)
+
+
+def test_standardisation_fitted_to_the_sites_records_is_refused_under_dp(
+        cfg, site_folder, tmp_path):
+    # task.standardize=site: one patient would move every other patient's features
+    reason = _refusal(_send(cfg, _site(site_folder, tmp_path), task={"standardize": "site"}))
+    assert "task.standardize=site" in reason
+    # a research site that does not require DP may still run it
+    reply = _send(cfg, _site(site_folder, tmp_path / "r", **{"require-dp": False}),
+                  task={"standardize": "site"})
+    assert reply.content[protocol.SITE][protocol.STATUS] == protocol.STATUS_OK
 
 
 def _site(folder, state, **extra):
