@@ -224,6 +224,17 @@ def run_baselines(
         kinds = run_settings.baseline_kinds(cfg)
         if not kinds:
             return None
+        # the baselines train on the sites' data: only if the sites' own policy (site.<key>,
+        # the same for every simulated site) accepts this run
+        from client.policy import refusal_reason
+        from client.site import SiteSettings
+
+        first = next(iter(folders.values()))
+        site = SiteSettings.from_node_config(
+            {"data-path": str(first), **run_settings.site_node_config(cfg)}, simulation=True)
+        if (reason := refusal_reason(site, run_settings.site_settings(cfg))) is not None:
+            return {"computed": False, "kinds": list(kinds),
+                    "reason": f"the sites' own policy refuses this run: {reason}"}
         return compute_baselines(cfg, folders, kinds, pool=pool, prepare=prepare,
                                  on_trained=on_trained)
 

@@ -705,6 +705,23 @@ def test_only_a_noisy_count_of_the_site_leaves_and_it_is_charged(cfg):
     assert again.released_count == 403 and again.epsilon() == a.epsilon()
 
 
+def test_a_simulation_whose_sites_require_dp_refuses_privacy_off_end_to_end(tmp_path):
+    """The issue's command: every simulated site refuses, the reason reaches report.json,
+    report.md and the console, and no baseline trains on the sites' data either."""
+    from tests.conftest import run_simulation_cli
+
+    report = run_simulation_cli(tmp_path, "task=tabular", "privacy=off", "site.require_dp=true",
+                                "num_hospitals=3", "rounds=1", "baselines=[local]")
+    (only,) = report["rounds"]
+    assert sorted(only["refused"]) == ["hospital_01", "hospital_02", "hospital_03"]
+    assert all("requires DP-SGD" in why for why in only["refused"].values())
+    assert not only["train"]
+    assert report["baselines"]["computed"] is False
+    assert "requires DP-SGD" in report["baselines"]["reason"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.count("this site requires DP-SGD (require_dp)") >= 3
+
+
 def test_the_threat_model_document_names_only_attacks_tested_here():
     """docs/threat_model.md's attack table cites tests of this file; each must exist."""
     import re
