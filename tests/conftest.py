@@ -41,3 +41,25 @@ def run_simulation_cli(out_dir: Path, *overrides: str, timeout: float = 300) -> 
     )
     assert proc.returncode == 0, f"simulation failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads((out_dir / "report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def small_tabular_cfg():
+    """A small DP tabular run's composed config (RDP accountant: fast), for site-side tests."""
+    from server.settings import compose
+
+    return compose(["task=tabular", "task.synthetic.train_size=40",
+                    "task.synthetic.test_size=16", "local_epochs=1", "privacy=dp",
+                    "privacy.accountant=rdp", "model.hidden=[32,16]"])
+
+
+@pytest.fixture(scope="session")
+def small_tabular_site(small_tabular_cfg, tmp_path_factory):
+    """One synthetic tabular site's folder (``hospital_x``) for ``small_tabular_cfg``."""
+    from client.tasks import get_task
+
+    folder = tmp_path_factory.mktemp("site") / "hospital_x"
+    task = get_task("tabular")
+    task_cfg = small_tabular_cfg["task"]
+    task.generate_site(folder, task_cfg, task.site_profiles(task_cfg, 1, 0)[0], 0)
+    return folder

@@ -17,29 +17,23 @@ from client.app import build_client_app
 from client.approval import running_app_hash
 from client.egress import EGRESS_LOG, read_log, summarize
 from client.site import SiteSettings
-from client.tasks import get_task
 from privacy import protocol
 from privacy.protocol import content_size
 from server.app import initial_model
-from server.settings import compose, site_settings
+from server.settings import site_settings
 from tests.conftest import ROOT
 
 RUN_ID = 42
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return compose(["task=tabular", "task.synthetic.train_size=40",
-                    "task.synthetic.test_size=16", "local_epochs=1", "privacy=dp",
-                    "privacy.accountant=rdp", "model.hidden=[32,16]"])
+def cfg(small_tabular_cfg):
+    return small_tabular_cfg
 
 
 @pytest.fixture(scope="module")
-def site_folder(cfg, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("site") / "hospital_x"
-    task = get_task("tabular")
-    task.generate_site(folder, cfg["task"], task.site_profiles(cfg["task"], 1, 0)[0], 0)
-    return folder
+def site_folder(small_tabular_site):
+    return small_tabular_site
 
 
 def _incoming(cfg, message_type: str, server_round: int = 1, privacy: bool = False) -> Message:

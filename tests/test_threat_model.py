@@ -50,7 +50,7 @@ from privacy.secagg.crypto import KEY_BYTES, apply_mask, generate_key_pair, pair
 from privacy.secagg.identity import generate_key, test_identities, write_ephemeral_federation
 from privacy.secagg.loopback import run_round
 from server.app import initial_model
-from server.settings import compose, site_settings
+from server.settings import site_settings
 
 SESSION = b"threat-model-session"
 LENGTH = 32
@@ -511,18 +511,13 @@ RUN_ID = 7
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return compose(["task=tabular", "task.synthetic.train_size=40",
-                    "task.synthetic.test_size=16", "local_epochs=1", "privacy=dp",
-                    "privacy.accountant=rdp", "model.hidden=[8]"])
+def cfg(small_tabular_cfg):
+    return small_tabular_cfg
 
 
 @pytest.fixture(scope="module")
-def site_folder(cfg, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("site") / "hospital_x"
-    task = get_task("tabular")
-    task.generate_site(folder, cfg["task"], task.site_profiles(cfg["task"], 1, 0)[0], 0)
-    return folder
+def site_folder(small_tabular_site):
+    return small_tabular_site
 
 
 def _message(cfg, message_type: str = "train", task=None, **privacy) -> Message:

@@ -80,6 +80,14 @@ _PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES  # b-share ‖ s_sk-share
 CIPHERTEXT_BYTES = crypto.NONCE_BYTES + _PLAINTEXT_BYTES + crypto.TAG_BYTES
 
 
+def _roster_key(identity: Any, site_id: str, what: str, who: str, index: int) -> Any:
+    """The roster's public key of ``site_id``, or a protocol error naming ``who`` claimed it."""
+    try:
+        return identity.roster.public_key(site_id)
+    except SecAggProtocolError as error:
+        raise SecAggProtocolError(f"{what}: {who}: {error}", index) from error
+
+
 def _require_stage(state: Mapping[str, Any], allowed: tuple[str, ...], what: str) -> int:
     index = state.get(m.INDEX)
     stage = state.get(_STAGE)
@@ -173,10 +181,7 @@ def _check_key_signatures(state: Mapping[str, Any], identity: SiteIdentity, owne
         if site_id == identity.site_id:
             raise SecAggProtocolError(f"{what}: participant {owner} claims to be this site "
                                       f"({site_id!r})", owner)
-        try:
-            public_key = identity.roster.public_key(site_id)
-        except SecAggProtocolError as error:
-            raise SecAggProtocolError(f"{what}: participant {owner}: {error}", owner) from error
+        public_key = _roster_key(identity, site_id, what, f"participant {owner}", owner)
         statement = m.key_statement(state[m.SESSION], owner, state[m.NUM_PARTICIPANTS],
                                     state[m.THRESHOLD], site_id, c_key, s_key)
         if not verify(public_key, signature, statement):
@@ -383,10 +388,7 @@ def _check_signers(state: Mapping[str, Any], request: Mapping[str, Any],
         if signer in known and known[signer] != site_id:
             raise SecAggProtocolError(f"{what}: participant {signer} is site {known[signer]!r} "
                                       f"in this round, not {site_id!r}", signer)
-        try:
-            public_key = identity.roster.public_key(site_id)
-        except SecAggProtocolError as error:
-            raise SecAggProtocolError(f"{what}: signer {signer}: {error}", signer) from error
+        public_key = _roster_key(identity, site_id, what, f"signer {signer}", signer)
         if not verify(public_key, signature, statement_for(signer, survivor_set)):
             raise SecAggProtocolError(f"{what}: the signature of participant {signer} (site "
                                       f"{site_id!r}) on the survivor set does not verify", signer)
