@@ -53,6 +53,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _check(_is_int(cfg["seed"]) and cfg["seed"] >= 0, "seed", "an integer >= 0", cfg["seed"])
     _check(cfg["optimizer"] in ("sgd", "adam"), "optimizer", "one of ['sgd', 'adam']",
            cfg["optimizer"])
+    decay = cfg.get("weight_decay", 0.0)
+    _check(_is_number(decay) and decay >= 0, "weight_decay", "a number >= 0", decay)
     balance = cfg.get("class_balance", "none")
     _check(balance in CLASS_BALANCE, "class_balance", f"one of {list(CLASS_BALANCE)}", balance)
     prior = cfg["task"].get("class_prior")
@@ -311,6 +313,7 @@ def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "momentum": cfg["momentum"],
             "optimizer": cfg["optimizer"],
             "class_balance": cfg.get("class_balance", "none"),
+            "weight_decay": cfg.get("weight_decay", 0.0),
         },
         "seed": cfg["seed"],
         "privacy": dict(cfg["privacy"]),
