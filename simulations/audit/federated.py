@@ -197,31 +197,24 @@ def _loaded(cfg: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> n
 # --------------------------------------------------------------------------- the audit
 
 
-def run_audit(cfg: Mapping[str, Any], out_dir: Path) -> AuditReport:
-    """Run the federated simulation with canaries and every check; returns the report (the
-    caller writes it with :func:`~simulations.audit.report.write_audit_report`)."""
-    from simulations.run import simulate
+@dataclass
+class _Planted:
+    """What the auditor planted before the run (inclusion never leaves the auditor)."""
 
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    audit = cfg["audit"]
-    check_audit_settings(audit)
-    run_cfg = {k: v for k, v in cfg.items() if k != "audit"}
-    if run_cfg.get("resume"):
-        raise ConfigError("resume: an audit is one whole run from the initial model; got "
-                          f"resume={run_cfg['resume']!r}")
-    task_cfg = run_cfg["task"]
-    task = get_task(task_cfg["name"])
-    folders = site_folders(run_cfg)
-    site = audit["site"] or next(iter(folders))
-    if site not in folders:
-        raise ConfigError(f"audit.site: expected one of {list(folders)}, got {site!r}")
-    dp = run_cfg["privacy"]["name"] != "off"
-    seed = int(audit["seed"])
-    notes: dict[str, str] = {}
-    timings: dict[str, float] = {}
+    data_root: Path  # the run's data.root: symlinks to the sites, the auditing site rewritten
+    probe: Path  # the black-box canary records, scored after the run
+    included_black: np.ndarray | None  # which black-box canaries were planted (None: off)
+    hooks: WhiteBoxCanaries | None  # the white-box gradient canaries (None: off)
+    initial: nn.Module  # the server's round-1 global model
+    clip: float  # the canaries' clipping norm: the run's C under DP
 
-    # Canaries, planted before the run. The auditor keeps the seeds: inclusion never leaves here.
+
+def _plant_canaries(audit: Mapping[str, Any], run_cfg: Mapping[str, Any],
+                    folders: Mapping[str, Path], site: str, out_dir: Path,
+                    notes: dict[str, str]) -> _Planted:
+    """Black-box canary records written into the auditing site's copy, white-box gradient
+    canaries drawn for its training steps; the other sites are linked unchanged."""
+    seed, task_cfg = int(audit["seed"]), run_cfg["task"]
     data_root, probe = out_dir / "audit_sites", out_dir / "audit_probe"
     data_root.mkdir(parents=True, exist_ok=True)
     m_black = int(audit["canaries"]["black_box"])
@@ -239,9 +232,8 @@ def run_audit(cfg: Mapping[str, Any], out_dir: Path) -> AuditReport:
             os.symlink(Path(folder).resolve(), target, target_is_directory=True)
     if m_black == 0:
         notes[BLACK_BOX] = "off (audit.canaries.black_box=0)"
-
     initial = initial_model(run_cfg)  # the server's round-1 global model (same seed)
-    before = {k: v.detach().clone() for k, v in initial.state_dict().items()}
+    dp = run_cfg["privacy"]["name"] != "off"
     clip = float(run_cfg["privacy"]["max_grad_norm"] if dp else audit["canaries"]["clip_norm"])
     m_white = int(audit["canaries"]["white_box"])
     hooks = None
@@ -252,15 +244,63 @@ def run_audit(cfg: Mapping[str, Any], out_dir: Path) -> AuditReport:
                                  seed + 23)
     else:
         notes[WHITE_BOX] = "off (audit.canaries.white_box=0)"
+    return _Planted(data_root, probe, included_black, hooks, initial, clip)
 
-    federated_dir = out_dir / "federated"
-    fed_cfg = {**run_cfg, "data": {**run_cfg["data"], "root": str(data_root), "path": None},
-               "baselines": []}  # the audit asks about privacy, not what federation is worth
+
+def _score_canaries(report: AuditReport, planted: _Planted, before: Mapping[str, torch.Tensor],
+                    final: nn.Module, run_cfg: Mapping[str, Any], audit: Mapping[str, Any],
+                    site: str, delta: float, claimed: float | None,
+                    timings: dict[str, float]) -> None:
+    """ε lower bounds from the canaries the final model remembers (white box, then black)."""
+    guesses = audit["canaries"]["guesses"]
+    grid = None if guesses is None else (int(guesses),)
+    confidence = float(audit["confidence"])
     mark = time.perf_counter()
-    timings["setup_s"] = mark - started  # canary records written, canaries drawn
-    run_report = simulate(fed_cfg, federated_dir, step_hook_for=hooks)
-    timings["federated_run_s"] = time.perf_counter() - mark
-    # A site that never trained would "pass" every canary check vacuously: refuse instead.
+    if planted.hooks is not None:
+        scores = planted.hooks.canaries.scores(before, final.state_dict())
+        report.canaries.append(CanaryCheck(site, WHITE_BOX, audit_epsilon(
+            scores, np.array(planted.hooks.included), delta, confidence=confidence, grid=grid),
+            claimed))
+        timings["canaries_white_box_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+    if planted.included_black is not None:
+        m_black = len(planted.included_black)
+        task_cfg = run_cfg["task"]
+        canary_records = get_task(task_cfg["name"]).load_site(planted.probe, task_cfg, site).test
+        if len(canary_records) != m_black:
+            raise RuntimeError(f"the probe site holds {len(canary_records)} canaries, "
+                               f"expected {m_black}")
+        table = record_logits(final, canary_records)
+        scores = loss_attack_scores(table, torch.arange(m_black), record_labels(canary_records))
+        report.canaries.append(CanaryCheck(site, BLACK_BOX, audit_epsilon(
+            scores, planted.included_black, delta, confidence=confidence, grid=grid), claimed))
+        timings["canaries_black_box_s"] = time.perf_counter() - mark
+
+
+def _invert(report: AuditReport, planted: _Planted, run_cfg: Mapping[str, Any],
+            audit: Mapping[str, Any], folders: Mapping[str, Path], site: str,
+            ledger: Mapping[str, Any], notes: dict[str, str], timings: dict[str, float]) -> None:
+    """Reconstruct one training record from a single-record update (DP-noised under DP)."""
+    if not audit["inversion"]["enabled"]:
+        notes["inversion"] = "off (audit.inversion.enabled=false)"
+        return
+    mark = time.perf_counter()
+    sigma = float(ledger["noise_multiplier"]) if ledger.get("dp") \
+        else float(audit["inversion"]["noise_multiplier"])
+    outcome = invert_one_update(run_cfg, planted.initial, folders[site], site,
+                                audit["inversion"], planted.clip, sigma, int(audit["seed"]))
+    if isinstance(outcome, str):
+        notes["inversion"] = outcome
+    else:
+        report.inversion_truth, report.inversion = outcome
+        notes["inversion"] = (f"record 0 of {site}'s training split, single-record update "
+                              f"at the round-1 global model; DP-noised: C={planted.clip:g}, "
+                              f"σ={sigma:.4g}; the attacker is given the true label")
+    timings["inversion_s"] = time.perf_counter() - mark
+
+
+def _rounds_trained(run_report: Mapping[str, Any], site: str, federated_dir: Path) -> int:
+    """Rounds the auditing site trained; none would pass every canary check vacuously."""
     rounds_trained = sum(site in r.get("train", {}) for r in run_report.get("rounds", []))
     if rounds_trained == 0:
         reasons = {f["reason"][:200] for r in run_report.get("rounds", [])
@@ -268,60 +308,61 @@ def run_audit(cfg: Mapping[str, Any], out_dir: Path) -> AuditReport:
         raise AuditAborted(f"the auditing site {site} trained in no round of the run, so "
                            f"nothing can be audited; failures: {sorted(reasons) or 'none'} "
                            f"(see {federated_dir / 'report.md'})")
+    return rounds_trained
+
+
+def run_audit(cfg: Mapping[str, Any], out_dir: Path) -> AuditReport:
+    """Run the federated simulation with canaries and every check; returns the report (the
+    caller writes it with :func:`~simulations.audit.report.write_audit_report`)."""
+    from simulations.run import simulate
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    audit = cfg["audit"]
+    check_audit_settings(audit)
+    run_cfg = {k: v for k, v in cfg.items() if k != "audit"}
+    if run_cfg.get("resume"):
+        raise ConfigError("resume: an audit is one whole run from the initial model; got "
+                          f"resume={run_cfg['resume']!r}")
+    folders = site_folders(run_cfg)
+    site = audit["site"] or next(iter(folders))
+    if site not in folders:
+        raise ConfigError(f"audit.site: expected one of {list(folders)}, got {site!r}")
+    notes: dict[str, str] = {}
+    timings: dict[str, float] = {}
+
+    # Canaries, planted before the run. The auditor keeps the seeds: inclusion never leaves here.
+    planted = _plant_canaries(audit, run_cfg, folders, site, out_dir, notes)
+    before = {k: v.detach().clone() for k, v in planted.initial.state_dict().items()}
+    federated_dir = out_dir / "federated"
+    fed_cfg = {**run_cfg, "data": {**run_cfg["data"], "root": str(planted.data_root),
+                                   "path": None},
+               "baselines": []}  # the audit asks about privacy, not what federation is worth
+    mark = time.perf_counter()
+    timings["setup_s"] = mark - started  # canary records written, canaries drawn
+    run_report = simulate(fed_cfg, federated_dir, step_hook_for=planted.hooks)
+    timings["federated_run_s"] = time.perf_counter() - mark
+    rounds_trained = _rounds_trained(run_report, site, federated_dir)
     saved = torch.load(federated_dir / "model.pt", map_location="cpu", weights_only=True)
     final = _loaded(run_cfg, saved["state_dict"])
     ledger = run_report.get("privacy", {}).get(site, {})
     claimed = float(ledger["epsilon"]) if ledger.get("dp") else None
     delta = float(ledger["delta"]) if ledger.get("dp") else float(audit["delta"])
-    guesses = audit["canaries"]["guesses"]
-    grid = None if guesses is None else (int(guesses),)
-    confidence = float(audit["confidence"])
 
     report = AuditReport()
     # The canary audits cost the run above plus this scoring (the canaries ride along in it).
-    mark = time.perf_counter()
-    if hooks is not None:
-        scores = hooks.canaries.scores(before, final.state_dict())
-        report.canaries.append(CanaryCheck(site, WHITE_BOX, audit_epsilon(
-            scores, np.array(hooks.included), delta, confidence=confidence, grid=grid), claimed))
-        timings["canaries_white_box_s"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-    if included_black is not None:
-        canary_records = task.load_site(probe, task_cfg, site).test
-        if len(canary_records) != m_black:
-            raise RuntimeError(f"the probe site holds {len(canary_records)} canaries, "
-                               f"expected {m_black}")
-        table = record_logits(final, canary_records)
-        scores = loss_attack_scores(table, torch.arange(m_black), record_labels(canary_records))
-        report.canaries.append(CanaryCheck(site, BLACK_BOX, audit_epsilon(
-            scores, included_black, delta, confidence=confidence, grid=grid), claimed))
-        timings["canaries_black_box_s"] = time.perf_counter() - mark
-
+    _score_canaries(report, planted, before, final, run_cfg, audit, site, delta, claimed,
+                    timings)
     mark = time.perf_counter()
     report.membership = membership_inference(run_cfg, final, folders,
-                                             int(audit["membership"]["shadow_models"]), seed)
+                                             int(audit["membership"]["shadow_models"]),
+                                             int(audit["seed"]))
     timings["membership_s"] = time.perf_counter() - mark
-
-    if audit["inversion"]["enabled"]:
-        mark = time.perf_counter()
-        sigma = float(ledger["noise_multiplier"]) if ledger.get("dp") \
-            else float(audit["inversion"]["noise_multiplier"])
-        outcome = invert_one_update(run_cfg, initial, folders[site], site, audit["inversion"],
-                                    clip, sigma, seed)
-        if isinstance(outcome, str):
-            notes["inversion"] = outcome
-        else:
-            report.inversion_truth, report.inversion = outcome
-            notes["inversion"] = (f"record 0 of {site}'s training split, single-record update "
-                                  f"at the round-1 global model; DP-noised: C={clip:g}, "
-                                  f"σ={sigma:.4g}; the attacker is given the true label")
-        timings["inversion_s"] = time.perf_counter() - mark
-    else:
-        notes["inversion"] = "off (audit.inversion.enabled=false)"
+    _invert(report, planted, run_cfg, audit, folders, site, ledger, notes, timings)
 
     timings["total_s"] = time.perf_counter() - started
     report.run = {
-        "task": task_cfg["name"], "model": run_cfg["model"]["name"],
+        "task": run_cfg["task"]["name"], "model": run_cfg["model"]["name"],
         "privacy": run_cfg["privacy"]["name"], "secagg": run_cfg["secagg"]["name"],
         "rounds": run_cfg["rounds"], "sites": list(folders), "auditing_site": site,
         "auditing_site_rounds_trained": rounds_trained,
