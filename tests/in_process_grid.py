@@ -1,0 +1,93 @@
+"""Flower's Grid without a SuperLink or Ray: every message goes straight to the ClientApp of its
+node, in this process, one after the other.
+
+For fast tests of the server's round loop, secure aggregation and report where a simulation
+engine is not the point: the same ServerApp and ClientApp code, the same Message objects, each
+site with its own ``Context`` (its state survives between messages, as on a SuperNode).
+``drop`` lets a test make nodes go silent from a given message type on.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+SERVER_NODE_ID = 1
+RUN_ID = 1
+
+
+class InProcessGrid(Grid):
+    """``send_and_receive`` delivers each message to ``client_app`` with the context of its
+    destination node; nodes are ``node_configs``' keys."""
+
+    def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]],
+                 run_config: Mapping[str, Any] | None = None) -> None:
+        # Message() reads the process's task identity, which Flower's SuperExec (or, for its
+        # legacy in-process API, run_simulation) sets; this grid stands in for both
+        TaskIdentity.task_id, TaskIdentity.run_id = 1, RUN_ID
+        TaskIdentity.node_id = SERVER_NODE_ID
+        self.client_app = client_app
+        self.contexts = {
+            node_id: Context(run_id=RUN_ID, node_id=node_id, node_config=dict(config),
+                             state=RecordDict(), run_config=dict(run_config or {}))
+            for node_id, config in node_configs.items()}
+        self.drop: dict[int, str] = {}  # node id -> first message type it never answers
+        self.delivered: list[tuple[int, str]] = []  # (node id, message type), in order
+        self._silent: set[int] = set()
+
+    # -- what the round loop and Flower's strategies use ------------------------------------
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node, kind = message.metadata.dst_node_id, message.metadata.message_type
+            if self.drop.get(node) == kind:
+                self._silent.add(node)
+            if node not in self.contexts or node in self._silent:
+                continue  # an unknown or silent node: no reply, as after a timeout
+            self.delivered.append((node, kind))
+            replies.append(self.client_app(message=self._delivered(message),
+                                           context=self.contexts[node]))
+        return replies
+
+    @staticmethod
+    def _delivered(message: Message) -> Message:
+        """The message as a SuperNode receives it: ids and times set by the SuperLink."""
+        metadata = Metadata(
+            run_id=RUN_ID, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE_ID,
+            dst_node_id=message.metadata.dst_node_id, reply_to_message_id="",
+            group_id=message.metadata.group_id, created_at=time.time(), ttl=3600,
+            message_type=message.metadata.message_type)
+        return Message(metadata=metadata, content=message.content)
+
+    # -- the rest of Flower's Grid interface -----------------------------------------------
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError("InProcessGrid has no Run object")
+
+    def set_run(self, run_id: int) -> None:  # noqa: ARG002 - Flower's interface
+        return None
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:  # noqa: ARG002
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)
+
+    def get_nodes(self) -> list[Any]:
+        raise NotImplementedError("InProcessGrid: use get_node_ids()")
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("InProcessGrid: use send_and_receive()")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("InProcessGrid: use send_and_receive()")
