@@ -8,8 +8,9 @@
 - ``column``: one site per distinct value of ``data.site_column`` (tabular and notes).
 
 Train and test records are split with the same per-site proportions, so a site's test split
-looks like its training data. Each site folder is written in the task's own format by
-``Task.write_partition`` and then read by the same loader a hospital uses.
+looks like its training data. Each site folder is written in the task's own format by the
+task's ``SiteGenerator.write_partition`` (``simulations/synthetic/``) and then read by the same
+loader a hospital uses.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from client.tasks import DataError, PooledRecords, get_task
+from client.tasks import DataError
 from simulations.cache import write_folder_once
+from simulations.synthetic import PooledRecords, get_generator
 
 PARTITIONS = ("iid", "dirichlet", "quantity", "column")
 
@@ -108,10 +110,10 @@ def partition_sites(cfg: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
          "sites": num_sites, "seed": cfg["seed"]}, sort_keys=True, default=str)
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     target = cache_dir / "partitions" / f"{cfg['task']['name']}-{method}-{key}"
-    task = get_task(cfg["task"]["name"])
+    generator = get_generator(cfg["task"]["name"])
 
     def split(staging: Path) -> None:
-        records = task.index_pooled(path, cfg["task"], site_column=column)
+        records = generator.index_pooled(path, cfg["task"], site_column=column)
         assignment = assign_records(records, num_sites, method, float(data.get("alpha", 0.5)),
                                     int(cfg["seed"]))
         if method == "column":
@@ -123,7 +125,7 @@ def partition_sites(cfg: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
                 raise DataError(f"data.partition={method} left site {name} with zero "
                                 f"training records from {path}; use fewer hospitals or a "
                                 "larger data.alpha")
-            task.write_partition(path, cfg["task"], staging / name, ids)
+            generator.write_partition(path, cfg["task"], staging / name, ids)
         (staging / "partition.json").write_text(json.dumps(
             {"source": str(path), "method": method, "sites": {
                 n: {"records": len(ids), "test": int(records.is_test[ids].sum())}

@@ -22,11 +22,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from client.tasks import DataError, get_task
-from client.tasks.base import SiteProfile
+from client.tasks import DataError
 from privacy.files import write_atomically
 from simulations.cache import write_folder_once
 from simulations.partition import check_partition_settings, partition_sites
+from simulations.synthetic import SiteProfile, get_generator
 
 GENERATOR_VERSION = 2  # bump when a generator's output changes
 
@@ -97,8 +97,8 @@ class SyntheticSites:
 
     @cached_property
     def _profiles(self) -> list[SiteProfile]:
-        return get_task(self.task_cfg["name"]).site_profiles(self.task_cfg, self.num_sites,
-                                                             self.seed)
+        return get_generator(self.task_cfg["name"]).site_profiles(self.task_cfg,
+                                                                  self.num_sites, self.seed)
 
     def ensure(self, site: str) -> Path:
         """The site's folder, written now if it does not exist yet."""
@@ -108,9 +108,10 @@ class SyntheticSites:
         if site not in self.names:
             raise DataError(f"no synthetic site {site!r}; this run has {self.names[0]} .. "
                             f"{self.names[-1]}")
-        task, profile = get_task(self.task_cfg["name"]), self._profiles[self.names.index(site)]
-        write_folder_once(folder, lambda staging: task.generate_site(staging, self.task_cfg,
-                                                                     profile, self.seed))
+        generator = get_generator(self.task_cfg["name"])
+        profile = self._profiles[self.names.index(site)]
+        write_folder_once(folder, lambda staging: generator.generate_site(staging, self.task_cfg,
+                                                                          profile, self.seed))
         return folder
 
 

@@ -56,10 +56,10 @@ def small_tabular_cfg():
 @pytest.fixture(scope="session")
 def small_tabular_site(small_tabular_cfg, tmp_path_factory):
     """One synthetic tabular site's folder (``hospital_x``) for ``small_tabular_cfg``."""
-    from client.tasks import get_task
+    from simulations.synthetic import get_generator
 
     folder = tmp_path_factory.mktemp("site") / "hospital_x"
-    task = get_task("tabular")
+    generator = get_generator("tabular")
     task_cfg = small_tabular_cfg["task"]
-    task.generate_site(folder, task_cfg, task.site_profiles(task_cfg, 1, 0)[0], 0)
+    generator.generate_site(folder, task_cfg, generator.site_profiles(task_cfg, 1, 0)[0], 0)
     return folder

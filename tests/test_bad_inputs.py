@@ -8,7 +8,8 @@ what was expected: a :class:`DataError` from the loaders, exit code 2 from the C
 ``BadZipFile``/``UnicodeDecodeError``/pickle/numpy error, never a silently half-loaded site: what
 a loader leaves out on purpose (a NaN or Inf measurement) is counted in ``SiteData.skipped``.
 
-A valid site comes from each task's own ``generate_site``; one file is then corrupted.
+A valid site comes from each task's own synthetic generator (``simulations/synthetic/``); one
+file is then corrupted.
 docs/bad_inputs.md lists every case id below (``test_the_docs_table_lists_every_case``).
 """
 
@@ -37,6 +38,7 @@ from PIL import Image
 from client.tasks import DataError, get_task
 from server.settings import compose
 from simulations.sites import site_folders
+from simulations.synthetic import get_generator
 from tests.conftest import ROOT
 
 TASKS = ("images", "vitals", "notes", "tabular")
@@ -52,7 +54,7 @@ def task_cfgs() -> dict[str, dict[str, Any]]:
 
 def _generate(task: str, task_cfg: dict[str, Any], folder: Path) -> Path:
     """A valid site in the task's real format, written by its own synthetic generator."""
-    generator = get_task(task)
+    generator = get_generator(task)
     generator.generate_site(folder, task_cfg, generator.site_profiles(task_cfg, 1, seed=0)[0],
                             seed=0)
     return folder

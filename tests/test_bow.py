@@ -12,8 +12,10 @@ from client.tasks.notes import encode_notes
 from client.training import DPConfig, LocalTrainingConfig, train_local
 from models import build_model
 from server.settings import compose
+from simulations.synthetic import get_generator
 
 TASK = get_task("notes")
+GENERATOR = get_generator("notes")
 SPEC = {"vocab_buckets": 512, "max_len": 16, "num_classes": 3}
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off",
@@ -116,8 +118,8 @@ def test_dp_sgd_through_the_sites_training_loop_counts_and_survives_empty_batche
 def _site(tmp_path, seed, train_size, test_size):
     cfg = compose(["task=notes", "model=bow", f"task.synthetic.train_size={train_size}",
                    f"task.synthetic.test_size={test_size}", "task.synthetic.label_alpha=50"])
-    profile = TASK.site_profiles(cfg["task"], 1, seed=seed)[0]
-    TASK.generate_site(tmp_path, cfg["task"], profile, seed=seed)
+    profile = GENERATOR.site_profiles(cfg["task"], 1, seed=seed)[0]
+    GENERATOR.generate_site(tmp_path, cfg["task"], profile, seed=seed)
     return cfg, TASK.load_site(tmp_path, cfg["task"], "h1")
 
 

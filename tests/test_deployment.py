@@ -34,9 +34,9 @@ import pytest
 from client.approval import app_hash
 from client.egress import EGRESS_LOG, read_log, summarize
 from client.site import SiteConfigError, SiteSettings
-from client.tasks import get_task
 from server.provision import provision
 from server.settings import compose
+from simulations.synthetic import get_generator
 from tests.conftest import ROOT
 
 SITES = ("hospital_a", "hospital_b", "hospital_c")
@@ -196,9 +196,9 @@ def federation(tmp_path_factory) -> Federation:
         fed = Federation(root=root, release_hash=app_hash(release), old_hash=app_hash(ROOT))
         task_cfg = compose(["task=tabular"])["task"]
         task_cfg["synthetic"] = {**task_cfg["synthetic"], "train_size": 120, "test_size": 40}
-        task = get_task("tabular")
-        for site, profile in zip(SITES, task.site_profiles(task_cfg, len(SITES), 0)):
-            task.generate_site(root / "data" / site, task_cfg, profile, 0)
+        generator = get_generator("tabular")
+        for site, profile in zip(SITES, generator.site_profiles(task_cfg, len(SITES), 0)):
+            generator.generate_site(root / "data" / site, task_cfg, profile, 0)
         approvals = {"hospital_a": (fed.release_hash, 100.0),
                      "hospital_b": (fed.release_hash, 0.05),  # budget too small: declines
                      "hospital_c": (fed.old_hash, 100.0)}  # approved another version: refuses

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.tasks import DataError, PooledRecords, get_task
+from client.tasks import DataError, get_task
 from server.settings import compose
 from simulations.partition import assign_records
 from simulations.sites import site_folders
+from simulations.synthetic import PooledRecords, get_generator
 
 
 def _records(n=400, classes=2, test_every=5, groups=None):
@@ -52,8 +53,9 @@ def test_pooled_npz_split_into_site_folders_read_by_the_real_loader(tmp_path):
     cfg = compose(["num_hospitals=1", "task.synthetic.train_size=120",
                    "task.synthetic.test_size=60"])
     task = get_task("images")
-    task.generate_site(tmp_path / "pooled", cfg["task"],
-                       task.site_profiles(cfg["task"], 1, seed=3)[0], seed=3)
+    generator = get_generator("images")
+    generator.generate_site(tmp_path / "pooled", cfg["task"],
+                            generator.site_profiles(cfg["task"], 1, seed=3)[0], seed=3)
     pooled = task.load_site(tmp_path / "pooled", cfg["task"], "pooled")
     cfg = compose(["num_hospitals=3", f"data.path={tmp_path / 'pooled' / 'scans.npz'}",
                    "data.partition=iid"])

@@ -12,8 +12,10 @@ from client.tasks import DataError, get_task
 from client.training import LocalTrainingConfig, train_local
 from models import build_model
 from server.settings import compose
+from simulations.synthetic import get_generator
 
 TASK = get_task("images")
+GENERATOR = get_generator("images")  # synthetic sites and partitions (simulation only)
 
 
 @pytest.fixture
@@ -106,10 +108,10 @@ def test_missing_folder_truncated_file_and_empty_training_split(tmp_path, cfg):
 
 
 def test_synthetic_sites_are_deterministic_and_different(tmp_path, cfg):
-    profiles = TASK.site_profiles(cfg["task"], 3, seed=0)
+    profiles = GENERATOR.site_profiles(cfg["task"], 3, seed=0)
     for i, profile in enumerate(profiles):
-        TASK.generate_site(tmp_path / f"a{i}", cfg["task"], profile, seed=0)
-    TASK.generate_site(tmp_path / "again", cfg["task"], profiles[0], seed=0)
+        GENERATOR.generate_site(tmp_path / f"a{i}", cfg["task"], profile, seed=0)
+    GENERATOR.generate_site(tmp_path / "again", cfg["task"], profiles[0], seed=0)
     first = TASK.load_site(tmp_path / "a0", cfg["task"], "a0")
     again = TASK.load_site(tmp_path / "again", cfg["task"], "again")
     assert torch.equal(first.train.tensors[0], again.train.tensors[0])
@@ -121,8 +123,8 @@ def test_synthetic_sites_are_deterministic_and_different(tmp_path, cfg):
 def test_synthetic_scans_are_learnable_and_shuffled_labels_are_not(tmp_path, cfg):
     task_cfg = {**cfg["task"], "synthetic": {**cfg["task"]["synthetic"], "train_size": 500,
                                              "test_size": 300}}
-    profile = TASK.site_profiles(task_cfg, 1, seed=0)[0]
-    TASK.generate_site(tmp_path, task_cfg, profile, seed=0)
+    profile = GENERATOR.site_profiles(task_cfg, 1, seed=0)[0]
+    GENERATOR.generate_site(tmp_path, task_cfg, profile, seed=0)
     data = TASK.load_site(tmp_path, task_cfg, "h1")
     x, y = data.train.tensors
     results = {}

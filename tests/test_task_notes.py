@@ -16,8 +16,10 @@ from client.tasks.notes import encode_note, encode_notes, note_words
 from client.training import LocalTrainingConfig, train_local
 from models import build_model
 from server.settings import compose
+from simulations.synthetic import get_generator
 
 TASK = get_task("notes")
+GENERATOR = get_generator("notes")  # synthetic sites and partitions (simulation only)
 # A small encoder keeps the learning tests fast; the configured one is checked for DP below
 # (the default notes model, bow, in tests/test_bow.py).
 SMALL_MODEL = {"name": "attention", "d_model": 32, "num_heads": 2, "num_layers": 1,
@@ -129,10 +131,10 @@ def test_bad_input_names_the_file_line_and_what_was_expected(tmp_path, cfg, writ
 
 def test_synthetic_sites_are_deterministic_in_the_real_format_and_differ_in_style(tmp_path, cfg):
     task_cfg = cfg["task"]
-    profiles = TASK.site_profiles(task_cfg, 3, seed=0)
+    profiles = GENERATOR.site_profiles(task_cfg, 3, seed=0)
     for profile in profiles:
-        TASK.generate_site(tmp_path / f"s{profile.index}", task_cfg, profile, seed=0)
-    TASK.generate_site(tmp_path / "again", task_cfg, profiles[0], seed=0)
+        GENERATOR.generate_site(tmp_path / f"s{profile.index}", task_cfg, profile, seed=0)
+    GENERATOR.generate_site(tmp_path / "again", task_cfg, profiles[0], seed=0)
     assert (tmp_path / "s0/notes.csv").read_bytes() == (tmp_path / "again/notes.csv").read_bytes()
     with (tmp_path / "s0/notes.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -161,12 +163,12 @@ def test_pooled_file_partitions_keep_train_test_membership(tmp_path, cfg):
     rows[7] = ("n7", "unlabelled", "", "", "hosp1")
     pooled = tmp_path / "pooled.csv"
     _write_csv(pooled, rows, header=("note_id", "text", "label", "split", "hospital"))
-    records = TASK.index_pooled(pooled, task_cfg, site_column="hospital")
+    records = GENERATOR.index_pooled(pooled, task_cfg, site_column="hospital")
     assert len(records) == 39 and set(records.groups) == {"hosp0", "hosp1"}
     with pytest.raises(DataError, match="no site column 'ward'"):
-        TASK.index_pooled(pooled, task_cfg, site_column="ward")
+        GENERATOR.index_pooled(pooled, task_cfg, site_column="ward")
     picked = np.flatnonzero(records.groups == "hosp0")
-    TASK.write_partition(pooled, {**task_cfg, "file": "notes.jsonl"}, tmp_path / "site",
+    GENERATOR.write_partition(pooled, {**task_cfg, "file": "notes.jsonl"}, tmp_path / "site",
                          picked)
     site = TASK.load_site(tmp_path / "site", {**task_cfg, "file": "notes.jsonl"}, "hosp0")
     written = [json.loads(line) for line in
@@ -261,8 +263,8 @@ def test_three_hospitals_learn_in_two_rounds_and_shuffled_labels_do_not(tmp_path
                                              "test_size": 120}}
     spec = TASK.input_spec(task_cfg)
     sites = []
-    for profile in TASK.site_profiles(task_cfg, 3, seed=1):
-        TASK.generate_site(tmp_path / f"h{profile.index}", task_cfg, profile, seed=1)
+    for profile in GENERATOR.site_profiles(task_cfg, 3, seed=1):
+        GENERATOR.generate_site(tmp_path / f"h{profile.index}", task_cfg, profile, seed=1)
         sites.append(TASK.load_site(tmp_path / f"h{profile.index}", task_cfg, "h"))
     gen = torch.Generator().manual_seed(0)
     results = {}
@@ -283,9 +285,9 @@ def test_raw_notes_helper_and_tfidf_reference_use_the_loaders_split(tmp_path, cf
     task_cfg = {**cfg["task"], "synthetic": {**cfg["task"]["synthetic"], "train_size": 200,
                                              "test_size": 100}}
     folders = {}
-    for profile in TASK.site_profiles(task_cfg, 2, seed=3):
+    for profile in GENERATOR.site_profiles(task_cfg, 2, seed=3):
         folders[f"h{profile.index}"] = tmp_path / f"h{profile.index}"
-        TASK.generate_site(folders[f"h{profile.index}"], task_cfg, profile, seed=3)
+        GENERATOR.generate_site(folders[f"h{profile.index}"], task_cfg, profile, seed=3)
     for site, folder in folders.items():
         notes, data = read_site_notes(folder, task_cfg, site), TASK.load_site(folder, task_cfg,
                                                                                 site)

@@ -15,8 +15,10 @@ from client.tasks.tabular import encoded_width, feature_names
 from client.training import LocalTrainingConfig, train_local
 from models import build_model
 from server.settings import compose
+from simulations.synthetic import get_generator
 
 TASK = get_task("tabular")
+GENERATOR = get_generator("tabular")  # synthetic sites and partitions (simulation only)
 
 # Rows as the real processed.<centre>.data files write them: cleveland uses "63.0", hungarian
 # "63", "?" for missing, switzerland writes an unmeasured cholesterol as 0.
@@ -229,11 +231,11 @@ def test_pooled_file_partitions_by_site_column_into_loadable_folders(tmp_path, c
     pooled = tmp_path / "pooled.csv"
     pooled.write_text("\n".join([f"{names},centre", *(f"{row},{c}" for row, c in
                                                        zip(UCI_ROWS, centres))]) + "\n")
-    records = TASK.index_pooled(pooled, task_cfg, site_column="centre")
+    records = GENERATOR.index_pooled(pooled, task_cfg, site_column="centre")
     assert records.labels.tolist() == [0, 1, 0, 1, 1, 0] and not records.is_test.any()
     assert records.groups.tolist() == centres
     ids = np.flatnonzero(records.groups == "va")
-    TASK.write_partition(pooled, task_cfg, tmp_path / "va", ids)
+    GENERATOR.write_partition(pooled, task_cfg, tmp_path / "va", ids)
     assert [p.name for p in (tmp_path / "va").iterdir()] == ["va.csv"]
     site = TASK.load_site(tmp_path / "va", task_cfg, "va")
     assert site.train.tensors[1].tolist() == [1, 1]
@@ -242,23 +244,23 @@ def test_pooled_file_partitions_by_site_column_into_loadable_folders(tmp_path, c
     source.mkdir()
     (source / "train.csv").write_text("\n".join([names, *UCI_ROWS[:4]]) + "\n")
     (source / "test.csv").write_text("\n".join([names, *UCI_ROWS[4:]]) + "\n")
-    records = TASK.index_pooled(source, task_cfg)
+    records = GENERATOR.index_pooled(source, task_cfg)
     assert records.is_test.tolist() == [False] * 4 + [True] * 2
-    TASK.write_partition(source, task_cfg, tmp_path / "h2", np.array([1, 3, 5]))
+    GENERATOR.write_partition(source, task_cfg, tmp_path / "h2", np.array([1, 3, 5]))
     site = TASK.load_site(tmp_path / "h2", task_cfg, "h2")
     assert site.train.tensors[1].tolist() == [1, 1] and site.test.tensors[1].tolist() == [0]
 
 
 def test_synthetic_sites_write_the_uci_format_deterministically_with_site_shift(tmp_path, cfg):
     task_cfg = cfg["task"]
-    profiles = TASK.site_profiles(task_cfg, 4, seed=0)
+    profiles = GENERATOR.site_profiles(task_cfg, 4, seed=0)
     tables = []
     for profile in profiles:
         folder = tmp_path / f"hospital_{profile.index}"
-        TASK.generate_site(folder, task_cfg, profile, seed=0)
+        GENERATOR.generate_site(folder, task_cfg, profile, seed=0)
         text = (folder / f"processed.hospital_{profile.index}.data").read_text()
         tables.append([line.split(",") for line in text.strip().split("\n")])
-    TASK.generate_site(tmp_path / "again", task_cfg, profiles[0], seed=0)
+    GENERATOR.generate_site(tmp_path / "again", task_cfg, profiles[0], seed=0)
     again = (tmp_path / "again" / "processed.again.data").read_text()
     assert again == (tmp_path / "hospital_0" / "processed.hospital_0.data").read_text()
     for rows, profile in zip(tables, profiles):
@@ -284,8 +286,8 @@ def test_synthetic_sites_write_the_uci_format_deterministically_with_site_shift(
 def test_synthetic_records_are_learnable_and_shuffled_labels_are_not(tmp_path, cfg, one_thread):
     task_cfg = {**cfg["task"], "synthetic": {**cfg["task"]["synthetic"], "train_size": 600,
                                              "test_size": 300}}
-    profile = TASK.site_profiles(task_cfg, 1, seed=0)[0]
-    TASK.generate_site(tmp_path, task_cfg, profile, seed=0)
+    profile = GENERATOR.site_profiles(task_cfg, 1, seed=0)[0]
+    GENERATOR.generate_site(tmp_path, task_cfg, profile, seed=0)
     data = TASK.load_site(tmp_path, task_cfg, "h1")
     x, y = data.train.tensors
     results = {}

@@ -15,10 +15,12 @@ from client.tasks.vitals import is_test_stay
 from client.training import LocalTrainingConfig, train_local
 from models import build_model
 from server.settings import compose
+from simulations.synthetic import get_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
 
 TASK = get_task("vitals")
+GENERATOR = get_generator("vitals")  # synthetic sites and partitions (simulation only)
 OUTCOMES_HEADER = "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death"
 
 
@@ -254,16 +256,16 @@ def test_spec_must_agree_with_the_variable_list(tmp_path, cfg):
 def test_pooled_physionet_folder_splits_into_sites_keeping_each_stays_split(tmp_path, cfg):
     task_cfg = {**cfg["task"], "synthetic": {**cfg["task"]["synthetic"], "train_size": 30,
                                              "test_size": 10}}
-    profile = TASK.site_profiles(task_cfg, 1, seed=3)[0]
-    TASK.generate_site(tmp_path / "pooled", task_cfg, profile, seed=3)
-    records = TASK.index_pooled(tmp_path / "pooled", task_cfg, site_column="ICUType")
+    profile = GENERATOR.site_profiles(task_cfg, 1, seed=3)[0]
+    GENERATOR.generate_site(tmp_path / "pooled", task_cfg, profile, seed=3)
+    records = GENERATOR.index_pooled(tmp_path / "pooled", task_cfg, site_column="ICUType")
     assert len(records) == profile.num_train + profile.num_test
     units = sorted(set(records.groups.tolist()))
     assert set(units) <= {"1", "2", "3", "4"} and len(units) >= 2
     total = 0
     for unit in units:
         ids = np.flatnonzero(records.groups == unit)
-        TASK.write_partition(tmp_path / "pooled", task_cfg, tmp_path / unit, ids)
+        GENERATOR.write_partition(tmp_path / "pooled", task_cfg, tmp_path / unit, ids)
         written = sorted(p.stem for p in (tmp_path / unit / "set-a").glob("*.txt"))
         assert len(written) == len(ids)
         assert all(f"00:00,ICUType,{unit}" in (tmp_path / unit / "set-a" / f"{w}.txt").read_text()
@@ -278,10 +280,10 @@ def test_pooled_physionet_folder_splits_into_sites_keeping_each_stays_split(tmp_
 def test_synthetic_sites_are_deterministic_realistic_and_different(tmp_path, cfg):
     task_cfg = {**cfg["task"], "synthetic": {**cfg["task"]["synthetic"], "train_size": 40,
                                              "test_size": 15}}
-    profiles = TASK.site_profiles(task_cfg, 3, seed=0)
+    profiles = GENERATOR.site_profiles(task_cfg, 3, seed=0)
     for i, profile in enumerate(profiles[:2]):
-        TASK.generate_site(tmp_path / f"h{i}", task_cfg, profile, seed=0)
-    TASK.generate_site(tmp_path / "again", task_cfg, profiles[0], seed=0)
+        GENERATOR.generate_site(tmp_path / f"h{i}", task_cfg, profile, seed=0)
+    GENERATOR.generate_site(tmp_path / "again", task_cfg, profiles[0], seed=0)
     first = sorted((tmp_path / "h0" / "set-a").iterdir())
     assert [p.read_bytes() for p in first] == [
         p.read_bytes() for p in sorted((tmp_path / "again" / "set-a").iterdir())]
@@ -325,9 +327,9 @@ def test_recurrent_models_are_opacus_ready(cfg, name):
 
 def test_synthetic_mortality_is_learnable_and_shuffled_labels_are_not(tmp_path, cfg):
     task_cfg = cfg["task"]
-    profile = TASK.site_profiles(task_cfg, 1, seed=1)[0]
+    profile = GENERATOR.site_profiles(task_cfg, 1, seed=1)[0]
     profile = type(profile)(profile.index, 300, 150, (0.75, 0.25), profile.shift)
-    TASK.generate_site(tmp_path, task_cfg, profile, seed=1)
+    GENERATOR.generate_site(tmp_path, task_cfg, profile, seed=1)
     data = TASK.load_site(tmp_path, task_cfg, "h1")
     series, static, labels = data.train.tensors
 

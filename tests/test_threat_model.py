@@ -26,7 +26,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from client.app import build_client_app
 from client.egress import EGRESS_LOG, read_log
 from client.privacy_budget import LEDGER_FILE, plan_ledger
-from client.tasks import get_task
 from privacy import protocol
 from privacy.accounting import PrivacyLedger
 from privacy.secagg import (
@@ -51,6 +50,7 @@ from privacy.secagg.identity import generate_key, test_identities, write_ephemer
 from privacy.secagg.loopback import run_round
 from server.app import initial_model
 from server.settings import site_settings
+from simulations.synthetic import get_generator
 
 SESSION = b"threat-model-session"
 LENGTH = 32
@@ -654,8 +654,9 @@ def test_an_error_reply_carries_no_patient_value_and_no_path(cfg, tmp_path, capl
     folder = tmp_path / "hospital_y"
     folder.mkdir()
     # a malformed record: the loader's error quotes the value and the file's path
-    good = get_task("tabular")
-    good.generate_site(folder, cfg["task"], good.site_profiles(cfg["task"], 1, 0)[0], 0)
+    generator = get_generator("tabular")
+    generator.generate_site(folder, cfg["task"], generator.site_profiles(cfg["task"], 1, 0)[0],
+                            0)
     (data,) = [p for p in folder.iterdir() if p.is_file()]
     lines = data.read_text().splitlines()
     fields = lines[0].split(",")

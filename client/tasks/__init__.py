@@ -1,4 +1,5 @@
-"""Clinical tasks, registered by name. Each reads one site's files and can write synthetic ones.
+"""Clinical tasks, registered by name. Each reads one site's files in its real format (the
+synthetic generators that write such files live in ``simulations/synthetic/``).
 
 Every module in this package registers its task on import; a new task is a new file.
 """
@@ -6,7 +7,7 @@ Every module in this package registers its task on import; a new task is a new f
 import importlib
 import pkgutil
 
-from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
+from client.tasks.base import DataError, SiteData, Task
 from client.tasks.registry import get_task, register_task, registered_tasks
 
 for _module in pkgutil.iter_modules(__path__):
@@ -14,6 +15,6 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "DataError", "PooledRecords", "SiteData", "SiteProfile", "Task",
+    "DataError", "SiteData", "Task",
     "get_task", "register_task", "registered_tasks",
 ]

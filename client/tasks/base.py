@@ -1,8 +1,9 @@
 """The interface every clinical task offers (in the spirit of FLamby's one-folder-per-dataset).
 
-A task reads one site's folder into tensors (:meth:`Task.load_site`), can write a
-deterministic synthetic site folder in exactly the real file format (:meth:`Task.generate_site`),
-and tells the model builder what it is built for (:meth:`Task.input_spec`).
+A task reads one site's folder into tensors (:meth:`Task.load_site`) and tells the model
+builder what it is built for (:meth:`Task.input_spec`): what a hospital runs, nothing more.
+Synthetic sites and pooled-dataset partitions in the same file formats are written by
+``simulations/synthetic/`` (simulation only; a hospital never needs them).
 """
 
 from __future__ import annotations
@@ -138,32 +139,6 @@ class SiteData:
         return self.train.tensors[-1].numpy()
 
 
-@dataclass(frozen=True)
-class SiteProfile:
-    """How one synthetic hospital differs from the others (size, prevalence, acquisition shift)."""
-
-    index: int
-    num_train: int
-    num_test: int
-    class_weights: tuple[float, ...]
-    shift: Mapping[str, float]
-
-
-@dataclass
-class PooledRecords:
-    """A pooled dataset (``data.path``) seen as records that can be dealt out to sites.
-
-    One entry per record (an image, an ICU stay, a note, a table row), in file order.
-    """
-
-    labels: np.ndarray  # int class per record (label-skew partitions use it)
-    is_test: np.ndarray  # bool per record: True where the format marks it as test split
-    groups: np.ndarray | None = None  # value of ``data.site_column`` per record, if asked
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
 class Task(ABC):
     name: str
 
@@ -179,46 +154,3 @@ class Task(ABC):
     @abstractmethod
     def load_site(self, folder: Path, task_cfg: Mapping[str, Any], site_id: str) -> SiteData:
         """Read one site's files. Raises :class:`DataError` naming the file on bad input."""
-
-    @abstractmethod
-    def generate_site(
-        self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
-    ) -> None:
-        """Write one synthetic site's files into ``folder`` in the task's real format."""
-
-    @abstractmethod
-    def index_pooled(
-        self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
-    ) -> PooledRecords:
-        """Describe a pooled dataset's records (labels, split, optional site column)."""
-
-    @abstractmethod
-    def write_partition(
-        self, path: Path, task_cfg: Mapping[str, Any], folder: Path, records: np.ndarray
-    ) -> None:
-        """Write the pooled records with indices ``records`` into ``folder`` in the task's own
-        site format, keeping each record's train/test membership, so that
-        :meth:`load_site` reads it like any hospital's folder."""
-
-    def site_profiles(
-        self, task_cfg: Mapping[str, Any], num_sites: int, seed: int
-    ) -> list[SiteProfile]:
-        """Non-identical hospitals: sizes vary ~×3, prevalence varies, each has its own shift."""
-        synth = task_cfg["synthetic"]
-        num_classes = int(task_cfg["spec"]["num_classes"])
-        rng = np.random.default_rng([seed, 7919])
-        profiles = []
-        for i in range(num_sites):
-            size_factor = float(np.exp(rng.uniform(np.log(0.6), np.log(1.8))))
-            weights = rng.dirichlet(np.full(num_classes, float(synth.get("label_alpha", 4.0))))
-            profiles.append(
-                SiteProfile(
-                    index=i,
-                    num_train=max(8, int(round(synth["train_size"] * size_factor))),
-                    num_test=max(8, int(round(synth["test_size"] * size_factor))),
-                    class_weights=tuple(float(w) for w in weights),
-                    shift={"u": float(rng.uniform()), "v": float(rng.uniform()),
-                           "w": float(rng.uniform())},
-                )
-            )
-        return profiles

@@ -5,7 +5,7 @@ Two site formats (``task.format``: ``npz``, ``folder`` or ``auto`` = npz if the 
 - MedMNIST-style ``.npz`` (as MedMNIST v2 ships it): keys ``train_images, train_labels,
   val_images, val_labels, test_images, test_labels``; images uint8 ``N×H×W`` (grayscale) or
   ``N×H×W×C``; labels ``(N,)`` or ``(N, 1)``. ``val_*`` is optional. The synthetic generator
-  writes exactly this format.
+  (``simulations/synthetic/images.py``) writes exactly this format.
 - an image folder: ``train/<class>/*.png|jpg``, ``test/<class>/*.png|jpg``; classes are the
   sub-folder names in sorted order, or ``task.class_names`` when given.
 """
@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from torch.utils.data import TensorDataset
 
-from client.tasks.base import DataError, PooledRecords, SiteData, SiteProfile, Task
+from client.tasks.base import DataError, SiteData, Task
 from client.tasks.registry import register_task
 
 SPLITS = ("train", "val", "test")
@@ -146,7 +145,7 @@ def read_site_arrays(folder: Path, task_cfg: Mapping[str, Any]) -> tuple[dict, P
     return read_npz(path), path
 
 
-def _checked_split(
+def checked_split(
     arrays: Mapping[str, np.ndarray], path: Path, split: str, task_cfg: Mapping[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     """A split's images (N×H×W×C uint8) and labels (N,), checked against ``task.spec``."""
@@ -187,7 +186,7 @@ def _checked_split(
 def _read_split(
     arrays: Mapping[str, np.ndarray], path: Path, split: str, task_cfg: Mapping[str, Any]
 ) -> TensorDataset:
-    images, labels = _checked_split(arrays, path, split, task_cfg)
+    images, labels = checked_split(arrays, path, split, task_cfg)
     # MedMNIST's usual normalisation: pixels to [-1, 1]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     return TensorDataset(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
@@ -210,100 +209,3 @@ class ImagesTask(Task):
             num_classes=int(task_cfg["spec"]["num_classes"]),
             source=str(path),
         )
-
-    def index_pooled(
-        self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
-    ) -> PooledRecords:
-        if site_column:
-            raise DataError(f"{path}: images have no columns; data.partition=column needs a "
-                            "tabular or notes task")
-        arrays, source = read_site_arrays(path, task_cfg)
-        # the same checks as a site's file: a pooled file's bad label must not reach a partition
-        labels = [_checked_split(arrays, source, s, task_cfg)[1] for s in ("train", "test")]
-        return PooledRecords(
-            labels=np.concatenate(labels).astype(np.int64),
-            is_test=np.concatenate([np.zeros(len(labels[0]), bool), np.ones(len(labels[1]), bool)]),
-        )
-
-    def write_partition(
-        self, path: Path, task_cfg: Mapping[str, Any], folder: Path, records: np.ndarray
-    ) -> None:
-        arrays, _ = read_site_arrays(path, task_cfg)
-        n_train = len(arrays["train_images"])
-        records = np.asarray(records)
-        train_ids, test_ids = records[records < n_train], records[records >= n_train] - n_train
-        out = {
-            "train_images": arrays["train_images"][train_ids],
-            "train_labels": _labels_1d(arrays["train_labels"])[train_ids],
-            "test_images": arrays["test_images"][test_ids],
-            "test_labels": _labels_1d(arrays["test_labels"])[test_ids],
-        }
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(folder / str(task_cfg.get("file", "scans.npz")), **out)
-
-    def generate_site(
-        self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
-    ) -> None:
-        rng = np.random.default_rng([seed, profile.index, 1])
-        splits = {
-            "train": profile.num_train,
-            "val": max(4, profile.num_train // 8),
-            "test": profile.num_test,
-        }
-        arrays = {}
-        for split, n in splits.items():
-            labels = rng.choice(len(profile.class_weights), size=n, p=profile.class_weights)
-            arrays[f"{split}_images"] = synthetic_scans(labels, task_cfg, profile, rng)
-            arrays[f"{split}_labels"] = labels.astype(np.uint8)[:, None]  # MedMNIST uses (N, 1)
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(folder / str(task_cfg.get("file", "scans.npz")), **arrays)
-
-
-def _labels_1d(labels: np.ndarray) -> np.ndarray:
-    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
-
-
-def synthetic_scans(
-    labels: np.ndarray, task_cfg: Mapping[str, Any], profile: SiteProfile, rng: np.random.Generator
-) -> np.ndarray:
-    """Chest-scan-like images: two dark lung fields on soft tissue; a finding is an opacity.
-
-    Class k places k opacities (larger for larger k) inside the lung fields, with varying
-    contrast (some faint), so the task is learnable but not trivial. The site shift mimics a
-    scanner: intensity gain/offset, blur and noise level differ per hospital.
-    """
-    size, channels = int(task_cfg["spec"]["image_size"]), int(task_cfg["spec"]["channels"])
-    shift = profile.shift
-    gain = 0.75 + 0.5 * shift["u"]
-    offset = -0.08 + 0.16 * shift["v"]
-    blur = 1.2 * shift["w"] * size / 28
-    noise = 0.05 + 0.07 * shift["u"] * shift["v"]
-
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = np.empty((len(labels), size, size, channels), dtype=np.uint8)
-    for i, label in enumerate(labels):
-        img = np.full((size, size), 0.62, dtype=np.float32)
-        cy = 0.5 + rng.normal(0, 0.03)
-        lungs = []
-        for cx in (0.3 + rng.normal(0, 0.02), 0.7 + rng.normal(0, 0.02)):
-            ry, rx = 0.3 + rng.normal(0, 0.02), 0.15 + rng.normal(0, 0.015)
-            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-            img[inside] = 0.25
-            lungs.append((cy, cx, ry, rx))
-        # vessels: faint bright streaks in every image (a confounder for the opacity detector)
-        for _ in range(3):
-            ly, lx, ry, rx = lungs[rng.integers(2)]
-            py, px = ly + rng.uniform(-0.6, 0.6) * ry, lx + rng.uniform(-0.6, 0.6) * rx
-            img += 0.1 * np.exp(-(((yy - py) / 0.015) ** 2 + ((xx - px) / 0.06) ** 2))
-        for _ in range(int(label)):
-            ly, lx, ry, rx = lungs[rng.integers(2)]
-            py, px = ly + rng.uniform(-0.5, 0.5) * ry, lx + rng.uniform(-0.5, 0.5) * rx
-            radius = rng.uniform(0.06, 0.1) * (1 + 0.3 * (int(label) - 1))
-            contrast = rng.uniform(0.12, 0.5)
-            img += contrast * np.exp(-(((yy - py) ** 2 + (xx - px) ** 2) / (2 * radius**2)))
-        if blur > 0.05:
-            img = gaussian_filter(img, blur)
-        img = gain * img + offset + rng.normal(0, noise, img.shape)
-        pixels = np.clip(img * 255, 0, 255).astype(np.uint8)
-        out[i] = pixels[..., None] if channels == 1 else np.repeat(pixels[..., None], channels, -1)
-    return out

@@ -8,8 +8,8 @@ Two site formats (``task.format``: ``physionet``, ``long_csv`` or ``auto``):
   the first lines are the static descriptors (RecordID, Age, Gender, Height, ICUType, Weight)
   at ``00:00``; ``-1`` means missing. Next to it ``<outcomes_file>`` (default
   ``Outcomes-a.txt``) with header ``RecordID,SAPS-I,SOFA,Length_of_stay,Survival,
-  In-hospital_death``; the label is ``task.label_column``. The synthetic generator writes
-  exactly this layout.
+  In-hospital_death``; the label is ``task.label_column``. The synthetic generator
+  (``simulations/synthetic/vitals.py``) writes exactly this layout.
 - a generic long CSV ``<events_file>`` (``stay_id,time_hours,variable,value``) and
   ``<labels_file>`` (``stay_id,label``). Rows whose ``variable`` is a static descriptor
   (``task.static``) give the stay's static features; an empty, ``NaN`` or ``-1`` value is missing.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
@@ -44,9 +43,7 @@ from torch.utils.data import TensorDataset
 
 from client.tasks.base import (
     DataError,
-    PooledRecords,
     SiteData,
-    SiteProfile,
     Task,
     read_text_file,
     reference_stats,
@@ -71,7 +68,8 @@ MISSING = -1.0
 class Physiology:
     """What a variable looks like in an adult ICU: the loader drops values outside
     ``[low, high]`` (entry errors such as a pH of 735), standardises ``log`` variables on a log
-    scale (skewed labs), and the generator draws around ``mean`` +- ``sd``."""
+    scale (skewed labs), and the synthetic generator (``simulations/synthetic/vitals.py``) draws
+    around ``mean`` +- ``sd``: one table, so the loader's limits fit what the generator writes."""
 
     low: float
     high: float
@@ -123,7 +121,7 @@ def static_width(name: str) -> int:
 # --------------------------------------------------------------------------- config
 
 
-def _variables(task_cfg: Mapping[str, Any]) -> list[str]:
+def variable_names(task_cfg: Mapping[str, Any]) -> list[str]:
     variables = [str(v) for v in task_cfg.get("variables") or []]
     if not variables or len(set(variables)) != len(variables):
         raise DataError(f"task.variables must be a non-empty list of distinct names, "
@@ -140,7 +138,7 @@ def _statics(task_cfg: Mapping[str, Any]) -> list[str]:
 
 def _check_spec(task_cfg: Mapping[str, Any]) -> None:
     spec = task_cfg["spec"]
-    variables, statics = _variables(task_cfg), _statics(task_cfg)
+    variables, statics = variable_names(task_cfg), _statics(task_cfg)
     width = sum(static_width(s) for s in statics)
     if int(spec["num_variables"]) != len(variables):
         raise DataError(f"task.spec.num_variables={spec['num_variables']} but task.variables "
@@ -173,11 +171,11 @@ class Stay:
     static: dict[str, float] = field(default_factory=dict)
 
 
-class _Observations:
+class Observations:
     """Filters observations into a stay and counts what it leaves out, by reason."""
 
     def __init__(self, task_cfg: Mapping[str, Any], counts: Counter) -> None:
-        self.index = {v: i for i, v in enumerate(_variables(task_cfg))}
+        self.index = {v: i for i, v in enumerate(variable_names(task_cfg))}
         self.statics = set(_statics(task_cfg))
         self.hours = float(task_cfg.get("hours", 48))
         self.counts = counts
@@ -225,7 +223,7 @@ def _parse_time(text: str) -> float | None:
     return int(hours) + int(minutes) / 60.0
 
 
-def _number_text(value: float) -> str:
+def number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
@@ -239,7 +237,7 @@ def _parse_value(text: str) -> float | None:
         return None
 
 
-def read_physionet_record(path: Path, observations: _Observations) -> Stay:
+def read_physionet_record(path: Path, observations: Observations) -> Stay:
     """One ``<RecordID>.txt``: descriptors at the top at 00:00, then time-stamped measurements."""
     lines = read_text_file(path, "a PhysioNet 2012 record (Time,Parameter,Value)").splitlines()
     if not lines or tuple(c.strip() for c in lines[0].split(",")) != RECORD_HEADER:
@@ -259,8 +257,8 @@ def read_physionet_record(path: Path, observations: _Observations) -> Stay:
         name = parts[1].strip()
         if in_descriptors and time_h == 0 and name in DESCRIPTORS and name not in stay.static:
             if name == "RecordID":
-                if value != MISSING and _number_text(value) != path.stem:
-                    raise DataError(f"{path}:{lineno}: RecordID {_number_text(value)} does not "
+                if value != MISSING and number_text(value) != path.stem:
+                    raise DataError(f"{path}:{lineno}: RecordID {number_text(value)} does not "
                                     f"match the file name (expected {path.stem})")
                 stay.static[name] = value
             else:
@@ -337,7 +335,7 @@ def read_labels(path: Path, id_column: str, label_column: str,
     return rows
 
 
-def read_long_csv(path: Path, observations: _Observations) -> dict[str, Stay]:
+def read_long_csv(path: Path, observations: Observations) -> dict[str, Stay]:
     """``stay_id,time_hours,variable,value`` rows (any order) -> stays."""
     stays: dict[str, Stay] = {}
     header, records = _csv_records(path, EVENT_COLUMNS)
@@ -358,13 +356,13 @@ def read_long_csv(path: Path, observations: _Observations) -> dict[str, Stay]:
     return stays
 
 
-def _format(folder: Path, task_cfg: Mapping[str, Any]) -> str:
+def site_format(folder: Path, task_cfg: Mapping[str, Any]) -> str:
     fmt = str(task_cfg.get("format", "auto"))
     if fmt not in FORMATS:
         raise DataError(f"task.format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if not folder.is_dir():
         raise DataError(f"site folder {folder} does not exist or is not a directory")
-    records = folder / _name(task_cfg, "records_dir")
+    records = folder / file_name(task_cfg, "records_dir")
     if fmt != "long_csv" and records.exists() and not records.is_dir():
         raise DataError(f"{records}: a file; expected a folder of <RecordID>.txt files "
                         "(PhysioNet 2012 layout, task.records_dir)")
@@ -372,12 +370,12 @@ def _format(folder: Path, task_cfg: Mapping[str, Any]) -> str:
         return fmt
     if records.is_dir():
         return "physionet"
-    if (folder / _name(task_cfg, "events_file")).is_file():
+    if (folder / file_name(task_cfg, "events_file")).is_file():
         return "long_csv"
     raise DataError(
-        f"{folder}: found neither {_name(task_cfg, 'records_dir')}/ + "
-        f"{_name(task_cfg, 'outcomes_file')} (PhysioNet 2012 layout) nor "
-        f"{_name(task_cfg, 'events_file')} + {_name(task_cfg, 'labels_file')} (long CSV)"
+        f"{folder}: found neither {file_name(task_cfg, 'records_dir')}/ + "
+        f"{file_name(task_cfg, 'outcomes_file')} (PhysioNet 2012 layout) nor "
+        f"{file_name(task_cfg, 'events_file')} + {file_name(task_cfg, 'labels_file')} (long CSV)"
     )
 
 
@@ -385,7 +383,7 @@ _DEFAULT_NAMES = {"records_dir": "set-a", "outcomes_file": "Outcomes-a.txt",
                   "events_file": "events.csv", "labels_file": "labels.csv"}
 
 
-def _name(task_cfg: Mapping[str, Any], key: str) -> str:
+def file_name(task_cfg: Mapping[str, Any], key: str) -> str:
     return str(task_cfg.get(key) or _DEFAULT_NAMES[key])
 
 
@@ -400,13 +398,13 @@ class _Site:
 def read_site(folder: Path, task_cfg: Mapping[str, Any]) -> _Site:
     """All usable labelled stays of one folder, with counts of what was left out."""
     folder = Path(folder)
-    fmt = _format(folder, task_cfg)
+    fmt = site_format(folder, task_cfg)
     counts: Counter = Counter()
-    observations = _Observations(task_cfg, counts)
+    observations = Observations(task_cfg, counts)
     num_classes = int(task_cfg["spec"]["num_classes"])
     if fmt == "physionet":
-        records = folder / _name(task_cfg, "records_dir")
-        outcomes = folder / _name(task_cfg, "outcomes_file")
+        records = folder / file_name(task_cfg, "records_dir")
+        outcomes = folder / file_name(task_cfg, "outcomes_file")
         if not records.is_dir():
             raise DataError(f"{records}: missing; expected a folder of <RecordID>.txt files "
                             "(PhysioNet 2012 layout)")
@@ -423,8 +421,8 @@ def read_site(folder: Path, task_cfg: Mapping[str, Any]) -> _Site:
             stays[stay_id] = read_physionet_record(files[stay_id], observations)
         source = str(folder)
     else:
-        events = folder / _name(task_cfg, "events_file")
-        label_rows = read_labels(folder / _name(task_cfg, "labels_file"), "stay_id",
+        events = folder / file_name(task_cfg, "events_file")
+        label_rows = read_labels(folder / file_name(task_cfg, "labels_file"), "stay_id",
                                  "label", num_classes)
         stays = read_long_csv(events, observations)
         counts["record_without_outcome"] += sum(1 for s in stays if s not in label_rows)
@@ -496,7 +494,7 @@ def fit_standardiser(stays: Sequence[Stay], variables: Sequence[str],
 def reference_standardiser(task_cfg: Mapping[str, Any]) -> Standardiser:
     """``task.reference``'s [mean, sd] per variable and scaled descriptor (Age, Height, Weight):
     no stay's value enters them."""
-    variables = _variables(task_cfg)
+    variables = variable_names(task_cfg)
     scaled = [s for s in _statics(task_cfg) if s not in ("ICUType", "Gender")]
     reference = reference_stats(task_cfg, [*variables, *scaled])
     return Standardiser(np.array([reference[v][0] for v in variables]),
@@ -508,14 +506,14 @@ def standardiser_for(train_stays: Sequence[Stay], task_cfg: Mapping[str, Any]) -
     """The ``task.standardize`` choice: reference values, or this site's training stays."""
     if standardize_mode(task_cfg) == "reference":
         return reference_standardiser(task_cfg)
-    return fit_standardiser(train_stays, _variables(task_cfg), _statics(task_cfg))
+    return fit_standardiser(train_stays, variable_names(task_cfg), _statics(task_cfg))
 
 
 def stays_to_tensors(stays: Sequence[Stay], labels: Sequence[int], task_cfg: Mapping[str, Any],
                      scale: Standardiser) -> TensorDataset:
     """``series`` (N, hours, 3V) = [value carried forward | observed mask | hours since last
     observation / hours], ``static`` (N, S), ``label`` (N,)."""
-    variables, statics = _variables(task_cfg), _statics(task_cfg)
+    variables, statics = variable_names(task_cfg), _statics(task_cfg)
     hours, n_vars, n = int(task_cfg.get("hours", 48)), len(variables), len(stays)
     log_flags = _log_flags(variables)
     sums = np.zeros((n, hours, n_vars))
@@ -595,291 +593,3 @@ class VitalsTask(Task):
             source=site.source,
             skipped=dict(site.skipped),
         )
-
-    # -- pooled datasets (data.path): one stay per labels/outcomes row, in file order
-
-    def _pooled_rows(
-        self, path: Path, task_cfg: Mapping[str, Any]
-    ) -> tuple[str, dict[str, LabelRow]]:
-        fmt = _format(Path(path), task_cfg)
-        num_classes = int(task_cfg["spec"]["num_classes"])
-        if fmt == "physionet":
-            return fmt, read_labels(path / _name(task_cfg, "outcomes_file"), "RecordID",
-                                    str(task_cfg.get("label_column", "In-hospital_death")),
-                                    num_classes)
-        return fmt, read_labels(path / _name(task_cfg, "labels_file"), "stay_id", "label",
-                                num_classes)
-
-    def index_pooled(
-        self, path: Path, task_cfg: Mapping[str, Any], site_column: str | None = None
-    ) -> PooledRecords:
-        path = Path(path)
-        fmt, rows = self._pooled_rows(path, task_cfg)
-        fraction = float(task_cfg.get("test_fraction", 0.25))
-        groups = None
-        if site_column:
-            groups = np.array(self._groups(path, task_cfg, fmt, rows, site_column), dtype=object)
-        return PooledRecords(
-            labels=np.array([r.label for r in rows.values()], dtype=np.int64),
-            is_test=np.array([is_test_stay(s, fraction) for s in rows], dtype=bool),
-            groups=groups,
-        )
-
-    def _groups(self, path: Path, task_cfg: Mapping[str, Any], fmt: str,
-                rows: Mapping[str, LabelRow], column: str) -> list[str]:
-        """A stay's site: a column of the outcomes/labels file, or a static descriptor
-        (e.g. ``ICUType``) read from the stay's record."""
-        first = next(iter(rows.values()), None)
-        if first is not None and column in first.fields:
-            return [r.fields[column] for r in rows.values()]
-        if fmt == "physionet" and column in DESCRIPTORS and column != "RecordID":
-            observations = _Observations({**task_cfg, "static": [column]}, Counter())
-            out = []
-            for stay_id in rows:
-                record = path / _name(task_cfg, "records_dir") / f"{stay_id}.txt"
-                value = (read_physionet_record(record, observations).static.get(column)
-                         if record.is_file() else None)
-                out.append("missing" if value is None else _number_text(value))
-            return out
-        if fmt == "long_csv":
-            observations = _Observations({**task_cfg, "static": [column]}, Counter())
-            stays = read_long_csv(path / _name(task_cfg, "events_file"), observations)
-            return [("missing" if s not in stays or column not in stays[s].static
-                     else _number_text(stays[s].static[column])) for s in rows]
-        raise DataError(f"{path}: data.site_column={column!r} is neither a column of the "
-                        f"labels/outcomes file nor a static descriptor of the records")
-
-    def write_partition(
-        self, path: Path, task_cfg: Mapping[str, Any], folder: Path, records: np.ndarray
-    ) -> None:
-        path, folder = Path(path), Path(folder)
-        fmt, rows = self._pooled_rows(path, task_cfg)
-        ids = list(rows)
-        chosen = [ids[int(i)] for i in np.sort(np.asarray(records))]
-        folder.mkdir(parents=True, exist_ok=True)
-        if fmt == "physionet":
-            outcomes = path / _name(task_cfg, "outcomes_file")
-            _copy_rows(outcomes, folder / outcomes.name, {rows[s].lineno for s in chosen})
-            source, target = (path / _name(task_cfg, "records_dir"),
-                              folder / _name(task_cfg, "records_dir"))
-            target.mkdir(exist_ok=True)
-            for stay_id in chosen:
-                if (source / f"{stay_id}.txt").is_file():
-                    shutil.copyfile(source / f"{stay_id}.txt", target / f"{stay_id}.txt")
-            return
-        labels = path / _name(task_cfg, "labels_file")
-        _copy_rows(labels, folder / labels.name, {rows[s].lineno for s in chosen})
-        keep = set(chosen)
-        events = path / _name(task_cfg, "events_file")
-        with events.open(newline="", encoding="utf-8-sig") as src, \
-                (folder / events.name).open("w", newline="") as dst:
-            reader, writer = csv.reader(src), csv.writer(dst, lineterminator="\n")
-            header = next(reader, [])
-            writer.writerow(header)
-            at = [h.strip() for h in header].index("stay_id")
-            writer.writerows(row for row in reader if row and row[at].strip() in keep)
-
-    # -- synthetic hospitals
-
-    def site_profiles(
-        self, task_cfg: Mapping[str, Any], num_sites: int, seed: int
-    ) -> list[SiteProfile]:
-        """Sizes and shifts as for every task; mortality around ``synthetic.mortality``
-        (PhysioNet 2012 set-a: 13.9 %), varying between hospitals by Beta(alpha*m, alpha*(1-m))."""
-        synth = task_cfg["synthetic"]
-        mortality = float(synth.get("mortality", 0.14))
-        alpha = float(synth.get("label_alpha", 30.0))
-        rng = np.random.default_rng([seed, 7919, 2])
-        profiles = []
-        for profile in super().site_profiles(task_cfg, num_sites, seed):
-            p = float(np.clip(rng.beta(alpha * mortality, alpha * (1 - mortality)), 0.03, 0.6))
-            weights = (1.0 - p, p) + (0.0,) * (int(task_cfg["spec"]["num_classes"]) - 2)
-            profiles.append(SiteProfile(profile.index, profile.num_train, profile.num_test,
-                                        weights, profile.shift))
-        return profiles
-
-    def generate_site(
-        self, folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile, seed: int
-    ) -> None:
-        write_synthetic_physionet(Path(folder), task_cfg, profile, seed)
-
-
-def _copy_rows(source: Path, target: Path, keep_lines: set[int]) -> None:
-    """Header + the chosen data lines of a CSV, verbatim (``LabelRow.lineno`` numbering)."""
-    with source.open(newline="", encoding="utf-8-sig") as src, target.open("w", newline="") as dst:
-        reader, writer = csv.reader(src), csv.writer(dst, lineterminator="\n")
-        writer.writerow(next(reader, []))
-        for row in reader:
-            if reader.line_num in keep_lines:
-                writer.writerow(row)
-
-
-# --------------------------------------------------------------------------- synthetic data
-
-# How often each kind of variable is charted, in hours between measurements (before the
-# site's frequency factor): bedside vitals hourly, neuro checks every 4 h, lab panels and
-# blood gases a few times a day.
-CHART_INTERVAL_H = {"vital": 1.0, "art": 1.0, "neuro": 4.0, "lab": 12.0, "gas": 8.0,
-                    "other": 2.0}
-EXTRA_PARAMETERS = ("Urine", "MechVent")  # written to every file, not features by default
-OUTCOME_HEADER = "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death"
-
-
-def write_synthetic_physionet(folder: Path, task_cfg: Mapping[str, Any], profile: SiteProfile,
-                              seed: int) -> None:
-    """One synthetic hospital in the PhysioNet 2012 layout.
-
-    Each stay has a latent state z(t): an admission acuity that resolves over the stay plus,
-    for patients who die, a deterioration that starts at a random hour and grows; variables move
-    with z in their clinical direction (HR, lactate up; MAP, GCS, pH down) on top of each
-    patient's own baseline, autocorrelated drift and measurement noise. Some survivors also
-    deteriorate and some deaths do not, so the signal is real but imperfect. Sicker patients
-    get more blood gases (informative missingness, as in real ICUs).
-
-    The site shift (``profile.shift``): ``u`` sets how often things are charted (x0.6..x2),
-    ``v`` the share of patients with an arterial line (invasive MAP/SysABP/DiasABP), ``w`` the
-    lab policy (how often lactate is measured) and a thermometer offset.
-    """
-    variables = _variables(task_cfg)
-    unknown = [v for v in variables if v not in PHYSIOLOGY]
-    if unknown:
-        raise ValueError(f"the synthetic generator has no physiology for {unknown}; "
-                         f"it knows {sorted(PHYSIOLOGY)}")
-    hours = int(task_cfg.get("hours", 48))
-    rng = np.random.default_rng([seed, profile.index, 2])
-    shift = profile.shift
-    site = {
-        "interval_factor": 0.6 * (2.0 / 0.6) ** shift["u"],
-        "art_line": 0.35 + 0.55 * shift["v"],
-        "lactate_rate": 0.3 + 0.65 * shift["w"],
-        "temp_offset": 0.6 * (shift["w"] - 0.5),
-        "icu_mix": rng.dirichlet(np.array([15.0, 21.0, 36.0, 28.0]) / 4),
-    }
-    mortality = float(profile.class_weights[1])
-    n = profile.num_train + profile.num_test
-    first_id = 132539 + 20000 * profile.index  # set-a record ids start at 132539
-    parameters = list(dict.fromkeys([*variables, *EXTRA_PARAMETERS]))
-    records = folder / _name(task_cfg, "records_dir")
-    records.mkdir(parents=True, exist_ok=True)
-    outcome_lines = [OUTCOME_HEADER]
-    for i in range(n):
-        record_id = first_id + i
-        died = bool(rng.random() < mortality)
-        lines, outcome = _synthetic_stay(record_id, died, parameters, hours, site, rng)
-        (records / f"{record_id}.txt").write_text("\n".join(lines) + "\n")
-        outcome_lines.append(outcome)
-    (folder / _name(task_cfg, "outcomes_file")).write_text("\n".join(outcome_lines) + "\n")
-
-
-def _fmt(value: float, decimals: int) -> str:
-    if value == MISSING:
-        return "-1"  # the challenge files write missing as a bare -1
-    return f"{value:.{decimals}f}" if decimals else str(round(value))
-
-
-def _chart_times(rng: np.random.Generator, mean_interval_h: float, hours: int) -> np.ndarray:
-    """Minutes since admission of an irregular charting process (first one early)."""
-    count = int(hours / mean_interval_h * 1.6) + 3
-    gaps = rng.exponential(mean_interval_h * 60.0, size=count)
-    gaps[0] = rng.uniform(0, min(mean_interval_h, 3.0) * 60.0)
-    minutes = np.cumsum(gaps).astype(np.int64)
-    return minutes[minutes < hours * 60]
-
-
-def _synthetic_stay(record_id: int, died: bool, parameters: Sequence[str], hours: int,
-                    site: Mapping[str, Any], rng: np.random.Generator) -> tuple[list[str], str]:
-    age = float(np.clip(rng.normal(70 if died else 62, 15), 16, 90))
-    icu_type = int(rng.choice(ICU_TYPES, p=site["icu_mix"]))
-    height = rng.normal(170, 10) if rng.random() > 0.47 else MISSING  # ~half unrecorded
-    weight = rng.normal(82, 20) if rng.random() > 0.08 else MISSING
-    gender = float(rng.random() < 0.56) if rng.random() > 0.001 else MISSING
-    lines = ["Time,Parameter,Value", f"00:00,RecordID,{record_id}", f"00:00,Age,{age:.0f}",
-             f"00:00,Gender,{_fmt(gender, 0)}", f"00:00,Height,{_fmt(height, 1)}",
-             f"00:00,ICUType,{icu_type}", f"00:00,Weight,{_fmt(weight, 1)}"]
-
-    # Latent deterioration z(t), in sd units of each variable.
-    acuity = rng.normal(0.4 if died else 0.0, 0.8)
-    deteriorates = rng.random() < (0.85 if died else 0.12)
-    strength = rng.uniform(0.8, 2.0) if deteriorates else 0.0
-    onset = rng.uniform(0, hours * 0.6)
-    t = np.arange(hours * 60, dtype=np.float64) / 60.0  # minute grid, in hours
-
-    def latent(at_minutes: np.ndarray) -> np.ndarray:
-        th = t[at_minutes]
-        ramp = np.clip((th - onset) / (hours - onset), 0, 1)
-        return acuity * np.exp(-th / 24.0) + strength * ramp
-
-    events: list[tuple[int, int, str]] = []  # (minute, order, line)
-    art_line = rng.random() < site["art_line"] + (0.1 if died else 0.0)
-    gas_interval = CHART_INTERVAL_H["gas"] * (0.6 if died or acuity > 1 else 1.0)
-    shared_times = {
-        "art": _chart_times(rng, CHART_INTERVAL_H["art"] * site["interval_factor"], hours)
-        if art_line else np.zeros(0, dtype=np.int64),
-        "lab": _chart_times(rng, CHART_INTERVAL_H["lab"] * site["interval_factor"], hours),
-        "gas": _chart_times(rng, gas_interval * site["interval_factor"], hours)
-        if rng.random() < 0.4 + 0.4 * art_line else np.zeros(0, dtype=np.int64),
-        "vital": _chart_times(rng, CHART_INTERVAL_H["vital"] * site["interval_factor"], hours),
-    }
-    for order, name in enumerate(parameters):
-        phys = PHYSIOLOGY[name]
-        if name == "MechVent":
-            if rng.random() < 0.6:
-                times = _chart_times(rng, 6.0, hours)
-                events += [(int(m), order, f"{m // 60:02d}:{m % 60:02d},MechVent,1")
-                           for m in times]
-            continue
-        if name == "Weight":  # daily weights, as a time series
-            times = _chart_times(rng, 24.0, hours)
-        elif name == "Temp":
-            times = _chart_times(rng, 4.0 * site["interval_factor"], hours)
-        elif name == "Lactate" and rng.random() > site["lactate_rate"]:
-            times = np.zeros(0, dtype=np.int64)  # this hospital did not order lactate
-        elif phys.kind in shared_times:
-            times = shared_times[phys.kind]
-            if phys.kind in ("lab", "gas"):  # not every test of a panel is run every time
-                times = times[rng.random(len(times)) < 0.9]
-        else:
-            times = _chart_times(rng, CHART_INTERVAL_H[phys.kind] * site["interval_factor"],
-                                 hours)
-        if len(times) == 0:
-            continue
-        z = latent(times)
-        drift = np.cumsum(rng.normal(0, 0.15, len(times)))  # slow autocorrelated wander
-        baseline = rng.normal(0, 0.6)
-        noise = rng.normal(0, 0.35, len(times))
-        level = baseline + phys.worsens * z + drift + noise  # in sd units
-        if phys.log:
-            values = np.exp(np.log(phys.mean) + phys.sd * level)
-        else:
-            values = phys.mean + phys.sd * level
-        if name == "Temp":
-            values = values + site["temp_offset"]
-        if name == "GCS":  # sedation: some patients sit low from the start
-            values = np.round(values - (rng.random() < 0.25) * 3)
-        values = np.clip(values, phys.low, phys.high)
-        if name == "SaO2":
-            values = np.minimum(values, 100)
-        # Messiness seen in the real files: a missing marker now and then, and entry errors
-        # (a decimal point lost) that the loader must drop as implausible.
-        glitch = rng.random(len(times))
-        for minute, value, g in zip(times, values, glitch, strict=True):
-            if g < 0.002:
-                text = "-1"
-            elif g < 0.004:
-                text = _fmt(value * 100, 0)
-            else:
-                text = _fmt(value, phys.decimals)
-            stamp = f"{minute // 60:02d}:{minute % 60:02d}"
-            events.append((int(minute), order, f"{stamp},{name},{text}"))
-    events.sort()
-    lines += [line for _, _, line in events]
-
-    severity = acuity + (strength if died else 0.5 * strength)
-    saps = int(np.clip(round(14 + 3 * severity + rng.normal(0, 3)), 0, 40))
-    sofa = int(np.clip(round(5 + 2.5 * severity + rng.normal(0, 2)), 0, 24))
-    stay_days = int(max(2, round(rng.lognormal(np.log(8), 0.6))))
-    survival = (int(rng.integers(2, stay_days + 1)) if died
-                else (int(rng.integers(stay_days + 1, 400)) if rng.random() < 0.15 else -1))
-    saps_text = "-1" if rng.random() < 0.03 else str(saps)
-    outcome = f"{record_id},{saps_text},{sofa},{stay_days},{survival},{int(died)}"
-    return lines, outcome

@@ -89,9 +89,9 @@ def _tabular_canaries(source: Path, site: Path, probe: Path, task_cfg: Mapping[s
     """Rows whose every column is drawn independently from the site's own training rows (each
     value plausible, the combination out of distribution) with a uniform random label; written
     as ``train.csv`` + ``test.csv`` so that no canary can fall into the test split."""
-    from client.tasks.tabular import SPLIT_FILES, _row_is_test, _site_files, read_table
+    from client.tasks.tabular import SPLIT_FILES, _row_is_test, read_table, site_files
 
-    files = _site_files(source, task_cfg)
+    files = site_files(source, task_cfg)
     tables = [read_table(p, task_cfg) for p in files]
     columns = tables[0].columns
     if len(tables) == 2:

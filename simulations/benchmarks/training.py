@@ -34,6 +34,7 @@ from client.tasks import get_task
 from client.training import DPConfig, LocalTrainingConfig, grad_sample_mode_for, train_local
 from models import build_model
 from server.settings import compose
+from simulations.synthetic import get_generator
 
 TASKS = ("images", "vitals", "notes", "tabular")
 
@@ -64,8 +65,9 @@ def epoch_times(task_name: str, repeats: int,
     cfg = compose([f"task={task_name}"])
     task = get_task(task_name)
     with tempfile.TemporaryDirectory() as tmp:
-        profile = task.site_profiles(cfg["task"], 1, seed=0)[0]
-        task.generate_site(Path(tmp) / "site", cfg["task"], profile, seed=0)
+        generator = get_generator(task_name)
+        profile = generator.site_profiles(cfg["task"], 1, seed=0)[0]
+        generator.generate_site(Path(tmp) / "site", cfg["task"], profile, seed=0)
         data = task.load_site(Path(tmp) / "site", cfg["task"], "site")
     config = LocalTrainingConfig(epochs=1, batch_size=cfg["batch_size"], lr=cfg["lr"],
                                  optimizer=cfg["optimizer"])
