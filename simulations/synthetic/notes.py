@@ -131,7 +131,6 @@ def _write_notes(path: Path, task_cfg: Mapping[str, Any], columns: list[str],
                              for c in columns])
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Synthetic discharge notes
 #
