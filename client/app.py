@@ -47,6 +47,7 @@ from client.training import (
 )
 from models import build_model
 from privacy import protocol
+from privacy.run_settings import RunSettings
 
 # A child of Flower's logger: refusals show on the SuperNode's console like Flower's own lines.
 log = logging.getLogger("flwr.medsilo.site")
@@ -66,13 +67,13 @@ def load_site_data(site: SiteSettings, task_cfg: Mapping[str, Any]) -> SiteData:
 
 
 def _prepare(
-    msg: Message, site: SiteSettings, settings: Mapping[str, Any]
+    msg: Message, site: SiteSettings, settings: RunSettings
 ) -> tuple[SiteData, torch.nn.Module, str]:
     if site.threads > 0:
         torch.set_num_threads(site.threads)
-    task_cfg = settings["task"]
+    task_cfg = settings.task
     data = load_site_data(site, task_cfg)
-    model = build_model(settings["model"], get_task(task_cfg["name"]).input_spec(task_cfg))
+    model = build_model(settings.model, get_task(task_cfg["name"]).input_spec(task_cfg))
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
     return data, model, resolve_device(site.device)
 
@@ -133,29 +134,29 @@ def refuse(msg: Message, context: Context, site: SiteSettings, reason: str) -> M
     return _reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
 
 
-def _local_config(settings: Mapping[str, Any], msg: Message, data: SiteData, *,
+def _local_config(settings: RunSettings, msg: Message, data: SiteData, *,
                   dp: bool) -> LocalTrainingConfig:
     return local_training_config(
-        settings["train"], dp=dp, train_labels=data.train_labels, num_classes=data.num_classes,
+        settings.train, dp=dp, train_labels=data.train_labels, num_classes=data.num_classes,
         proximal_mu=float(msg.content[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0)),
-        public_prior=settings["task"].get("class_prior"))
+        public_prior=settings.task.get("class_prior"))
 
 
 def train_with_dp(
-    msg: Message, context: Context, site: SiteSettings, settings: Mapping[str, Any],
+    msg: Message, context: Context, site: SiteSettings, settings: RunSettings,
     data: SiteData, model: torch.nn.Module, device: str, step_hook: StepHook | None = None,
 ) -> TrainOutcome:
     """DP-SGD for one round, or a clear decline if the round would exceed the site's budget."""
     # the site's policy (client/policy.py): its own δ, its budget caps the target ε
-    privacy_cfg = site_privacy(site, settings["privacy"])
+    privacy_cfg = site_privacy(site, settings.privacy)
     config = _local_config(settings, msg, data, dp=True)
-    server_round = settings["server_round"]
-    seed = site_seed(int(settings["seed"]), site.site_id, server_round)
+    server_round = settings.server_round
+    seed = site_seed(settings.seed, site.site_id, server_round)
     ledger = load_ledger(site, context)
     if ledger is None:  # planned once, at this site's first DP round; σ fixed from then on
         try:
             ledger = plan_ledger(privacy_cfg, len(data.train), config.batch_size, config.epochs,
-                                 int(settings["plan"]["rounds"]), site_budget(site, privacy_cfg),
+                                 settings.rounds, site_budget(site, privacy_cfg),
                                  count_draw=count_noise_draw(seed, bool(privacy_cfg.get(
                                      "secure_noise", False))))
         except RuntimeError as err:  # the budget cannot cover even the count release
@@ -192,11 +193,11 @@ def train_round(
     if (reason := refusal_reason(site, settings)) is not None:
         return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, refused=reason)
     data, model, device = _prepare(msg, site, settings)
-    step_hook = (step_hook_for(site.site_id, int(settings["server_round"]))
+    step_hook = (step_hook_for(site.site_id, settings.server_round)
                  if step_hook_for is not None else None)
-    if settings.get("privacy", {}).get("name", "off") != "off":
+    if settings.privacy.name != "off":
         return train_with_dp(msg, context, site, settings, data, model, device, step_hook)
-    seed = site_seed(int(settings["seed"]), site.site_id, settings["server_round"])
+    seed = site_seed(settings.seed, site.site_id, settings.server_round)
     result = train_local(model, data.train, _local_config(settings, msg, data, dp=False), seed=seed,
                          device=device, step_hook=step_hook)
     return TrainOutcome(model, {protocol.NUM_EXAMPLES: len(data.train), **result})

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from client.approval import approval_refusal
 from client.site import SiteSettings
 from privacy.accounting import ACCOUNTANTS
+from privacy.run_settings import PrivacySettings, RunSettings
 
 PRIVACY_MODES = ("off", "dp")
 MIN_COUNT_NOISE = 1.0  # the smallest count noise (std, in examples) a DP site accepts
@@ -51,17 +51,17 @@ def state_dir_refusal(site: SiteSettings) -> str | None:
     return None
 
 
-def privacy_refusal(site: SiteSettings, privacy: Mapping[str, Any]) -> str | None:
+def privacy_refusal(site: SiteSettings, privacy: PrivacySettings) -> str | None:
     """Why the run's privacy settings fall short of this site's policy, or None."""
-    mode = privacy.get("name", "off")
+    mode = privacy.name
     if mode not in PRIVACY_MODES:
         return f"unknown privacy mode {mode!r}; this site knows {list(PRIVACY_MODES)}"
     if mode == "off":
         if site.require_dp:
             return "this site requires DP-SGD (require_dp); the run asks for privacy=off"
         return None
-    sigma = privacy.get("noise_multiplier")
-    if sigma is None and not _positive(privacy.get("target_epsilon")):
+    sigma = privacy.noise_multiplier
+    if sigma is None and not _positive(privacy.target_epsilon):
         return "the run sets neither a noise multiplier nor a positive target epsilon"
     if sigma is not None and not _positive(sigma):
         return f"noise multiplier must be positive, the run asks for {sigma!r}"
@@ -69,7 +69,7 @@ def privacy_refusal(site: SiteSettings, privacy: Mapping[str, Any]) -> str | Non
     if sigma is not None and floor is not None and sigma < floor:
         return (f"the run asks for noise multiplier {sigma:g}, below this site's "
                 f"min_noise_multiplier {floor:g}")
-    clip = privacy.get("max_grad_norm")
+    clip = privacy.max_grad_norm
     if not _positive(clip):
         return f"max_grad_norm must be positive, the run asks for {clip!r}"
     if site.max_grad_norm_range is not None:
@@ -77,46 +77,46 @@ def privacy_refusal(site: SiteSettings, privacy: Mapping[str, Any]) -> str | Non
         if not low <= clip <= high:
             return (f"the run asks for max_grad_norm {clip:g}, outside this site's "
                     f"max_grad_norm_range [{low:g}, {high:g}]")
-    if privacy.get("accountant", "prv") not in ACCOUNTANTS:
-        return f"unknown accountant {privacy.get('accountant')!r}; expected one of {ACCOUNTANTS}"
-    count_noise = privacy.get("count_noise")
+    if privacy.accountant not in ACCOUNTANTS:
+        return f"unknown accountant {privacy.accountant!r}; expected one of {ACCOUNTANTS}"
+    count_noise = privacy.count_noise
     if not _positive(count_noise) or count_noise < MIN_COUNT_NOISE:
         return (f"this site releases its size only as a noisy count: privacy.count_noise must "
                 f"be >= {MIN_COUNT_NOISE:g}, the run asks for {count_noise!r}")
-    delta = privacy.get("delta")
+    delta = privacy.delta
     if delta is not None and not (_positive(delta) and delta < 1):
         return f"delta must be in (0, 1), the run asks for {delta!r}"
     return None
 
 
-def refusal_reason(site: SiteSettings, settings: Mapping[str, Any]) -> str | None:
+def refusal_reason(site: SiteSettings, settings: RunSettings) -> str | None:
     """Why this site will not run this message, or ``None``: checked before any data is read."""
     reason = approval_refusal(site.require_approval, site.approved_app_hashes)
     if reason is not None:
         return reason
     if (reason := state_dir_refusal(site)) is not None:
         return reason
-    task = settings.get("task", {}).get("name")
+    task = settings.task.get("name")
     if site.task is not None and task != site.task:
         return f"this site's data is for task {site.task!r}; the run asks for task {task!r}"
     if site.allowed_tasks and task not in site.allowed_tasks:
         return f"task {task!r} is not among this site's allowed_tasks {list(site.allowed_tasks)}"
-    model = settings.get("model", {}).get("name")
+    model = settings.model.get("name")
     if site.allowed_models and model not in site.allowed_models:
         return (f"model {model!r} is not among this site's allowed_models "
                 f"{list(site.allowed_models)}")
-    reason = privacy_refusal(site, settings.get("privacy", {}))
-    if reason is None and site.require_dp and settings.get("task", {}).get("standardize") == "site":
+    reason = privacy_refusal(site, settings.privacy)
+    if reason is None and site.require_dp and settings.task.get("standardize") == "site":
         # features fitted to the site's own training records: outside the DP guarantee
         reason = ("this site requires DP-SGD (require_dp); task.standardize=site fits the "
                   "features to its training records, outside the DP guarantee")
     return reason
 
 
-def site_privacy(site: SiteSettings, privacy: Mapping[str, Any]) -> dict[str, Any]:
+def site_privacy(site: SiteSettings, privacy: PrivacySettings) -> dict[str, Any]:
     """The privacy settings this site enforces: its own δ, and a target ε no larger than its
     own budget (it plans σ from its budget, whatever the server proposes)."""
-    effective = dict(privacy)
+    effective = privacy.as_dict()
     if site.delta is not None:  # the site's own δ wins over the server's
         effective["delta"] = site.delta
     target = effective.get("target_epsilon")

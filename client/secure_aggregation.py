@@ -140,7 +140,7 @@ def register_secure_aggregation(
         settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
         # stochastic rounding need not be secret (the masks hide the update): seeded, so the
         # same seed gives the same aggregate
-        seed = site_seed(int(settings["seed"]), site.site_id, settings["server_round"]) + 2
+        seed = site_seed(settings.seed, site.site_id, settings.server_round) + 2
         vector, clipped = encode_update(delta, weight, clip=float(public[protocol.SECAGG_CLIP]),
                                         num_sites=int(public[protocol.SECAGG_NUM_SITES]),
                                         rng=seed)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from privacy.protocol import CLASS_BALANCE
+from privacy.run_settings import TrainSettings
 
 # Expected and harmless under DP: Opacus's "Secure RNG turned off" (privacy.secure_noise
 # covers it) and torch's notice about a full backward hook on a first layer whose input needs
@@ -39,7 +40,7 @@ class LocalTrainingConfig:
 
 
 def local_training_config(
-    train: Mapping[str, Any], *, dp: bool, train_labels: np.ndarray | None = None,
+    train: TrainSettings, *, dp: bool, train_labels: np.ndarray | None = None,
     num_classes: int | None = None, proximal_mu: float = 0.0,
     public_prior: Sequence[float] | None = None,
 ) -> LocalTrainingConfig:
@@ -53,7 +54,7 @@ def local_training_config(
     record influences it) and refuses otherwise. ``auto``: the site's prior without DP, the
     public prior under DP when there is one, else none.
     """
-    balance = str(train.get("class_balance", "none"))
+    balance = train.class_balance
     if balance not in CLASS_BALANCE:
         raise ValueError(f"class_balance must be one of {CLASS_BALANCE}, got {balance!r}")
     if balance == "auto":
@@ -71,12 +72,12 @@ def local_training_config(
         counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_classes)
         prior = tuple(float(c) / max(int(counts.sum()), 1) for c in counts)
     return LocalTrainingConfig(
-        epochs=int(train["local_epochs"]),
-        batch_size=int(train["batch_size"]),
-        lr=float(train["lr"]),
-        momentum=float(train.get("momentum", 0.0)),
-        optimizer=str(train.get("optimizer", "sgd")),
-        weight_decay=float(train.get("weight_decay", 0.0)),
+        epochs=train.local_epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        momentum=train.momentum,
+        optimizer=train.optimizer,
+        weight_decay=train.weight_decay,
         proximal_mu=proximal_mu,
         class_prior=prior,
     )

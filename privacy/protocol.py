@@ -22,6 +22,8 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from privacy.run_settings import RunSettings
+
 # Record names inside a Message's RecordDict.
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -105,17 +107,16 @@ def decode_ledger(record: ConfigRecord) -> dict[str, Any]:
     return out
 
 
-def encode_run_settings(settings: Mapping[str, Any]) -> ConfigRecord:
-    """What a site needs to train the global model: task, model, local optimisation."""
-    return ConfigRecord(flatten(settings, prefix=RUN_PREFIX))
+def encode_run_settings(settings: RunSettings) -> ConfigRecord:
+    """What a site needs to train the global model (privacy/run_settings.py), flattened."""
+    return ConfigRecord(flatten(settings.to_dict(), prefix=RUN_PREFIX))
 
 
-def decode_run_settings(record: ConfigRecord) -> dict[str, Any]:
-    """Inverse of :func:`encode_run_settings`; also returns the server round if present."""
+def decode_run_settings(record: ConfigRecord) -> RunSettings:
+    """Inverse of :func:`encode_run_settings`, typed and checked (RunSettingsError names a bad
+    key), with the server round Flower's strategy put in the record."""
     flat = {k[len(RUN_PREFIX) :]: v for k, v in record.items() if k.startswith(RUN_PREFIX)}
-    settings = unflatten(flat)
-    settings["server_round"] = int(record.get(SERVER_ROUND, 0))
-    return settings
+    return RunSettings.from_dict(unflatten(flat), server_round=int(record.get(SERVER_ROUND, 0)))
 
 
 # Secure aggregation (privacy/secagg/, conf/secagg/on.yaml): with secagg=on a training round is

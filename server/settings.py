@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from models import registered_models
 from privacy.protocol import CLASS_BALANCE
+from privacy.run_settings import PrivacySettings, RunSettings, TrainSettings
 from server.site_summary import MANY_SITES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -301,24 +302,19 @@ def resolve_standardize(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def site_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What the server sends each site with the global model (privacy/protocol.py encodes it)."""
-    return {
-        "task": dict(cfg["task"]),
-        "model": dict(cfg["model"]),
-        "train": {
-            "local_epochs": cfg["local_epochs"],
-            "batch_size": cfg["batch_size"],
-            "lr": cfg["lr"],
-            "momentum": cfg["momentum"],
-            "optimizer": cfg["optimizer"],
-            "class_balance": cfg.get("class_balance", "none"),
-            "weight_decay": cfg.get("weight_decay", 0.0),
-        },
-        "seed": cfg["seed"],
-        "privacy": dict(cfg["privacy"]),
-        "plan": {"rounds": cfg["rounds"]},  # a DP site plans σ for the whole run
-    }
+def site_settings(cfg: Mapping[str, Any]) -> RunSettings:
+    """What the server sends each site with the global model (privacy/run_settings.py types it,
+    privacy/protocol.py encodes it)."""
+    # typed as the site will read them: a value of the wrong type is named here already
+    train = TrainSettings.from_dict({
+        "local_epochs": cfg["local_epochs"], "batch_size": cfg["batch_size"], "lr": cfg["lr"],
+        "momentum": cfg["momentum"], "optimizer": cfg["optimizer"],
+        "class_balance": cfg.get("class_balance", "none"),
+        "weight_decay": cfg.get("weight_decay", 0.0)})
+    privacy = PrivacySettings.from_dict(cfg["privacy"])
+    return RunSettings(task=dict(cfg["task"]), model=dict(cfg["model"]), train=train,
+                       privacy=privacy, seed=int(cfg["seed"]),
+                       rounds=int(cfg["rounds"]))  # a DP site plans σ for the whole run
 
 
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:

@@ -83,7 +83,7 @@ def training_config(cfg: Mapping[str, Any], train: TensorDataset) -> LocalTraini
     site by the same function a site uses (client.training.local_training_config), with the
     class prior of ``train`` where logit adjustment is on; no proximal term (see module doc)."""
     return local_training_config(
-        run_settings.site_settings(cfg)["train"], dp=cfg["privacy"]["name"] != "off",
+        run_settings.site_settings(cfg).train, dp=cfg["privacy"]["name"] != "off",
         train_labels=train.tensors[-1].numpy(),
         num_classes=int(cfg["task"]["spec"]["num_classes"]),
         public_prior=cfg["task"].get("class_prior"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from client.egress import EGRESS_LOG, read_log, summarize
 from client.site import SiteSettings
 from privacy import protocol
 from privacy.protocol import content_size
+from privacy.run_settings import PrivacySettings
 from server.app import initial_model
 from server.settings import site_settings
 from tests.conftest import ROOT
@@ -40,7 +42,7 @@ def _incoming(cfg, message_type: str, server_round: int = 1, privacy: bool = Fal
     """A message as the SuperLink delivers it to a site."""
     settings = site_settings(cfg)
     if not privacy:
-        settings["privacy"] = {"name": "off"}
+        settings = dataclasses.replace(settings, privacy=PrivacySettings())
     content = RecordDict({
         protocol.ARRAYS: ArrayRecord(initial_model(cfg).state_dict()),
         protocol.CONFIG: ConfigRecord({**protocol.encode_run_settings(settings),

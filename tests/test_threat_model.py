@@ -49,7 +49,7 @@ from privacy.secagg.crypto import KEY_BYTES, apply_mask, generate_key_pair, pair
 from privacy.secagg.identity import generate_key, test_identities, write_ephemeral_federation
 from privacy.secagg.loopback import run_round
 from server.app import initial_model
-from server.settings import site_settings
+from server.settings import compose, site_settings
 from simulations.synthetic import get_generator
 
 SESSION = b"threat-model-session"
@@ -476,7 +476,9 @@ def _advertise_at_site(tmp_path, node_config: dict, threshold: int | None = None
     fields = {**plan.site_config(0), protocol.SECAGG_CLIP: 0.5,
               protocol.SECAGG_MAX_EXAMPLES: 1000, protocol.SECAGG_NUM_SITES: 5}
     content = RecordDict({protocol.SECAGG: ConfigRecord(fields),
-                          protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1})})
+                          protocol.CONFIG: ConfigRecord({
+                              **protocol.encode_run_settings(site_settings(compose(
+                                  ["task=tabular"]))), protocol.SERVER_ROUND: 1})})
     metadata = Metadata(run_id=3, message_id="m-1", src_node_id=1, dst_node_id=7,
                         reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600,
                         message_type=f"train.{protocol.SECAGG_ADVERTISE_KEYS}")
@@ -524,11 +526,13 @@ def _message(cfg, message_type: str = "train", task=None, **privacy) -> Message:
     """What a (dishonest) server sends: the run settings with ``privacy`` (and ``task``)
     overridden."""
     settings = site_settings(cfg)
-    settings["privacy"] = {**settings["privacy"], **privacy}
-    settings["task"] = {**settings["task"], **(task or {})}
+    # a dishonest server can put anything in the record: build it from the flat dict
+    values = settings.to_dict()
+    values["privacy"].update(privacy)
+    values["task"].update(task or {})
     content = RecordDict({
         protocol.ARRAYS: ArrayRecord(initial_model(cfg).state_dict()),
-        protocol.CONFIG: ConfigRecord({**protocol.encode_run_settings(settings),
+        protocol.CONFIG: ConfigRecord({**protocol.flatten(values, prefix=protocol.RUN_PREFIX),
                                        protocol.SERVER_ROUND: 1}),
     })
     metadata = Metadata(run_id=RUN_ID, message_id=f"m-{message_type}", src_node_id=1,
@@ -601,8 +605,8 @@ def test_the_site_plans_sigma_from_its_own_budget(cfg, site_folder, tmp_path):
     reply = _send(cfg, site, target_epsilon=40.0)  # the server proposes a weak guarantee
     ledger = reply.content[protocol.PRIVACY]
     assert ledger["max_epsilon"] == 2.0 and ledger["epsilon"] <= 2.0
-    plan = site_settings(cfg)["plan"]["rounds"]
-    weak = plan_ledger({**site_settings(cfg)["privacy"], "target_epsilon": 40.0}, 40, 32, 1,
+    plan = site_settings(cfg).rounds
+    weak = plan_ledger({**site_settings(cfg).privacy.as_dict(), "target_epsilon": 40.0}, 40, 32, 1,
                        plan, None)
     assert ledger["noise_multiplier"] > 2 * weak.noise_multiplier
 
@@ -678,7 +682,7 @@ def test_an_error_reply_carries_no_patient_value_and_no_path(cfg, tmp_path, capl
 
 
 def test_only_a_noisy_count_of_the_site_leaves_and_it_is_charged(cfg):
-    privacy = {**site_settings(cfg)["privacy"], "count_noise": 10.0}
+    privacy = {**site_settings(cfg).privacy.as_dict(), "count_noise": 10.0}
     # two sites that differ in one patient and draw the same noise release the same numbers
     # whenever their noisy counts round alike; everything sent derives from that count
     a = plan_ledger(privacy, 400, 32, 1, 3, None, count_draw=0.3)

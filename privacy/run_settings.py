@@ -1,0 +1,134 @@
+"""The run settings the server sends with every train/evaluate message and each site reads:
+one typed definition for both sides.
+
+``server/settings.py`` builds a :class:`RunSettings` from the composed config; ``privacy/
+protocol.py`` flattens it into the message's ConfigRecord and decodes it at the site, checking
+every value against its field's type (a wrong or missing value names the key). ``task`` and
+``model`` stay mappings: each task and model reads its own keys (client/tasks, models/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local optimisation at a site (conf/config.yaml: local_epochs, batch_size, lr, ...)."""
+
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    optimizer: str = "sgd"
+    class_balance: str = "none"
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainSettings:
+        return _typed(cls, values, "train")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """What the server proposes for DP-SGD (conf/privacy/*.yaml); the site's policy decides
+    (client/policy.py)."""
+
+    name: str = "off"
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float | None = None
+    accountant: str = "prv"
+    max_epsilon: float | None = None
+    secure_noise: bool = False
+    count_noise: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PrivacySettings:
+        """Typed and checked; ``None`` values count as unset."""
+        return _typed(cls, {k: v for k, v in values.items() if v is not None}, "privacy")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a site needs to train or evaluate the global model of one round."""
+
+    task: Mapping[str, Any]
+    model: Mapping[str, Any]
+    train: TrainSettings
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    seed: int = 0
+    rounds: int = 1  # planned rounds: a DP site plans σ for all of them
+    server_round: int = 0  # set by Flower's strategies in every message
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain values (privacy/protocol.py flattens them into the ConfigRecord)."""
+        return {"task": dict(self.task), "model": dict(self.model),
+                "train": dataclasses.asdict(self.train), "privacy": self.privacy.as_dict(),
+                "seed": self.seed, "rounds": self.rounds}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], server_round: int = 0) -> RunSettings:
+        """Inverse of :meth:`to_dict`, every value checked against its field's type."""
+        return cls(
+            task=_mapping(values, "task"), model=_mapping(values, "model"),
+            train=TrainSettings.from_dict(_mapping(values, "train")),
+            privacy=PrivacySettings.from_dict(_mapping(values, "privacy")),
+            seed=_value(int, values.get("seed", 0), "seed"),
+            rounds=_value(int, values.get("rounds", 1), "rounds"),
+            server_round=server_round)
+
+
+class RunSettingsError(ValueError):
+    """A run setting of the wrong type or missing; the message names the key."""
+
+
+def _mapping(values: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = values.get(key)
+    if not isinstance(value, Mapping):
+        raise RunSettingsError(f"run setting '{key}' must be a group of settings, got "
+                               f"{type(value).__name__}")
+    return value
+
+
+def _value(kind: Any, value: Any, key: str) -> Any:
+    """``value`` if it fits ``kind`` (int, float, str, bool, or ``X | None``), ints as floats."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise RunSettingsError(f"run setting '{key}' must be {names}, got {value!r}")
+
+
+def _typed(cls: Any, values: Mapping[str, Any], group: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise RunSettingsError(f"unknown run setting(s) {[f'{group}.{k}' for k in unknown]}; "
+                               f"expected some of {sorted(hints)}")
+    kwargs = {}
+    for item in dataclasses.fields(cls):
+        if item.name in values:
+            kwargs[item.name] = _value(hints[item.name], values[item.name],
+                                       f"{group}.{item.name}")
+        elif item.default is dataclasses.MISSING:
+            raise RunSettingsError(f"run setting '{group}.{item.name}' is missing")
+    return cls(**kwargs)
