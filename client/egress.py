@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 
 from client.site import SiteSettings
-from privacy import protocol
+from privacy import compat, protocol
 
 EGRESS_LOG = "egress.jsonl"
 
@@ -131,7 +130,7 @@ def send_error(
     payload = reason.encode("utf-8")
     _log_reply(msg, kind="error", site=site, context=context, server_round=None,
                size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), reason=reason)
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+    return Message(Error(code=compat.client_app_error_code(), reason=reason),
                    reply_to=msg)
 
 

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from privacy import compat
 from privacy.run_settings import RunSettings
 
 # Record names inside a Message's RecordDict.
@@ -89,8 +89,7 @@ def content_size(content: RecordDict) -> tuple[int, dict[str, int]]:
     bytes for the same reply.
     """
     per_record = {
-        name: sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
-        for name, record in content.items()
+        name: compat.deflated_tree_size(record) for name, record in content.items()
     }
     return sum(per_record.values()) + len(content.deflate()), per_record
 
@@ -136,5 +135,3 @@ MASKED_UPDATE = "masked-update"
 SECAGG_CLIP = "clip"  # per-coordinate bound on a site's model delta
 SECAGG_MAX_EXAMPLES = "max-site-examples"  # public cap: a site's weight = min(1, n / cap)
 SECAGG_NUM_SITES = "num-sites"  # sites in the round: fixes the quantization scale
-# The server's own reply to its strategy: the unmasked average, marked with this site id.
-SECURE_AGGREGATE = "secure-aggregate"

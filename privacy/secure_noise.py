@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from privacy.compat import check_processed_flag, mark_as_processed
 
 _TWO_PI = 2.0 * math.pi
 _INV_2_52 = 2.0**-52
@@ -192,10 +193,10 @@ class SecureNoiseMixin:
         noise_multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = noise_multiplier * self.max_grad_norm
         for p in self.params:
-            _check_processed_flag(p.summed_grad)
+            check_processed_flag(p.summed_grad)
             noise = self.secure_noise_source.normal_like(p.summed_grad, std)
             p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
+            mark_as_processed(p.summed_grad)
 
 
 class SecureNoiseDPOptimizer(SecureNoiseMixin, DPOptimizer):

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from models import build_model
 from privacy import protocol
 from server import settings as run_settings
 from server.checkpoint import Checkpoint, load_checkpoint, resumable_config, save_checkpoint
-from server.history import RoundRecord, RunHistory
+from server.history import RunHistory
 from server.report import build_report, collapse_warnings, write_report
-from server.rounds import plain_exchange, run_rounds
+from server.rounds import RoundCallback, run_rounds
 from server.secure_aggregation import SecAggSettings, SecureAggregation
 from server.strategy import build_strategy
 from server.validation import UpdateBounds
@@ -28,7 +28,6 @@ log = logging.getLogger("flwr.medsilo.server")
 
 # (server_round, arrays) -> metrics of the global model on data the server may see
 GlobalEvaluate = Callable[[int, ArrayRecord], Mapping[str, float]]
-RoundCallback = Callable[[RoundRecord], None]
 # run config -> report.json ``baselines`` (None: off); simulation only (simulations/baselines.py)
 Baselines = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
 
@@ -64,39 +63,22 @@ def build_server_app(
         out = Path(resume_dir or output_dir or config.get("report_dir")
                    or f"outputs/run-{context.run_id}")
         history = checkpoint.history if checkpoint else RunHistory()
-        strategy = build_strategy(config["strategy"], int(config["num_hospitals"]), history,
-                                  min_sites=int(config["min_sites"]),
+        strategy = build_strategy(config["strategy"], int(config["num_hospitals"]),
                                   bounds=UpdateBounds.from_config(config.get("validation")),
                                   sites_per_round=run_settings.sites_per_round(config),
                                   seed=int(config["seed"]),
                                   final_round=(int(config["rounds"]) if config.get(
                                       "final_evaluation", "all") == "all" else None))
 
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            # Called before round 1 (server_round=0) and after every round.
-            metrics = dict(global_evaluate(server_round, arrays)) if global_evaluate else None
-            if server_round == 0:
-                history.initial_global = metrics
-                return MetricRecord(metrics) if metrics else None
-            record = history.round(server_round)
-            if metrics is None:  # deployment: example-weighted mean of the sites' metrics
-                metrics = {k: v for k, v in record.site_weighted.items()
-                           if k != protocol.NUM_EXAMPLES}
-            record.global_metrics = metrics
-            if on_round is not None:
-                on_round(record)
-            return MetricRecord(metrics) if metrics else None
-
         def after_round(server_round: int, arrays: ArrayRecord) -> None:
             save_checkpoint(out, Checkpoint(
                 round=server_round, model={k: a.numpy() for k, a in arrays.items()},
                 strategy_state=strategy.state_arrays(), history=history, config=config))
 
-        exchange = plain_exchange
+        secure_aggregation = None
         if config["secagg"]["name"] == "on":
-            strategy.secure_aggregation = True
-            exchange = SecureAggregation(SecAggSettings.from_config(config["secagg"]), history,
-                                         seed=int(config["seed"])).exchange
+            secure_aggregation = SecureAggregation(SecAggSettings.from_config(config["secagg"]),
+                                                   seed=int(config["seed"]))
         site_config = protocol.encode_run_settings(run_settings.site_settings(config))
         if checkpoint is not None:
             arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.model.items()})
@@ -110,9 +92,12 @@ def build_server_app(
             timeout=float(config["simulation"]["round_timeout_s"]),
             train_config=site_config,
             evaluate_config=ConfigRecord(dict(site_config)),
-            evaluate_fn=evaluate_fn,
+            min_sites=int(config["min_sites"]),
+            # None (deployment): the sites' example-weighted mean stands for the global metrics
+            evaluate_fn=global_evaluate,
             after_round=after_round,
-            exchange=exchange,
+            on_round=on_round,
+            secure_aggregation=secure_aggregation,
         )
         duration_s = time.perf_counter() - started  # the federation's, without baselines
         report = build_report(

@@ -1,14 +1,14 @@
-"""What happened in each round, per site: the raw material of the report."""
+"""What happened in each round, per site: the raw material of the report.
+
+server/rounds.py writes every round's record; the report (server/report.py) and the
+checkpoint (server/checkpoint.py) read it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from flwr.app import Message
-
-from privacy import protocol
 
 
 def node_label(node_id: int) -> str:
@@ -41,7 +41,7 @@ class RoundRecord:
     update_norms: dict[str, float] = field(default_factory=dict)  # site -> ||w_site - w_global||
     timed_out: list[str] = field(default_factory=list)  # sites asked that did not answer in time
     skipped_round: str | None = None  # why the global model was left unchanged this round
-    secure_aggregation: dict[str, Any] | None = None  # server/secure_aggregation.py's record
+    secure_aggregation: dict[str, Any] | None = None  # secure_aggregation.SecureRoundRecord
     asked: int = 0  # sites sent the training message this round (sites_per_round sampling)
     started_at: float | None = None  # wall-clock time (Unix seconds) the round began
     duration_s: float | None = None  # wall seconds of the round, training through evaluation
@@ -65,56 +65,8 @@ class RunHistory:
         return cls(initial_global=data.get("initial_global"), rounds=rounds,
                    node_sites={int(k): v for k, v in data.get("node_sites", {}).items()})
 
-    def record_timeouts(self, server_round: int, asked: Iterable[int],
-                        replies: Iterable[Message]) -> None:
-        """Sites that were sent a message but did not answer before the round timeout."""
-        answered = {msg.metadata.src_node_id for msg in replies}
-        missing = [self.node_sites.get(node, node_label(node)) for node in asked
-                   if node not in answered]
-        self.round(server_round).timed_out.extend(sorted(missing))
-
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord(server_round))
-
-    def record_replies(
-        self, server_round: int, replies: Iterable[Message], stage: str
-    ) -> list[Message]:
-        """Record per-site metrics and failures; return the good replies sorted by site id.
-
-        Sorting makes aggregation order (and so floating-point sums) independent of the
-        order in which replies arrived: same seed, same config, same global model.
-        """
-        record = self.round(server_round)
-        good: list[tuple[str, Message]] = []
-        for msg in replies:
-            if msg.has_error():
-                record.failures.append(
-                    {"stage": stage, "node_id": msg.metadata.src_node_id,
-                     "reason": msg.error.reason}
-                )
-                continue
-            status = msg.content[protocol.SITE]
-            site = str(status[protocol.SITE_ID])
-            self.node_sites[msg.metadata.src_node_id] = site
-            record.received.setdefault(site, {})[stage] = msg.content.object_id
-            skipped = {k[len(protocol.SKIPPED_PREFIX):]: int(v) for k, v in status.items()
-                        if k.startswith(protocol.SKIPPED_PREFIX)}
-            if skipped:
-                record.skipped[site] = skipped
-            if protocol.PRIVACY in msg.content:
-                record.privacy[site] = protocol.decode_ledger(msg.content[protocol.PRIVACY])
-            state = status.get(protocol.STATUS, protocol.STATUS_OK)
-            if state == protocol.STATUS_DECLINED:
-                record.declined[site] = str(status.get(protocol.REASON, "declined"))
-                continue  # a declined site is left out of aggregation, never a zero update
-            if state == protocol.STATUS_REFUSED:
-                # e.g. the site has not approved this app version: it read none of its data
-                record.refused[site] = str(status.get(protocol.REASON, "refused"))
-                continue
-            metrics = {k: float(v) for k, v in msg.content[protocol.METRICS].items()}
-            (record.train if stage == "train" else record.sites)[site] = metrics
-            good.append((site, msg))
-        return [msg for _, msg in sorted(good, key=lambda pair: pair[0])]
 
     def latest_skipped(self) -> dict[str, dict[str, int]]:
         skipped: dict[str, dict[str, int]] = {}

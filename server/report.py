@@ -383,7 +383,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      + (f", dropped and recovered: {_named(secure['dropped'], ', ')}"
                         if secure["dropped"] and not secure["aborted"] else "")
                      + (f", ABORTED (nothing revealed): {secure['aborted']}"
-                        if secure["aborted"] else ""))
+                        if secure["aborted"] else "")
+                     + (f", the aggregate failed the update checks: {secure['rejected']}"
+                        if secure.get("rejected") else ""))
         if r.get("timed_out"):
             line += "; no answer in time: " + _named(r["timed_out"], ", ")
         if r.get("skipped"):

@@ -1,4 +1,5 @@
-"""The federated round loop: Flower's ``Strategy.start``, made resumable and fault-tolerant.
+"""The federated round loop: Flower's ``Strategy.start``, made resumable and fault-tolerant, and
+the one writer of each round's record (server/history.py ``RoundRecord``).
 
 The body of each round is Flower's own (configure_train → send_and_receive → aggregate_train →
 configure_evaluate → send_and_receive → aggregate_evaluate → server-side evaluation). Two
@@ -11,30 +12,30 @@ things ``Strategy.start`` cannot do and a multi-day collaboration needs:
   of ending the run, and stop cleanly only when declined privacy budgets make further rounds
   impossible.
 
-``after_round`` is called once a round is complete (the checkpoint is written there).
+The strategy (server/strategy.py) and secure aggregation (server/secure_aggregation.py) return
+what they found (per-site statuses, rejections, the aggregate); this loop writes all of it into
+the round's record. Once a round is complete, ``after_round`` is called (the checkpoint is
+written there), then ``on_round`` with the finished record (progress).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from server.history import RunHistory
-from server.strategy import TooFewSites
+from privacy import protocol
+from server.history import RoundRecord, RunHistory, node_label
+from server.secure_aggregation import SecureAggregate, SecureAggregation, SecureRound
+from server.strategy import ScreeningMixin, SiteReplies, TrainScreening, read_replies
 
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-# How the training messages of a round are exchanged: Grid.send_and_receive, or the four
-# stages of secure aggregation (server/secure_aggregation.py).
-Exchange = Callable[[Grid, list[Message], float], list[Message]]
-
-
-def plain_exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    return list(grid.send_and_receive(messages, timeout=timeout))
+# (server_round, arrays) -> metrics of the global model on data the server may see; None: the
+# server has none (deployment), and the sites' weighted mean stands for them
+EvaluateFn = Callable[[int, ArrayRecord], Mapping[str, float] | None]
+RoundCallback = Callable[[RoundRecord], None]
 
 
 @dataclass
@@ -43,8 +44,17 @@ class RunOutcome:
     stopped: str | None = None  # why the run ended before its last round, if it did
 
 
+@dataclass(frozen=True)
+class RoundSettings:
+    timeout: float
+    train_config: ConfigRecord
+    evaluate_config: ConfigRecord
+    min_sites: int = 1
+    secure_aggregation: SecureAggregation | None = None  # None: one plain train message a site
+
+
 def run_rounds(
-    strategy: Strategy,
+    strategy: ScreeningMixin,  # a Flower strategy from server.strategy.build_strategy
     grid: Grid,
     history: RunHistory,
     arrays: ArrayRecord,
@@ -54,37 +64,151 @@ def run_rounds(
     timeout: float,
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord,
+    min_sites: int = 1,
     evaluate_fn: EvaluateFn | None = None,
     after_round: Callable[[int, ArrayRecord], None] | None = None,
-    exchange: Exchange = plain_exchange,
+    on_round: RoundCallback | None = None,
+    secure_aggregation: SecureAggregation | None = None,
 ) -> RunOutcome:
+    settings = RoundSettings(timeout, train_config, evaluate_config, min_sites,
+                             secure_aggregation)
     if first_round == 1 and evaluate_fn is not None:
-        evaluate_fn(0, arrays)
+        history.initial_global = _plain(evaluate_fn(0, arrays))
     for server_round in range(first_round, num_rounds + 1):
-        started, clock = time.time(), time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        history.round(server_round).started_at = started
-        history.round(server_round).asked = len(messages)
-        replies = exchange(grid, messages, timeout)
-        history.record_timeouts(server_round, [m.metadata.dst_node_id for m in messages],
-                                replies)
-        try:
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
-        except TooFewSites as err:
-            history.round(server_round).skipped_round = str(err)
-            if err.permanent:
-                return RunOutcome(arrays, stopped=str(err))
-            aggregated = None  # the global model stays as it was; the run goes on
-        if aggregated is not None:
-            arrays = aggregated
-        messages = list(strategy.configure_evaluate(server_round, arrays, evaluate_config,
-                                                    grid))
-        if messages:
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            strategy.aggregate_evaluate(server_round, replies)
-        if evaluate_fn is not None:
-            evaluate_fn(server_round, arrays)
-        history.round(server_round).duration_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        record = history.rounds[server_round] = RoundRecord(server_round, started_at=time.time())
+        arrays, stopped = _train(strategy, grid, history, record, arrays, settings)
+        if stopped is not None:
+            return RunOutcome(arrays, stopped=stopped)
+        _evaluate(strategy, grid, history, record, arrays, settings)
+        record.global_metrics = _global_metrics(
+            record, evaluate_fn(server_round, arrays) if evaluate_fn is not None else None)
+        record.duration_s = time.perf_counter() - clock
         if after_round is not None:
             after_round(server_round, arrays)
+        if on_round is not None:
+            on_round(record)
     return RunOutcome(arrays)
+
+
+def _train(strategy: ScreeningMixin, grid: Grid, history: RunHistory, record: RoundRecord,
+           arrays: ArrayRecord, settings: RoundSettings) -> tuple[ArrayRecord, str | None]:
+    """The training step: the new global model, and why the run must stop (None: it goes on)."""
+    messages = list(strategy.configure_train(record.round, arrays, settings.train_config, grid))
+    record.asked = len(messages)
+    secure, aggregate = None, None
+    if settings.secure_aggregation is None:
+        replies = list(grid.send_and_receive(messages, timeout=settings.timeout))
+    else:
+        secure = settings.secure_aggregation.exchange(grid, messages, settings.timeout)
+        aggregate = _screen_secure_aggregate(strategy, secure)
+        _record_secure_round(history, record, secure)
+        replies = secure.replies
+    _record_timeouts(history, record, [m.metadata.dst_node_id for m in messages], replies)
+    screening = strategy.screen_train(replies, with_updates=secure is None)
+    _record_training(history, record, screening)
+    if secure is None:
+        usable = len(screening.accepted)
+    else:  # one aggregate stands for the sites it summed
+        usable = len(secure.record.aggregated) if aggregate and secure.record else 0
+    if usable < settings.min_sites:
+        return arrays, _skip(record, screening.replies, usable, settings.min_sites)
+    if aggregate is not None:
+        aggregated = strategy.aggregate_secure(record.round, aggregate)
+    else:
+        aggregated = strategy.aggregate_updates(record.round, screening.accepted)
+    return (aggregated if aggregated is not None else arrays), None
+
+
+def _screen_secure_aggregate(strategy: ScreeningMixin, secure: SecureRound
+                             ) -> SecureAggregate | None:
+    """The secure mean, checked like a site's update (its norm and any rejection go to the
+    round's secure aggregation record); None when aborted or rejected."""
+    if secure.aggregate is None or secure.record is None:
+        return None  # aborted: nothing was revealed
+    screening = strategy.screen_secure(secure.aggregate)
+    secure.record.update_norm, secure.record.rejected = screening.update_norm, screening.rejected
+    return screening.accepted
+
+
+def _skip(record: RoundRecord, replies: SiteReplies, usable: int, min_sites: int) -> str | None:
+    """Too few usable updates: the global model stays as it was. The run stops (the reason is
+    returned) only when the sites that declined for their privacy budget alone leave fewer than
+    ``min_sites``: a spent budget never comes back; failed, rejected and late sites may."""
+    secure = record.secure_aggregation or {}
+    record.skipped_round = (
+        f"round {record.round}: {usable} usable update(s), fewer than "
+        f"min_sites={min_sites} (declined: {record.declined or 'none'}; "
+        f"refused: {record.refused or 'none'}; "
+        f"rejected: {record.rejected or 'none'}; failed: {len(record.failures)}; "
+        f"timed out: {record.timed_out or 'none'}; secure aggregation aborted: "
+        f"{secure.get('aborted') or 'no'}"
+        + (f"; secure aggregate rejected: {secure['rejected']}" if secure.get("rejected")
+           else "") + ")")
+    could_train = (replies.count + len(record.timed_out) - len(record.declined)
+                   - len(record.refused))
+    return record.skipped_round if could_train < min_sites else None
+
+
+def _evaluate(strategy: ScreeningMixin, grid: Grid, history: RunHistory, record: RoundRecord,
+              arrays: ArrayRecord, settings: RoundSettings) -> None:
+    messages = list(strategy.configure_evaluate(record.round, arrays, settings.evaluate_config,
+                                                grid))
+    if not messages:
+        return
+    replies = read_replies(grid.send_and_receive(messages, timeout=settings.timeout),
+                           stage="evaluate")
+    _record_replies(history, record, replies, stage="evaluate")
+    record.sites.update(replies.metrics)
+    record.site_weighted = strategy.weighted_evaluation(record.round, replies.ordered)
+
+
+def _global_metrics(record: RoundRecord, metrics: Mapping[str, float] | None
+                    ) -> dict[str, float]:
+    if metrics is not None:
+        return dict(metrics)
+    # deployment: Flower's example-weighted mean of the sites' metrics
+    return {k: v for k, v in record.site_weighted.items() if k != protocol.NUM_EXAMPLES}
+
+
+def _plain(metrics: Mapping[str, float] | None) -> dict[str, float] | None:
+    return dict(metrics) if metrics is not None else None
+
+
+# --- writing into the round's record ---------------------------------------------------------
+
+def _record_secure_round(history: RunHistory, record: RoundRecord, secure: SecureRound) -> None:
+    record.failures.extend(secure.failures)
+    history.node_sites.update(secure.node_sites)
+    if secure.record is not None:
+        record.secure_aggregation = asdict(secure.record)
+
+
+def _record_timeouts(history: RunHistory, record: RoundRecord, asked: list[int],
+                     replies: list[Message]) -> None:
+    """Sites that were sent a message but did not answer before the round timeout."""
+    answered = {msg.metadata.src_node_id for msg in replies}
+    missing = [history.node_sites.get(node, node_label(node)) for node in asked
+               if node not in answered]
+    record.timed_out.extend(sorted(missing))
+
+
+def _record_training(history: RunHistory, record: RoundRecord,
+                     screening: TrainScreening) -> None:
+    _record_replies(history, record, screening.replies, stage="train")
+    record.train.update(screening.trained)
+    record.rejected.update(screening.rejected)
+    record.update_norms.update(screening.update_norms)
+
+
+def _record_replies(history: RunHistory, record: RoundRecord, replies: SiteReplies,
+                    stage: str) -> None:
+    """What every site's reply of a stage said (its metrics go where the stage's do)."""
+    record.failures.extend(replies.failures)
+    history.node_sites.update(replies.node_sites)
+    for site, content_id in replies.received.items():
+        record.received.setdefault(site, {})[stage] = content_id
+    record.skipped.update(replies.skipped)
+    record.privacy.update(replies.privacy)
+    record.declined.update(replies.declined)
+    record.refused.update(replies.refused)

@@ -20,26 +20,28 @@ Sites that drop (no answer within ``secagg.stage_timeout_s``, a decline for thei
 a failure) after sharing keys are recovered from the survivors' shares; with fewer than the
 threshold the round aborts before anything is revealed, is reported, and the run continues.
 
-What the strategy then sees is one reply marked ``protocol.SECURE_AGGREGATE``: the global model
-plus the example-weighted mean delta, with the total example count. Flower's FedAvg, FedAdam,
-FedYogi, FedProx aggregate it unchanged (the mean of one reply is itself). The per-site replies
-of stage 3 (status, training loss, privacy ledger, never weights) go to the run history.
+The result (:class:`SecureRound`) holds the sites' own replies of stage 3 (status, training
+loss, privacy ledger, never weights) and refusals of stage 1, the stages' failures, what the
+round cost (:class:`SecureRoundRecord`), and the aggregate: the global model plus the
+example-weighted mean delta, with the total example weight. server/rounds.py records it and hands
+the aggregate to the strategy (Flower's FedAvg, FedProx, FedAdam, FedYogi take it as the one
+update of the round).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from privacy import protocol
 from privacy.secagg import SecAggAborted, SecAggServer, setup
 from privacy.secagg.update import decode_mean, mean_error_bound
-from server.history import RunHistory, node_label
+from server.history import node_label
 
 
 @dataclass(frozen=True)
@@ -61,144 +63,192 @@ class SecAggSettings:
 
 @dataclass
 class SecureRoundRecord:
+    """report.json ``rounds[].secure_aggregation``."""
+
     aggregated: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     aborted: str | None = None
     upload_bytes: dict[str, int] = field(default_factory=dict)  # site -> all its stage replies
     plaintext_update_bytes: int = 0  # the fp32 model a plain round would upload per site
     error_bound: float | None = None  # max abs error per coordinate of the mean delta
+    update_norm: float | None = None  # ||aggregate - global model||, checked like a site's
+    rejected: str | None = None  # why the server's update checks refused the aggregate
+
+
+@dataclass
+class SecureAggregate:
+    """The unmasked result: the global model moved by the survivors' weighted mean delta."""
+
+    arrays: ArrayRecord
+    # Σ min(n_i, cap) over the survivors: whole numbers, recovered exactly from Σ w (~1e-9)
+    total_weight: int
+
+
+@dataclass
+class SecureRound:
+    """What the secure exchange of one round came to."""
+
+    record: SecureRoundRecord | None = None  # None: no site was asked
+    # the sites' own replies: refusals at stage 1; status, loss, ledger of stage 3 (no arrays)
+    replies: list[Message] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # stage replies with errors
+    node_sites: dict[int, str] = field(default_factory=dict)  # Flower node id -> site id
+    aggregate: SecureAggregate | None = None  # None: the round aborted
 
 
 class SecureAggregation:
     """``exchange(grid, train_messages, timeout)`` replaces ``grid.send_and_receive`` for the
     training step of a round."""
 
-    def __init__(self, settings: SecAggSettings, history: RunHistory, seed: int) -> None:
+    def __init__(self, settings: SecAggSettings, seed: int) -> None:
         self.settings = settings
-        self.history = history
         self.seed = seed
 
-    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> SecureRound:
         messages = sorted(messages, key=lambda msg: msg.metadata.dst_node_id)
         if not messages:
-            return []
-        template = messages[0]
-        server_round = int(template.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
-        record = SecureRoundRecord()
+            return SecureRound()
+        stages = _Stages(self.settings, grid, messages, min(timeout, self.settings.stage_timeout_s))
         try:
-            return self._exchange(grid, messages, timeout, server_round, record)
-        finally:
-            self.history.round(server_round).secure_aggregation = asdict(record)
+            total = stages.run(self.seed)
+        except SecAggAborted as err:
+            stages.abort(str(err))
+            return stages.result
+        stages.finish(total)
+        return stages.result
 
-    def _exchange(self, grid: Grid, messages: list[Message], timeout: float, server_round: int,
-                  record: SecureRoundRecord) -> list[Message]:
-        template = messages[0]
-        global_arrays: ArrayRecord = template.content[protocol.ARRAYS]
-        plaintext = RecordDict({protocol.ARRAYS: global_arrays})
-        record.plaintext_update_bytes = protocol.content_size(plaintext)[0]
-        nodes = [msg.metadata.dst_node_id for msg in messages]
-        index_of = {node: i for i, node in enumerate(nodes)}
-        site_of: dict[int, str] = {}
-        timeout = min(timeout, self.settings.stage_timeout_s)
-        num_sites = len(nodes)
 
-        def send(action: str, payloads: Mapping[int, RecordDict]) -> dict[int, Message]:
-            """One stage: send to the listed participants, collect answers by index."""
-            out = [Message(content, dst_node_id=nodes[i], message_type=f"train.{action}",
-                           group_id=str(server_round))
-                   for i, content in sorted(payloads.items())]
-            received: dict[int, Message] = {}
-            for reply in grid.send_and_receive(out, timeout=timeout):
-                index = index_of.get(reply.metadata.src_node_id)
-                if index is None:
-                    continue
-                if reply.has_error():
-                    self.history.round(server_round).failures.append(
-                        {"stage": f"train.{action}", "node_id": reply.metadata.src_node_id,
-                         "reason": reply.error.reason})
-                    continue
-                site = str(reply.content[protocol.SITE][protocol.SITE_ID])
-                site_of[index] = site
-                self.history.node_sites[reply.metadata.src_node_id] = site
-                record.upload_bytes[site] = (record.upload_bytes.get(site, 0)
-                                             + protocol.content_size(reply.content)[0])
-                received[index] = reply
-            return received
+class _Stages:
+    """The stages of one round, in order; each keeps what the server must remember."""
 
-        def fields(reply: Message) -> dict[str, Any]:
-            return dict(reply.content[protocol.SECAGG]) if protocol.SECAGG in reply.content \
-                else {}
+    def __init__(self, settings: SecAggSettings, grid: Grid, messages: list[Message],
+                 timeout: float) -> None:
+        self.settings, self.grid, self.messages, self.timeout = settings, grid, messages, timeout
+        self.template = messages[0]
+        self.server_round = int(self.template.content[protocol.CONFIG].get(
+            protocol.SERVER_ROUND, 0))
+        self.global_arrays: ArrayRecord = self.template.content[protocol.ARRAYS]
+        self.shapes = [a.numpy().shape for a in self.global_arrays.values()]
+        self.nodes = [msg.metadata.dst_node_id for msg in messages]
+        self.index_of = {node: i for i, node in enumerate(self.nodes)}
+        self.site_of: dict[int, str] = {}
+        plaintext = RecordDict({protocol.ARRAYS: self.global_arrays})
+        self.record = SecureRoundRecord(
+            plaintext_update_bytes=protocol.content_size(plaintext)[0])
+        self.result = SecureRound(record=self.record)
 
+    def run(self, seed: int) -> np.ndarray:
+        """All stages; the unmasked sum of the survivors' vectors."""
+        plan = setup(len(self.nodes), threshold=self.settings.threshold,
+                     neighbours=self.settings.neighbours, seed=seed + self.server_round)
+        self.server = SecAggServer(plan)
+        routed = self.advertise_keys()
+        routed = self.share_keys(routed)
+        checks = self.masked_input(routed)
+        requests = self.consistency(checks)
+        return self.unmask(requests)
+
+    def send(self, action: str, payloads: Mapping[int, RecordDict]) -> dict[int, Message]:
+        """One stage: send to the listed participants, collect answers by index."""
+        out = [Message(content, dst_node_id=self.nodes[i], message_type=f"train.{action}",
+                       group_id=str(self.server_round))
+               for i, content in sorted(payloads.items())]
+        received: dict[int, Message] = {}
+        for reply in self.grid.send_and_receive(out, timeout=self.timeout):
+            index = self.index_of.get(reply.metadata.src_node_id)
+            if index is None:
+                continue
+            if reply.has_error():
+                self.result.failures.append(
+                    {"stage": f"train.{action}", "node_id": reply.metadata.src_node_id,
+                     "reason": reply.error.reason})
+                continue
+            self._count(index, reply)
+            received[index] = reply
+        return received
+
+    def _count(self, index: int, reply: Message) -> None:
+        site = str(reply.content[protocol.SITE][protocol.SITE_ID])
+        self.site_of[index] = site
+        self.result.node_sites[reply.metadata.src_node_id] = site
+        uploads = self.record.upload_bytes
+        uploads[site] = uploads.get(site, 0) + protocol.content_size(reply.content)[0]
+
+    def advertise_keys(self) -> dict[int, dict[str, Any]]:
         public = {protocol.SECAGG_CLIP: self.settings.clip,
                   protocol.SECAGG_MAX_EXAMPLES: self.settings.max_site_examples,
-                  protocol.SECAGG_NUM_SITES: num_sites}
-        site_replies: list[Message] = []
-        try:
-            plan = setup(num_sites, threshold=self.settings.threshold,
-                         neighbours=self.settings.neighbours, seed=self.seed + server_round)
-            server = SecAggServer(plan)
-            configs = server.site_configs()
-            replies = send(protocol.SECAGG_ADVERTISE_KEYS, {
-                i: RecordDict({protocol.SECAGG: ConfigRecord({**config, **public}),
-                               protocol.CONFIG: template.content[protocol.CONFIG]})
-                for i, config in configs.items()})
-            routed = server.route_public_keys(
-                {i: fields(r) for i, r in replies.items() if _is_ok(r)}, drop_invalid=True)
-            site_replies += [r for r in replies.values() if not _is_ok(r)]  # refusals
-            replies = send(protocol.SECAGG_SHARE_KEYS, {
-                i: RecordDict({protocol.SECAGG: ConfigRecord(msg)}) for i, msg in routed.items()})
-            routed = server.route_shares({i: fields(r) for i, r in replies.items()},
-                                         drop_invalid=True)
-            replies = send(protocol.SECAGG_MASKED_INPUT, {
-                i: RecordDict({protocol.SECAGG: ConfigRecord(msg),
-                               protocol.ARRAYS: messages[i].content[protocol.ARRAYS],
-                               protocol.CONFIG: messages[i].content[protocol.CONFIG]})
-                for i, msg in routed.items()})
-            masked = {i: r for i, r in replies.items() if _is_ok(r)
-                      and protocol.ARRAYS in r.content}
-            for reply in replies.values():  # status, loss, ledger: never the masked vector
-                site_replies.append(_without_arrays(reply))
-            shapes = [a.numpy().shape for a in global_arrays.values()]
-            length = int(sum(np.prod(s) for s in shapes)) + 1
-            checks = server.request_consistency(
-                {i: fields(r) for i, r in masked.items()},
-                {i: r.content[protocol.ARRAYS][protocol.MASKED_UPDATE].numpy()
-                 for i, r in masked.items()},
-                length, drop_invalid=True)
-            replies = send(protocol.SECAGG_CONSISTENCY, {
-                i: RecordDict({protocol.SECAGG: ConfigRecord(msg)}) for i, msg in checks.items()})
-            requests = server.request_unmask({i: fields(r) for i, r in replies.items()},
-                                             drop_invalid=True)
-            replies = send(protocol.SECAGG_UNMASK, {
-                i: RecordDict({protocol.SECAGG: ConfigRecord(msg)})
-                for i, msg in requests.items()})
-            total = server.unmask({i: fields(r) for i, r in replies.items()}, drop_invalid=True)
-        except SecAggAborted as err:
-            record.aborted = str(err)
-            record.dropped = sorted(site_of.get(i, node_label(n)) for i, n in enumerate(nodes))
-            return site_replies
-        survivors = sorted(server.survivors)
-        record.aggregated = sorted(site_of[i] for i in survivors)
-        record.dropped = sorted(site_of.get(i, node_label(nodes[i]))
-                                for i in range(num_sites) if i not in server.survivors)
+                  protocol.SECAGG_NUM_SITES: len(self.nodes)}
+        config = self.template.content[protocol.CONFIG]
+        replies = self.send(protocol.SECAGG_ADVERTISE_KEYS, {
+            i: RecordDict({protocol.SECAGG: ConfigRecord({**site_config, **public}),
+                           protocol.CONFIG: config})
+            for i, site_config in self.server.site_configs().items()})
+        self.result.replies += [r for r in replies.values() if not _is_ok(r)]  # refusals
+        return self.server.route_public_keys(
+            {i: _fields(r) for i, r in replies.items() if _is_ok(r)}, drop_invalid=True)
+
+    def share_keys(self, routed: Mapping[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        replies = self.send(protocol.SECAGG_SHARE_KEYS, _secagg_payloads(routed))
+        return self.server.route_shares({i: _fields(r) for i, r in replies.items()},
+                                        drop_invalid=True)
+
+    def masked_input(self, routed: Mapping[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """The sites train and upload masked updates; the server keeps only their sum."""
+        replies = self.send(protocol.SECAGG_MASKED_INPUT, {
+            i: RecordDict({protocol.SECAGG: ConfigRecord(msg),
+                           protocol.ARRAYS: self.messages[i].content[protocol.ARRAYS],
+                           protocol.CONFIG: self.messages[i].content[protocol.CONFIG]})
+            for i, msg in routed.items()})
+        masked = {i: r for i, r in replies.items() if _is_ok(r) and protocol.ARRAYS in r.content}
+        # status, loss, ledger: never the masked vector
+        self.result.replies += [_without_arrays(r) for r in replies.values()]
+        length = int(sum(np.prod(s) for s in self.shapes)) + 1
+        return self.server.request_consistency(
+            {i: _fields(r) for i, r in masked.items()},
+            {i: r.content[protocol.ARRAYS][protocol.MASKED_UPDATE].numpy()
+             for i, r in masked.items()},
+            length, drop_invalid=True)
+
+    def consistency(self, checks: Mapping[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        replies = self.send(protocol.SECAGG_CONSISTENCY, _secagg_payloads(checks))
+        return self.server.request_unmask({i: _fields(r) for i, r in replies.items()},
+                                          drop_invalid=True)
+
+    def unmask(self, requests: Mapping[int, dict[str, Any]]) -> np.ndarray:
+        replies = self.send(protocol.SECAGG_UNMASK, _secagg_payloads(requests))
+        return self.server.unmask({i: _fields(r) for i, r in replies.items()},
+                                  drop_invalid=True)
+
+    def abort(self, reason: str) -> None:
+        self.record.aborted = reason
+        self.record.dropped = sorted(self.site_of.get(i, node_label(n))
+                                            for i, n in enumerate(self.nodes))
+
+    def finish(self, total: np.ndarray) -> None:
+        """Decode the survivors' weighted mean delta and apply it to the global model."""
+        record, num_sites = self.record, len(self.nodes)
+        survivors = sorted(self.server.survivors)
+        record.aggregated = sorted(self.site_of[i] for i in survivors)
+        record.dropped = sorted(self.site_of.get(i, node_label(self.nodes[i]))
+                                for i in range(num_sites) if i not in self.server.survivors)
         mean_delta, weight_sum = decode_mean(
-            total, shapes, clip=self.settings.clip, num_sites=num_sites,
+            total, self.shapes, clip=self.settings.clip, num_sites=num_sites,
             num_summed=len(survivors))
         record.error_bound = mean_error_bound(clip=self.settings.clip, num_sites=num_sites,
                                               num_summed=len(survivors), weight_sum=weight_sum)
-        new_arrays = ArrayRecord({
+        arrays = ArrayRecord({
             key: Array(np.asarray(array.numpy() + delta, dtype=array.numpy().dtype))
-            for (key, array), delta in zip(global_arrays.items(), mean_delta)})
-        aggregate = RecordDict({
-            protocol.ARRAYS: new_arrays,
-            protocol.METRICS: MetricRecord({
-                # Σ min(n_i, cap): whole numbers, recovered exactly from Σ w (error ~1e-9)
-                protocol.NUM_EXAMPLES: int(round(weight_sum * self.settings.max_site_examples))}),
-            protocol.SITE: ConfigRecord({protocol.SITE_ID: protocol.SECURE_AGGREGATE,
-                                         protocol.STATUS: protocol.STATUS_OK}),
-        })
-        return [*site_replies,
-                Message(content=aggregate, metadata=masked[survivors[0]].metadata)]
+            for (key, array), delta in zip(self.global_arrays.items(), mean_delta)})
+        self.result.aggregate = SecureAggregate(
+            arrays, int(round(weight_sum * self.settings.max_site_examples)))
+
+
+def _secagg_payloads(messages: Mapping[int, dict[str, Any]]) -> dict[int, RecordDict]:
+    return {i: RecordDict({protocol.SECAGG: ConfigRecord(msg)}) for i, msg in messages.items()}
+
+
+def _fields(reply: Message) -> dict[str, Any]:
+    return dict(reply.content[protocol.SECAGG]) if protocol.SECAGG in reply.content else {}
 
 
 def _is_ok(reply: Message) -> bool:
@@ -210,9 +260,3 @@ def _without_arrays(reply: Message) -> Message:
     content = RecordDict({k: v for k, v in reply.content.items()
                           if k not in (protocol.ARRAYS, protocol.SECAGG)})
     return Message(content=content, metadata=reply.metadata)
-
-
-def is_secure_aggregate(reply: Message) -> bool:
-    return (not reply.has_error() and protocol.SITE in reply.content
-            and reply.content[protocol.SITE].get(protocol.SITE_ID) == protocol.SECURE_AGGREGATE)
-

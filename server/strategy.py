@@ -1,7 +1,10 @@
 """Strategies by name, all of them Flower's own (``flwr.serverapp.strategy``).
 
-The only addition is :class:`RecordingMixin`: it records each site's metrics into the run
-history and hands Flower the replies in site order, then lets Flower aggregate.
+The only addition is :class:`ScreeningMixin`. It samples the sites of a round, reads the sites'
+replies into explicit per-site results (:class:`SiteReplies`, :class:`TrainScreening`), checks
+every update before aggregation, and hands Flower the accepted replies in site order; Flower
+then aggregates (or, with secure aggregation, takes the one secure mean as its update). It writes
+nothing: server/rounds.py writes what it returns into the round's record.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -24,11 +28,9 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from privacy import protocol
-from server.history import RunHistory
-from server.secure_aggregation import is_secure_aggregate
+from privacy import compat, protocol
+from server.secure_aggregation import SecureAggregate
 from server.validation import UpdateBounds, check_update, reference_arrays
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -47,16 +49,86 @@ STRATEGIES: dict[str, type[Strategy]] = {
 STATEFUL_ATTRIBUTES = ("m_t", "v_t")
 
 
-class TooFewSites(RuntimeError):
-    """Fewer usable updates than ``min_sites`` in a round: the round is skipped.
+@dataclass
+class SiteReplies:
+    """What the sites' replies of one stage said, site by site."""
 
-    ``permanent`` when the sites that declined for their privacy budget alone leave fewer
-    than ``min_sites`` (a spent budget never comes back): the run then stops cleanly.
-    """
+    answered: list[Message] = field(default_factory=list)  # sites that sent a usable status
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # sites that took part
+    declined: dict[str, str] = field(default_factory=dict)  # privacy budget: site -> reason
+    refused: dict[str, str] = field(default_factory=dict)  # the run itself: site -> reason
+    failures: list[dict[str, Any]] = field(default_factory=list)  # replies carrying errors
+    node_sites: dict[int, str] = field(default_factory=dict)  # Flower node id -> site id
+    # site -> Flower's content id of its reply: the value the site's egress log holds
+    received: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # records left out
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # ledger summaries
+    count: int = 0  # replies received, failed ones included
 
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
+    @property
+    def ordered(self) -> list[Message]:
+        """The replies of the sites that took part, sorted by site id: aggregation order (and so
+        floating-point sums) does not depend on arrival order."""
+        return sorted(self.answered, key=_site_of)
+
+
+def read_replies(replies: Iterable[Message], stage: str) -> SiteReplies:
+    read = SiteReplies()
+    for msg in replies:
+        read.count += 1
+        if msg.has_error():
+            read.failures.append({"stage": stage, "node_id": msg.metadata.src_node_id,
+                                  "reason": msg.error.reason})
+            continue
+        status = msg.content[protocol.SITE]
+        site = _site_of(msg)
+        read.node_sites[msg.metadata.src_node_id] = site
+        read.received[site] = msg.content.object_id
+        skipped = {k[len(protocol.SKIPPED_PREFIX):]: int(v) for k, v in status.items()
+                   if k.startswith(protocol.SKIPPED_PREFIX)}
+        if skipped:
+            read.skipped[site] = skipped
+        if protocol.PRIVACY in msg.content:
+            read.privacy[site] = protocol.decode_ledger(msg.content[protocol.PRIVACY])
+        state = status.get(protocol.STATUS, protocol.STATUS_OK)
+        if state == protocol.STATUS_DECLINED:
+            read.declined[site] = str(status.get(protocol.REASON, "declined"))
+            continue  # a declined site is left out of aggregation, never a zero update
+        if state == protocol.STATUS_REFUSED:
+            # e.g. the site has not approved this app version: it read none of its data
+            read.refused[site] = str(status.get(protocol.REASON, "refused"))
+            continue
+        read.metrics[site] = {k: float(v) for k, v in msg.content[protocol.METRICS].items()}
+        read.answered.append(msg)
+    return read
+
+
+def _site_of(msg: Message) -> str:
+    return str(msg.content[protocol.SITE][protocol.SITE_ID])
+
+
+@dataclass
+class TrainScreening:
+    """A round's training replies after validation: ``accepted`` go to Flower in site order."""
+
+    replies: SiteReplies
+    accepted: list[Message] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    update_norms: dict[str, float] = field(default_factory=dict)  # site -> ||w_site - w_global||
+
+    @property
+    def trained(self) -> dict[str, dict[str, float]]:
+        """Train metrics of the sites whose update was not rejected."""
+        return {s: m for s, m in self.replies.metrics.items() if s not in self.rejected}
+
+
+@dataclass
+class SecureScreening:
+    """The secure mean after validation: ``accepted`` None when it was rejected."""
+
+    accepted: SecureAggregate | None
+    update_norm: float | None
+    rejected: str | None
 
 
 class SampledGrid:
@@ -74,11 +146,8 @@ class SampledGrid:
         return getattr(self._grid, name)
 
 
-class RecordingMixin:
-    history: RunHistory
-    min_sites: int = 1
+class ScreeningMixin:
     bounds: UpdateBounds = UpdateBounds()
-    secure_aggregation: bool = False
     last_arrays: ArrayRecord | None = None  # the global model sent out in the latest round
     # Per-round sampling (issue 9): None = every site. The sample is drawn from the sorted node
     # ids with a generator seeded by (seed, round, stage), so the same seed picks the same
@@ -92,8 +161,7 @@ class RecordingMixin:
         if self.sites_per_round is None:
             return grid
         # Flower's own wait until every hospital is connected (it samples none here)
-        _, connected = sample_nodes(grid, self.num_sites, 0)
-        nodes = sorted(connected)
+        nodes = sorted(compat.sample_connected_nodes(grid, self.num_sites))
         if stage == "evaluate" and server_round == self.final_round:
             return SampledGrid(grid, nodes)
         draw = random.Random(f"medsilo-sample:{self.sample_seed}:{server_round}:{stage}")
@@ -109,50 +177,53 @@ class RecordingMixin:
         grid = self._sample(grid, server_round, "evaluate")
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        # secagg=on: one server-made reply carries the unmasked mean; the sites' replies carry
-        # only their status, loss and privacy ledger (server/secure_aggregation.py)
-        secure = [msg for msg in replies if is_secure_aggregate(msg)]
-        replies = [msg for msg in replies if not is_secure_aggregate(msg)]
-        ordered = self.history.record_replies(server_round, replies, stage="train")
-        if self.secure_aggregation:
-            ordered = secure
-        record = self.history.round(server_round)
-        accepted = []
-        reference = reference_arrays(self.last_arrays) if self.last_arrays is not None else None
-        for msg in ordered:
-            site = str(msg.content[protocol.SITE][protocol.SITE_ID])
+    def _reference(self) -> dict[str, np.ndarray] | None:
+        return reference_arrays(self.last_arrays) if self.last_arrays is not None else None
+
+    def screen_train(self, replies: Iterable[Message], *, with_updates: bool = True
+                     ) -> TrainScreening:
+        """Read a round's training replies and check every update against the global model.
+        ``with_updates=False`` (secure aggregation): the replies carry status, loss and ledger
+        only; the one update is the secure mean (:meth:`screen_secure`)."""
+        screening = TrainScreening(read_replies(replies, stage="train"))
+        if not with_updates:
+            return screening
+        reference = self._reference()
+        for msg in screening.replies.ordered:
+            site = _site_of(msg)
             reason, norm = check_update(msg, reference, self.bounds)
             if norm is not None:
-                record.update_norms[site] = norm
+                screening.update_norms[site] = norm
             if reason is None:
-                accepted.append(msg)
+                screening.accepted.append(msg)
             else:
-                record.rejected[site] = reason
-                record.train.pop(site, None)
-        usable = len(accepted)
-        if self.secure_aggregation:  # one aggregate stands for the sites it summed
-            usable = len((record.secure_aggregation or {}).get("aggregated", [])) if accepted \
-                else 0
-        if usable < self.min_sites:
-            # declined (privacy budget) sites will decline again; failed, rejected and late
-            # ones may come back next round
-            could_train = (len(replies) + len(record.timed_out) - len(record.declined)
-                           - len(record.refused))
-            raise TooFewSites(
-                f"round {server_round}: {usable} usable update(s), fewer than "
-                f"min_sites={self.min_sites} (declined: {record.declined or 'none'}; "
-                f"refused: {record.refused or 'none'}; "
-                f"rejected: {record.rejected or 'none'}; failed: {len(record.failures)}; "
-                f"timed out: {record.timed_out or 'none'}; secure aggregation aborted: "
-                f"{(record.secure_aggregation or {}).get('aborted') or 'no'})",
-                permanent=could_train < self.min_sites,
-            )
-        arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
-        return _same_dtypes(arrays, self.last_arrays), metrics
+                screening.rejected[site] = reason
+        return screening
+
+    def screen_secure(self, aggregate: SecureAggregate) -> SecureScreening:
+        """The secure mean passes the same checks as a site's update."""
+        reason, norm = check_update(_as_reply(aggregate), self._reference(), self.bounds)
+        return SecureScreening(aggregate if reason is None else None, norm, reason)
+
+    def aggregate_updates(self, server_round: int, accepted: list[Message]
+                          ) -> ArrayRecord | None:
+        """Flower's own aggregation of the accepted updates (in site order)."""
+        arrays, _ = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        return _same_dtypes(arrays, self.last_arrays)
+
+    def aggregate_secure(self, server_round: int, aggregate: SecureAggregate
+                         ) -> ArrayRecord | None:
+        """Flower's strategy takes the secure mean as the one update of the round: FedAvg and
+        FedProx return it unchanged (the weighted mean of one update is itself), FedAdam and
+        FedYogi take their server-side optimiser step from it."""
+        return self.aggregate_updates(server_round, [_as_reply(aggregate)])
+
+    def weighted_evaluation(self, server_round: int, answered: list[Message]
+                            ) -> dict[str, float]:
+        """Flower's example-weighted mean of the sites' metrics: the "global" metrics where the
+        server has no pooled test set (deployment)."""
+        aggregated = super().aggregate_evaluate(server_round, answered)  # type: ignore[misc]
+        return dict(aggregated or {})
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Server-side optimiser state as flat ``attribute/key`` arrays (for checkpoints)."""
@@ -169,15 +240,14 @@ class RecordingMixin:
             if values:
                 setattr(self, attribute, values)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        ordered = self.history.record_replies(server_round, replies, stage="evaluate")
-        aggregated = super().aggregate_evaluate(server_round, ordered)  # type: ignore[misc]
-        # Flower's example-weighted mean of the sites' metrics: the "global" metrics where the
-        # server has no pooled test set (deployment).
-        self.history.round(server_round).site_weighted = dict(aggregated or {})
-        return aggregated
+
+def _as_reply(aggregate: SecureAggregate) -> Message:
+    """The secure mean in the shape Flower's strategies aggregate: a model and its weight.
+    Made here, for Flower's API only; it never passes through the exchange or the history."""
+    return Message(RecordDict({
+        protocol.ARRAYS: aggregate.arrays,
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: aggregate.total_weight}),
+    }), dst_node_id=0, message_type="train")
 
 
 def _same_dtypes(arrays: ArrayRecord | None, like: ArrayRecord | None) -> ArrayRecord | None:
@@ -191,7 +261,7 @@ def _same_dtypes(arrays: ArrayRecord | None, like: ArrayRecord | None) -> ArrayR
 
 
 def build_strategy(
-    strategy_cfg: Mapping[str, Any], num_sites: int, history: RunHistory, min_sites: int = 1,
+    strategy_cfg: Mapping[str, Any], num_sites: int, history: object = None,
     bounds: UpdateBounds | None = None, *, sites_per_round: int | None = None, seed: int = 0,
     final_round: int | None = None,
 ) -> Strategy:
@@ -200,13 +270,15 @@ def build_strategy(
     The server waits until all ``num_sites`` hospitals are connected before the first round.
     ``sites_per_round`` (fewer than ``num_sites``): each round trains and evaluates a seeded
     sample of that many sites; the evaluation of round ``final_round`` (if any) asks every site.
+    ``history`` is ignored (callers from before server/rounds.py wrote the round record pass
+    one; the strategy keeps none).
     """
     params = dict(strategy_cfg)
     name = params.pop("name")
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
     base = STRATEGIES[name]
-    recording = type(f"Recorded{base.__name__}", (RecordingMixin, base), {})
+    screening = type(f"Screened{base.__name__}", (ScreeningMixin, base), {})
     sampled = sites_per_round is not None and sites_per_round < num_sites
     if sampled:
         # the mixin shows Flower exactly the sampled sites (fraction 1: Flower takes them all;
@@ -217,9 +289,7 @@ def build_strategy(
     params.setdefault("min_available_nodes", num_sites)
     params.setdefault("min_train_nodes", max(1, math.ceil(fraction_train * num_sites)))
     params.setdefault("min_evaluate_nodes", max(1, math.ceil(fraction_evaluate * num_sites)))
-    strategy = recording(**params)
-    strategy.history = history
-    strategy.min_sites = min_sites
+    strategy = screening(**params)
     strategy.bounds = bounds or UpdateBounds()
     strategy.num_sites = num_sites
     if sampled:

@@ -10,19 +10,24 @@ or on an existing cluster (``simulation.ray_address: HOST:PORT``, docs/ray_clust
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 import socket
 import warnings
-from collections.abc import Iterator
 from typing import Any
-from unittest import mock
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+# Flower 1.41 internals patched for the run (privacy/compat.py, the one home of such patches):
+# seeded node ids (same sites sampled for the same seed), a delivery loop that scales to
+# 1000 sites
+from privacy.compat import (
+    polled_by_pending_messages,
+    ray_bootstrap_address,
+    ray_gcs_answers,
+    seeded_node_ids,
+)
 from server.settings import ConfigError
 
 # ray.init retries a refused or silent GCS port for minutes (measured: still waiting after 5 min);
@@ -89,18 +94,16 @@ def _ray_init_args(address: str | None, object_store_mb: int | None) -> dict[str
 
 def _check_cluster_answers(address: str) -> None:
     """Fail in seconds, naming the config key, where ray.init would wait for minutes."""
-    from ray._private.services import canonicalize_bootstrap_address
-
     try:
         # the address ray.init will dial: "auto" and RAY_ADDRESS resolved, localhost → node IP
-        gcs = canonicalize_bootstrap_address(address)
+        gcs = ray_bootstrap_address(address)
     except (ConnectionError, ValueError) as err:
         raise ConfigError(f"simulation.ray_address={address!r} names no Ray cluster: {err}; "
                           "start one with `ray start --head` (docs/ray_cluster.md)") from err
     if gcs is None:  # "local": Ray's word for a private instance
         raise ConfigError(f"simulation.ray_address={address!r} names no cluster; a private local "
                           "Ray instance is simulation.ray_address=null")
-    host, _, port = str(gcs).rpartition(":")
+    host, _, port = gcs.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)),
                                       timeout=CLUSTER_PROBE_TIMEOUT_S):
@@ -111,70 +114,14 @@ def _check_cluster_answers(address: str) -> None:
             "start its head with `ray start --head --port=PORT` and check the host, the port and "
             "the firewall (docs/ray_cluster.md), or set simulation.ray_address=null for a "
             "private local Ray") from err
-    from ray._raylet import GcsClient
     from ray.exceptions import RpcError
 
     try:
         # a port that accepts connections may still be no Ray GCS (another service, a proxy):
         # fetching the cluster id answers in about a second where ray.init would keep retrying
-        GcsClient(address=gcs)
+        ray_gcs_answers(gcs)
     except RpcError as err:
         raise ConfigError(
             f"simulation.ray_address={address!r}: {gcs} accepts connections but is no Ray "
             f"cluster's head ({err}); give the address `ray start --head` printed "
             "(docs/ray_cluster.md)") from err
-
-
-@contextlib.contextmanager
-def seeded_node_ids(seed: int) -> Iterator[None]:
-    """Simulated SuperNodes get node ids drawn from ``seed`` instead of ``os.urandom``.
-
-    Flower registers virtual SuperNode i (partition i, our i-th site) as the i-th node, with a
-    random 64-bit id; the strategy samples sites per round from the sorted node ids
-    (``server/strategy.py``). Seeded ids make "which hospitals train in round r" the same for
-    the same seed, run after run. Flower 1.41 draws the ids in its in-memory link state (the
-    engine's only state); the draw is replaced there for the duration of the run.
-    """
-    from flwr.server.superlink.linkstate import in_memory_linkstate
-
-    draw = random.Random(f"medsilo-simulated-node-ids:{seed}")
-
-    def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
-        while True:
-            value = draw.getrandbits(8 * num_bytes)
-            if not exclude or value not in exclude:
-                return value
-
-    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded):
-        yield
-
-
-@contextlib.contextmanager
-def polled_by_pending_messages() -> Iterator[None]:
-    """Flower's engine hands messages to simulated SuperNodes from one loop that, every 0.1 s,
-    asks its link state for each node's next message; each ask checks every stored message, so
-    a poll costs (nodes × stored messages) checks: ~0.1 s per poll at 1000 sites and 10 messages
-    (half a core taken from the sites), seconds per poll when the last round asks all 1000
-    sites. This loop asks only for the nodes that have an undelivered message, in partition
-    order: the same messages, delivered the same way (``get_message_ins``, one per node per
-    poll). Flower 1.41's loop is ``vce_api.add_messages_to_queue``; it is replaced for the run.
-    """
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    original = vce_api.add_messages_to_queue
-
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # type: ignore[no-untyped-def]
-        if not hasattr(state, "message_ins_store"):  # not the in-memory state: Flower's loop
-            original(state, queue, nodes_mapping, f_stop)
-            return
-        while not f_stop.is_set():
-            with state.lock:
-                waiting = {msg.metadata.dst_node_id for msg in state.message_ins_store.values()
-                           if msg.metadata.delivered_at == ""}
-            for node_id in sorted(waiting & nodes_mapping.keys(), key=nodes_mapping.__getitem__):
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
-            f_stop.wait(0.1)
-
-    with mock.patch.object(vce_api, "add_messages_to_queue", add_messages_to_queue):
-        yield

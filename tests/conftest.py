@@ -1,17 +1,10 @@
-"""Shared fixtures: tests never touch the user's cache, and simulations run as a user would."""
+"""Shared fixtures: tests never touch the user's cache. Plain helpers (ROOT, running a
+simulation as a user would) are in tests/helpers.py: conftest.py is not imported."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -27,20 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_simulation_cli(out_dir: Path, *overrides: str, timeout: float = 300) -> dict:
-    """``python -m simulations.run`` in a subprocess; returns report.json. Without the
-    local/pooled baselines unless a test asks for them (they double a small run's time)."""
-    if not any(o.startswith("baselines=") for o in overrides):
-        overrides = (*overrides, "baselines=none")
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulations.run", f"hydra.run.dir={out_dir}", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert proc.returncode == 0, f"simulation failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads((out_dir / "report.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ from client.tasks import DataError, get_task
 from server.settings import compose
 from simulations.sites import site_folders
 from simulations.synthetic import get_generator
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TASKS = ("images", "vitals", "notes", "tabular")
 DOCS = ROOT / "docs" / "bad_inputs.md"

@@ -15,7 +15,7 @@ from server.report import build_report, client_mean, render_markdown
 from server.settings import ConfigError, baseline_kinds, compose
 from simulations.baselines import compute_baselines
 from simulations.sites import site_folders
-from tests.conftest import run_simulation_cli
+from tests.helpers import run_simulation_cli
 
 SMALL = ("task=tabular", "task.synthetic.train_size=60", "task.synthetic.test_size=20",
          "num_hospitals=3", "rounds=2")

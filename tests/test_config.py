@@ -10,7 +10,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from server.settings import ConfigError, compose
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_defaults_compose_and_are_valid():

@@ -37,7 +37,7 @@ from client.site import SiteConfigError, SiteSettings
 from server.provision import provision
 from server.settings import compose
 from simulations.synthetic import get_generator
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SITES = ("hospital_a", "hospital_b", "hospital_c")
 ROUNDS = 2

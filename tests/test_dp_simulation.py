@@ -15,7 +15,7 @@ from client.tasks import get_task
 from client.training import DPConfig, LocalTrainingConfig, dp_schedule, site_seed, train_local
 from server.settings import compose
 from simulations.sites import site_folders
-from tests.conftest import run_simulation_cli
+from tests.helpers import run_simulation_cli
 
 BASE = ("num_hospitals=3", "task.synthetic.train_size=200", "task.synthetic.test_size=100",
         "privacy=dp", "local_epochs=2")

@@ -23,7 +23,7 @@ from privacy.protocol import content_size
 from privacy.run_settings import PrivacySettings
 from server.app import initial_model
 from server.settings import site_settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 RUN_ID = 42
 

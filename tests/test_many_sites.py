@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 from opacus.accountants import create_accountant
 
-from server.history import RunHistory
 from server.settings import ConfigError, compose, sites_per_round
 from server.strategy import build_strategy
 from simulations.engine import polled_by_pending_messages, seeded_node_ids
-from tests.conftest import run_simulation_cli
+from tests.helpers import run_simulation_cli
 
 
 class FakeGrid:
@@ -31,11 +30,11 @@ def test_sampling_is_seeded_per_round_and_the_last_evaluation_asks_everyone(monk
         monkeypatch.setattr(TaskIdentity, attribute, value)  # what the ServerApp process sets
     nodes = [7 * i + 3 for i in range(100)]
     grid = FakeGrid(reversed(nodes))  # the order Flower lists nodes in does not matter
-    strategy = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+    strategy = build_strategy({"name": "fedavg"}, 100, sites_per_round=10,
                               seed=4, final_round=3)
-    again = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+    again = build_strategy({"name": "fedavg"}, 100, sites_per_round=10,
                            seed=4, final_round=3)
-    other_seed = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+    other_seed = build_strategy({"name": "fedavg"}, 100, sites_per_round=10,
                                 seed=5, final_round=3)
     rounds = [_sampled(strategy, grid, r, "train") for r in (1, 2, 3)]
     assert all(len(set(s)) == 10 and set(s) <= set(nodes) for s in rounds)
@@ -44,7 +43,7 @@ def test_sampling_is_seeded_per_round_and_the_last_evaluation_asks_everyone(monk
     assert rounds != [_sampled(other_seed, grid, r, "train") for r in (1, 2, 3)]
     assert len(_sampled(strategy, grid, 2, "evaluate")) == 10
     assert _sampled(strategy, grid, 3, "evaluate") == sorted(nodes)
-    sampled_only = build_strategy({"name": "fedavg"}, 100, RunHistory(), sites_per_round=10,
+    sampled_only = build_strategy({"name": "fedavg"}, 100, sites_per_round=10,
                                   seed=4, final_round=None)  # final_evaluation=sampled
     assert len(_sampled(sampled_only, grid, 3, "evaluate")) == 10
     # Flower's own configure_train addresses exactly the sampled sites
@@ -56,7 +55,7 @@ def test_sampling_is_seeded_per_round_and_the_last_evaluation_asks_everyone(monk
 
 def test_without_sites_per_round_every_site_trains():
     grid = FakeGrid(range(1, 6))
-    strategy = build_strategy({"name": "fedavg"}, 5, RunHistory(), sites_per_round=None)
+    strategy = build_strategy({"name": "fedavg"}, 5, sites_per_round=None)
     assert _sampled(strategy, grid, 1, "train") == [1, 2, 3, 4, 5]
     assert sites_per_round(compose(["num_hospitals=8"])) == 8
     assert sites_per_round(compose(["num_hospitals=8", "sites_per_round=0.25"])) == 2

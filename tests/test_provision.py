@@ -15,7 +15,7 @@ from flwr.cli.supernode.register import try_load_public_key
 
 from client.site import SiteSettings
 from server.provision import ProvisionError, provision, server_cert_names
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SITES = ["hospital_a", "hospital_b"]
 

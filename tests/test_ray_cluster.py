@@ -23,7 +23,7 @@ import pytest
 
 from server.settings import ConfigError, compose
 from simulations.engine import run_in_process
-from tests.conftest import ROOT, run_simulation_cli
+from tests.helpers import ROOT, run_simulation_cli
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 TINY = ("task=tabular", "num_hospitals=2", "rounds=1", "task.synthetic.train_size=60",

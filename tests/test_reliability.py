@@ -34,7 +34,7 @@ from server.settings import compose
 from server.strategy import build_strategy
 from server.validation import UpdateBounds, check_update
 from simulations.sites import site_folders
-from tests.conftest import ROOT, run_simulation_cli
+from tests.helpers import ROOT, run_simulation_cli
 
 
 def _reply(site: str, arrays: ArrayRecord, num_examples: float = 100) -> Message:
@@ -82,16 +82,18 @@ def test_a_good_update_passes_and_its_norm_is_measured():
 
 
 def test_rejected_sites_are_named_and_the_round_goes_on():
-    history = RunHistory()
-    strategy = build_strategy({"name": "fedavg"}, 3, history)
+    strategy = build_strategy({"name": "fedavg"}, 3)
     strategy.last_arrays = GLOBAL
     good = _arrays(w=np.ones((3, 2), np.float32), b=np.ones(2, np.float32))
     bad = _arrays(w=np.full((3, 2), np.inf, np.float32), b=np.ones(2, np.float32))
-    arrays, _ = strategy.aggregate_train(1, [_reply("h1", good), _reply("h2", bad),
-                                             _reply("h3", good)])
+    screening = strategy.screen_train([_reply("h3", good), _reply("h2", bad),
+                                       _reply("h1", good)])
+    arrays = strategy.aggregate_updates(1, screening.accepted)
     assert np.allclose(arrays["w"].numpy(), 1.0)  # the Inf never reached the average
-    record = history.round(1)
-    assert set(record.train) == {"h1", "h3"} and "NaN or Inf" in record.rejected["h2"]
+    assert set(screening.trained) == {"h1", "h3"} and "NaN or Inf" in screening.rejected["h2"]
+    # Flower aggregates in site order, whatever order the replies arrived in
+    assert [m.content[protocol.SITE][protocol.SITE_ID] for m in screening.accepted] == ["h1", "h3"]
+    assert set(screening.update_norms) == {"h1", "h3"}  # an Inf update has no norm
 
 
 # --- robust aggregation: one hostile site among five --------------------------------------
@@ -141,10 +143,10 @@ def test_fedavg_is_destroyed_by_a_hostile_site_and_robust_strategies_are_not(hon
         for label, arrays_sent in sent.items():
             # fresh messages each time: Flower's FedMedian pops the arrays it aggregates
             batch = [_reply(f"h{i}", _copy(u)) for i, u in enumerate(arrays_sent)]
-            strategy = build_strategy({"name": name, **extra}, 5, RunHistory(),
+            strategy = build_strategy({"name": name, **extra}, 5,
                                       bounds=UpdateBounds(max_update_norm=None))
             strategy.last_arrays = start
-            arrays, _ = strategy.aggregate_train(1, batch)
+            arrays = strategy.aggregate_updates(1, strategy.screen_train(batch).accepted)
             accuracy[name, label] = _accuracy(cfg, spec, arrays, test, num_classes)
     assert accuracy["fedavg", "honest"] > 0.7
     assert accuracy["fedavg", "attacked"] < accuracy["fedavg", "honest"] - 0.15, accuracy
@@ -290,11 +292,17 @@ def test_a_late_site_is_left_out_and_named_and_too_few_answers_skip_the_round(
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     history = RunHistory()
-    strategy = build_strategy({"name": "fedavg"}, 3, history, min_sites=min_sites)
+    strategy = build_strategy({"name": "fedavg"}, 3)
+    finished = []  # what on_round saw: the round's record, complete
     outcome = run_rounds(strategy, _GridWithAStraggler(), history, GLOBAL, first_round=1,
                          num_rounds=2, timeout=1.0, train_config=ConfigRecord(),
-                         evaluate_config=ConfigRecord())
+                         evaluate_config=ConfigRecord(), min_sites=min_sites,
+                         on_round=lambda r: finished.append(
+                             (r.round, r.global_metrics, r.duration_s is not None)))
     first, second = history.round(1), history.round(2)
+    # no server-side evaluation: the sites' weighted mean stands for the global metrics
+    assert finished == [(1, pytest.approx({"loss": 0.5}), True),
+                        (2, pytest.approx({"loss": 0.5}), True)]
     assert first.timed_out == ["node 3"]  # never answered before: known by its node id
     assert sorted(first.train) == ["hospital_1", "hospital_2"]
     assert (first.skipped_round is not None) == expect_skip

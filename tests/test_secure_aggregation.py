@@ -6,14 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.egress import EGRESS_LOG, read_log
 from privacy import protocol
 from privacy.secagg import setup
 from privacy.secagg.loopback import run_round
 from privacy.secagg.update import decode_mean, encode_update, mean_error_bound, site_weight
+from server.history import RunHistory
+from server.rounds import run_rounds
+from server.secure_aggregation import SecureAggregate, SecureRound, SecureRoundRecord
 from server.settings import ConfigError, compose
-from tests.conftest import run_simulation_cli
+from server.strategy import build_strategy
+from tests.helpers import run_simulation_cli
 
 SHAPES = [(16, 8), (8,), (3, 8)]
 
@@ -152,3 +157,95 @@ def test_under_secagg_no_plain_update_leaves_a_site_and_both_sides_count_the_sam
         reported = sum(r["secure_aggregation"]["upload_bytes"].get(site_dir.name, 0)
                        for r in secure["rounds"])
         assert reported == sum(e["bytes"] for e in stages) > 0
+
+
+# --- the secure mean in the round loop (the stages' outcome given; no Ray) --------------------
+
+class _EvaluatingGrid:
+    """Three sites that answer the evaluation message; training goes through the stand-in."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [Message(RecordDict({
+            protocol.SITE: ConfigRecord({protocol.SITE_ID: f"hospital_{m.metadata.dst_node_id}"}),
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10, "loss": 0.5})}),
+            reply_to=m) for m in messages]
+
+
+class _SecureStandIn:
+    """Stands in for server.secure_aggregation.SecureAggregation: every site survives and the
+    unmasked mean delta is ``delta``; the sites' replies carry status and loss only."""
+
+    def __init__(self, delta: float) -> None:
+        self.delta = delta
+
+    def exchange(self, grid, messages, timeout):
+        global_arrays = messages[0].content[protocol.ARRAYS]
+        sites = {m.metadata.dst_node_id: f"hospital_{m.metadata.dst_node_id}" for m in messages}
+        replies = [Message(RecordDict({
+            protocol.SITE: ConfigRecord({protocol.SITE_ID: sites[m.metadata.dst_node_id]}),
+            protocol.METRICS: MetricRecord({"train_loss": 0.5, protocol.NUM_EXAMPLES: 0})}),
+            reply_to=m) for m in messages]
+        arrays = ArrayRecord({k: Array(a.numpy() + np.float32(self.delta))
+                              for k, a in global_arrays.items()})
+        return SecureRound(record=SecureRoundRecord(aggregated=sorted(sites.values())),
+                           replies=replies, node_sites=sites,
+                           aggregate=SecureAggregate(arrays, total_weight=30))
+
+
+GLOBAL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+def _one_secure_round(monkeypatch, strategy_name: str, delta: float):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what the ServerApp process sets
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    history = RunHistory()
+    outcome = run_rounds(
+        build_strategy({"name": strategy_name}, 3), _EvaluatingGrid(), history,
+        ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), first_round=1, num_rounds=1,
+        timeout=1.0, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+        secure_aggregation=_SecureStandIn(delta))
+    return outcome, history.round(1)
+
+
+def test_fedavg_takes_the_secure_mean_as_the_new_global_model(monkeypatch):
+    outcome, record = _one_secure_round(monkeypatch, "fedavg", 0.25)
+    for key, start in GLOBAL.items():
+        assert np.array_equal(outcome.arrays[key].numpy(), start + np.float32(0.25))
+    assert sorted(record.train) == ["hospital_1", "hospital_2", "hospital_3"]
+    assert record.update_norms == {} and record.rejected == {}  # no site's update was seen
+    assert record.secure_aggregation["update_norm"] == pytest.approx(0.25 * np.sqrt(8))
+    assert record.secure_aggregation["rejected"] is None and record.skipped_round is None
+
+
+def test_fedadam_takes_its_server_side_step_from_the_secure_mean(monkeypatch):
+    from flwr.serverapp.strategy import FedAdam
+
+    outcome, _ = _one_secure_round(monkeypatch, "fedadam", 0.25)
+    # Flower's own FedAdam, given the secure mean as the round's one update
+    reference = FedAdam()
+    reference.current_arrays = dict(GLOBAL)
+    mean = RecordDict({
+        protocol.ARRAYS: ArrayRecord({k: Array(v + np.float32(0.25)) for k, v in GLOBAL.items()}),
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 30})})
+    expected, _ = reference.aggregate_train(1, [Message(mean, dst_node_id=0,
+                                                        message_type="train")])
+    for key in GLOBAL:
+        step = outcome.arrays[key].numpy()
+        assert step.dtype == np.float32  # the model's own dtype
+        assert np.array_equal(step, expected[key].numpy().astype(np.float32))
+        assert not np.array_equal(step, GLOBAL[key] + np.float32(0.25))  # not plain FedAvg
+
+
+def test_a_secure_mean_that_fails_the_update_checks_is_not_applied(monkeypatch):
+    outcome, record = _one_secure_round(monkeypatch, "fedavg", float("nan"))
+    for key, start in GLOBAL.items():
+        assert np.array_equal(outcome.arrays[key].numpy(), start)  # the round was skipped
+    assert "NaN or Inf" in record.secure_aggregation["rejected"]
+    assert "secure aggregate rejected" in record.skipped_round
+    assert outcome.stopped is None  # the sites could train again next round

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_simulation_cli
+from tests.helpers import run_simulation_cli
 
 TINY = ("rounds=2", "num_hospitals=3", "task.synthetic.train_size=200",
         "task.synthetic.test_size=100")
@@ -27,7 +27,7 @@ def test_simulation_writes_the_report_contract(first_run):
     assert run["secure_aggregation"] is False and run["duration_s"] > 0
     assert run["versions"]["flwr"] == "1.41.0"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
-    # baselines=none (tests/conftest.py): absent from both reports, never half there
+    # baselines=none (tests/helpers.py): absent from both reports, never half there
     assert report["baselines"] is None
     assert "each hospital alone" not in (out / "report.md").read_text()
     sites = {"hospital_01", "hospital_02", "hospital_03"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_simulation_cli
+from tests.helpers import run_simulation_cli
 
 
 @pytest.mark.parametrize(

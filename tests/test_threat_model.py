@@ -708,7 +708,7 @@ def test_only_a_noisy_count_of_the_site_leaves_and_it_is_charged(cfg):
 def test_a_simulation_whose_sites_require_dp_refuses_privacy_off_end_to_end(tmp_path):
     """The issue's command: every simulated site refuses, the reason reaches report.json,
     report.md and the console, and no baseline trains on the sites' data either."""
-    from tests.conftest import run_simulation_cli
+    from tests.helpers import run_simulation_cli
 
     report = run_simulation_cli(tmp_path, "task=tabular", "privacy=off", "site.require_dp=true",
                                 "num_hospitals=3", "rounds=1", "baselines=[local]")

@@ -1,0 +1,261 @@
+"""The one place medsilo uses private internals of its pinned dependencies.
+
+Everything here reaches past a public API: Flower's in-memory link state and simulation
+delivery loop, its object-tree serialization and error codes, Opacus's per-parameter
+"processed" flags, Ray's address resolution and GCS client. Such names change without notice
+between releases, so they are used only through the functions below, only with the versions
+in ``PINNED`` (checked when this module is imported), and ``tests/test_compat.py`` exercises
+each of them so that an upstream change breaks a named test rather than a run.
+
+To move to another version of a pinned package: change its pin in ``pyproject.toml`` and in
+``PINNED`` together, run ``tests/test_compat.py``, and adapt what fails here.
+
+Imports of the dependencies stay inside the functions: ``client/`` and ``server/`` import this
+module (through ``privacy/protocol.py``), and neither needs Ray or Opacus loaded for that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from queue import Empty, Queue
+from typing import Any
+from unittest import mock
+
+from packaging.specifiers import SpecifierSet
+
+# The versions whose internals this module was written against. flwr, torch and opacus are
+# pinned in pyproject.toml; ray is pinned by flwr[simulation]==1.41.0 itself.
+PINNED: dict[str, str] = {
+    "flwr": "==1.41.0",
+    "torch": "==2.13.0",  # local labels (+cpu, +cu128) match
+    "opacus": "==1.6.*",
+    "ray": "==2.55.1",
+}
+
+# What breaks if the package differs, for the error message.
+_USED_INTERNALS = {
+    "flwr": "the simulation engine's node ids and delivery loop, object-tree sizes, "
+            "error codes, node sampling",
+    "torch": "Opacus 1.6's per-sample gradient hooks",
+    "opacus": "the processed-gradient flags that secure noise (privacy/secure_noise.py) keeps",
+    "ray": "the cluster address check of simulation.ray_address (simulations/engine.py)",
+}
+
+
+class PinnedVersionError(RuntimeError):
+    """An installed dependency is not the version whose internals medsilo uses."""
+
+
+def check_pinned_versions() -> None:
+    """Raise :class:`PinnedVersionError` naming the first package not at its pinned version."""
+    for package, spec in PINNED.items():
+        try:
+            installed: str | None = version(package)
+        except PackageNotFoundError:
+            installed = None
+        if installed is not None and SpecifierSet(spec).contains(installed, prereleases=True):
+            continue
+        found = f"{package} {installed} is installed" if installed else f"{package} is missing"
+        raise PinnedVersionError(
+            f"{found}, but medsilo needs {package}{spec}: privacy/compat.py uses private "
+            f"internals of that version ({_USED_INTERNALS[package]}). Install the pinned "
+            f"versions with `pip install -e .` in a fresh virtual environment; to move to "
+            f"another {package} version, change its pin in pyproject.toml and PINNED in "
+            f"privacy/compat.py together and run `pytest tests/test_compat.py`."
+        )
+
+
+check_pinned_versions()
+
+
+# ---- Flower: messages and records -----------------------------------------------------------
+
+def deflated_tree_size(obj: Any) -> int:
+    """Bytes of every serialized object Flower ships for ``obj`` (a record, an array, ...):
+    the sum of ``deflate()`` over its nested object tree, ``obj`` included (Flower 1.41's
+    ``flwr.supercore.inflatable``; objects are sent one by one, keyed by content hash)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(nested.deflate()) for nested in get_all_nested_objects(obj).values())
+
+
+def client_app_error_code() -> int:
+    """The code Flower gives an error reply from a ClientApp that raised (``ErrorCode`` is not
+    exported by Flower's public ``flwr.app``)."""
+    from flwr.common.constant import ErrorCode
+
+    return int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+
+
+def sample_connected_nodes(grid: Any, min_available: int) -> list[int]:
+    """Node ids of the sites connected to ``grid``, waiting until ``min_available`` are (Flower
+    strategies' own helper, ``strategy_utils.sample_nodes`` with no sampling)."""
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    _, connected = sample_nodes(grid, min_available, 0)
+    return list(connected)
+
+
+# ---- Flower: the in-process simulation engine ------------------------------------------------
+
+@contextlib.contextmanager
+def seeded_node_ids(seed: int) -> Iterator[None]:
+    """Simulated SuperNodes get node ids drawn from ``seed`` instead of ``os.urandom``.
+
+    Flower registers virtual SuperNode i (partition i, our i-th site) as the i-th node, with a
+    random 64-bit id; the strategy samples sites per round from the sorted node ids
+    (``server/strategy.py``). Seeded ids make "which hospitals train in round r" the same for
+    the same seed, run after run. Flower 1.41 draws the ids in its in-memory link state (the
+    engine's only state); the draw is replaced there for the duration of the run.
+    """
+    from flwr.server.superlink.linkstate import in_memory_linkstate
+
+    draw = random.Random(f"medsilo-simulated-node-ids:{seed}")
+
+    def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
+        while True:
+            value = draw.getrandbits(8 * num_bytes)
+            if not exclude or value not in exclude:
+                return value
+
+    with mock.patch.object(in_memory_linkstate, "generate_rand_int_from_bytes", seeded):
+        yield
+
+
+@contextlib.contextmanager
+def polled_by_pending_messages() -> Iterator[None]:
+    """Flower's engine hands messages to simulated SuperNodes from one loop that, every 0.1 s,
+    asks its link state for each node's next message; each ask checks every stored message, so
+    a poll costs (nodes × stored messages) checks: ~0.1 s per poll at 1000 sites and 10 messages
+    (half a core taken from the sites), seconds per poll when the last round asks all 1000
+    sites. This loop asks only for the nodes that have an undelivered message, in partition
+    order: the same messages, delivered the same way (``get_message_ins``, one per node per
+    poll). Flower 1.41's loop is ``vce_api.add_messages_to_queue``; it is replaced for the run.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # type: ignore[no-untyped-def]
+        if not hasattr(state, "message_ins_store"):  # not the in-memory state: Flower's loop
+            original(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            with state.lock:
+                waiting = {msg.metadata.dst_node_id for msg in state.message_ins_store.values()
+                           if msg.metadata.delivered_at == ""}
+            for node_id in sorted(waiting & nodes_mapping.keys(), key=nodes_mapping.__getitem__):
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(0.1)
+
+    with mock.patch.object(vce_api, "add_messages_to_queue", add_messages_to_queue):
+        yield
+
+
+@dataclass
+class SimulatedLinkState:
+    """Flower's in-memory link state as ``run_simulation`` builds it, with one run; for tests
+    and benchmarks of the two engine patches above on Flower's own code."""
+
+    state: Any
+    nodes: dict[int, int]  # node id -> partition (site index), as the engine registers them
+    run_id: int
+    grid: Any  # the ServerApp's grid on this state
+
+    def push(self, node_ids: Iterable[int], message_type: str = "train") -> list[str]:
+        """Store one empty message for each of ``node_ids``, as the ServerApp's grid does."""
+        from flwr.app import Message, RecordDict
+
+        return list(self.grid.push_messages(
+            Message(RecordDict(), node_id, message_type, group_id="1") for node_id in node_ids))
+
+    def deliver(self, count: int, timeout: float = 10.0) -> list[int]:
+        """Run the engine's delivery loop (Flower's, or the patched one where it is in place)
+        until ``count`` messages came out; their destination node ids in delivery order."""
+        from flwr.server.superlink.fleet.vce import vce_api
+
+        out: Queue[Any] = Queue()
+        stop = threading.Event()
+        loop = threading.Thread(target=vce_api.add_messages_to_queue,
+                                args=(self.state, out, self.nodes, stop), daemon=True)
+        loop.start()
+        try:
+            delivered = [out.get(timeout=timeout).metadata.dst_node_id for _ in range(count)]
+            with contextlib.suppress(Empty):  # nothing more may come out
+                extra = out.get(timeout=0.3)
+                delivered.append(extra.metadata.dst_node_id)
+        finally:
+            stop.set()
+            loop.join(timeout=timeout)
+        return delivered
+
+
+@contextlib.contextmanager
+def simulated_link_state(num_sites: int) -> Iterator[SimulatedLinkState]:
+    """``num_sites`` virtual SuperNodes registered the way the engine registers them
+    (``vce_api._register_nodes``), a run, and the ServerApp's identity set for the block."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
+    nodes = _register_nodes(num_sites, factory)
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, None, "serverapp")
+    saved = {name: getattr(TaskIdentity, name) for name in ("_run_id", "_node_id", "_task_id")}
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = \
+        run_id, SUPERLINK_NODE_ID, 1  # what the ServerApp thread sets
+    try:
+        yield SimulatedLinkState(state, nodes, run_id, InMemoryGrid(factory))
+    finally:
+        for name, value in saved.items():
+            setattr(TaskIdentity, name, value)
+
+
+# ---- Opacus ----------------------------------------------------------------------------------
+
+def check_processed_flag(summed_grad: Any) -> None:
+    """Raise as Opacus does where a parameter's clipped gradient sum was already noised (a
+    second ``add_noise`` without a new backward pass would add noise to noise)."""
+    from opacus.optimizers.optimizer import _check_processed_flag
+
+    _check_processed_flag(summed_grad)
+
+
+def mark_as_processed(summed_grad: Any) -> None:
+    """Flag a parameter's clipped gradient sum as noised, as Opacus's own ``add_noise`` does."""
+    from opacus.optimizers.optimizer import _mark_as_processed
+
+    _mark_as_processed(summed_grad)
+
+
+# ---- Ray -------------------------------------------------------------------------------------
+
+def ray_bootstrap_address(address: str) -> str | None:
+    """The GCS address ``ray.init(address=...)`` would dial: ``auto`` and ``RAY_ADDRESS``
+    resolved, localhost turned into the node IP; None for ``local`` (a private instance).
+    Raises ConnectionError or ValueError where no cluster can be named."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    gcs = canonicalize_bootstrap_address(address)
+    return None if gcs is None else str(gcs)
+
+
+def ray_gcs_answers(gcs: str) -> None:
+    """Ask the GCS at ``gcs`` for its cluster id (about a second); raises
+    ``ray.exceptions.RpcError`` where what answers there is no Ray GCS."""
+    from ray._raylet import GcsClient
+
+    GcsClient(address=gcs)
