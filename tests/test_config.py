@@ -62,19 +62,33 @@ def test_dp_settings_added_to_a_run_without_dp_are_refused():
         compose(["+privacy.noise_multiplier=1.0", "+privacy.accountant=xyz"])
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi"])
-def test_every_strategy_builds_flowers_own_class(strategy):
+STRATEGY_FILES = sorted((ROOT / "conf" / "strategy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STRATEGY_FILES, ids=lambda p: p.stem)
+def test_every_strategy_file_builds_the_flower_class_it_names_with_its_settings(path):
     import flwr.serverapp.strategy as flower
 
-    from server.history import RunHistory
     from server.strategy import build_strategy
 
-    cfg = compose([f"strategy={strategy}"])
-    built = build_strategy(cfg["strategy"], 3, RunHistory())
-    expected = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx,
-                "fedadam": flower.FedAdam, "fedyogi": flower.FedYogi}[strategy]
-    assert isinstance(built, expected)
-    assert built.min_available_nodes == 3
+    # the file's first comment names Flower's class: the registry must build that one
+    named = path.read_text().splitlines()[0].removeprefix("# flwr.serverapp.strategy.")
+    expected = getattr(flower, named.split(":")[0].strip())
+    cfg = compose([f"strategy={path.stem}"])["strategy"]
+    built = build_strategy(cfg, 3)
+    assert isinstance(built, expected), (type(built).__mro__, expected)
+    # every setting in the file reaches Flower's object under its own name
+    for key, value in cfg.items():
+        if key != "name":
+            assert getattr(built, key) == value, key
+    assert built.min_available_nodes == 3  # the server waits for every hospital
+
+
+def test_a_strategy_setting_given_on_the_command_line_reaches_flower():
+    from server.strategy import build_strategy
+
+    built = build_strategy(compose(["strategy=fedadam", "strategy.eta=0.5"])["strategy"], 3)
+    assert built.eta == 0.5 and built.tau == 0.001
 
 
 def test_cli_rejects_bad_value_before_starting_anything(tmp_path):
