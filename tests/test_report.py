@@ -122,8 +122,12 @@ def test_multiclass_auroc_is_macro_one_vs_rest_and_single_class_is_undefined():
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
     probs = rng.dirichlet(np.ones(3), size=9)
     m = classification_metrics(labels, probs, 3)
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
     assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"))
+    predicted = probs.argmax(axis=1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
     assert "positive_rate" not in m
     single = classification_metrics(np.zeros(4, dtype=int), probs[:4], 3)
     assert math.isnan(single["auroc"])
