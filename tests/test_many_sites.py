@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from opacus.accountants import create_accountant
 
+from privacy.compat import polled_by_pending_messages, seeded_node_ids, simulated_link_state
 from server.settings import ConfigError, compose, sites_per_round
 from server.strategy import build_strategy
-from simulations.engine import polled_by_pending_messages, seeded_node_ids
 from tests.helpers import run_simulation_cli
 
 
@@ -80,73 +82,47 @@ def test_sites_per_round_and_a_strategy_fraction_cannot_both_choose():
         compose(["sites_per_round=3", "strategy.fraction_train=0.5"])
 
 
-def test_simulated_node_ids_are_seeded_and_flowers_draw_is_restored():
-    from flwr.server.superlink.linkstate import in_memory_linkstate
+def test_simulated_node_ids_are_seeded():
+    def node_ids(seed):
+        with seeded_node_ids(seed), simulated_link_state(5) as link:
+            return sorted(link.nodes, key=link.nodes.get)  # in partition (site) order
 
-    original = in_memory_linkstate.generate_rand_int_from_bytes
-
-    def draws(seed):
-        with seeded_node_ids(seed):
-            return [in_memory_linkstate.generate_rand_int_from_bytes(8, {0}) for _ in range(5)]
-
-    assert draws(1) == draws(1) != draws(2)
-    assert all(0 < value < 2**64 for value in draws(1))
-    assert in_memory_linkstate.generate_rand_int_from_bytes is original
+    assert node_ids(1) == node_ids(1) != node_ids(2)
+    assert all(0 < value < 2**64 for value in node_ids(1))
 
 
 def test_messages_reach_only_nodes_that_have_one_in_partition_order():
-    """The engine's delivery loop (replaced: Flower's asks every node every 0.1 s) hands the
-    queue exactly the undelivered messages, once, in partition order."""
-    import queue
-    import threading
-    from types import SimpleNamespace
+    """The engine's delivery loop (replaced: Flower's asks every node every 0.1 s), run on
+    Flower's own in-memory link state with messages stored by the ServerApp's grid, hands the
+    queue exactly the undelivered messages, once, in partition order, as Flower's loop does."""
+    def delivered(patched):
+        with seeded_node_ids(0), simulated_link_state(6) as link:
+            by_partition = sorted(link.nodes, key=link.nodes.get)
+            link.push(by_partition[i] for i in (4, 0, 2))
+            asked, get_message_ins = set(), link.state.get_message_ins
 
-    from flwr.server.superlink.fleet.vce import vce_api
+            def recorded(node_id, limit, **kwargs):
+                asked.add(link.nodes[node_id])
+                return get_message_ins(node_id=node_id, limit=limit, **kwargs)
 
-    class State:  # the in-memory link state's surface the loop uses
-        def __init__(self, messages):
-            self.lock = threading.RLock()
-            self.message_ins_store = {i: m for i, m in enumerate(messages)}
+            link.state.get_message_ins = recorded
+            with polled_by_pending_messages() if patched else contextlib.nullcontext():
+                out = link.deliver(3)  # waits a moment for any extra message
+            return [link.nodes[node_id] for node_id in out], asked
 
-        def get_message_ins(self, node_id, limit):
-            for msg in self.message_ins_store.values():
-                if msg.metadata.dst_node_id == node_id and msg.metadata.delivered_at == "":
-                    msg.metadata.delivered_at = "now"
-                    return [msg]
-            return []
-
-    def message(node):
-        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, delivered_at=""))
-
-    original = vce_api.add_messages_to_queue
-    mapping = {50: 2, 40: 0, 30: 1, 20: 3}  # node id -> partition
-    state, out, stop = State([message(20), message(50), message(40), message(99)]), \
-        queue.Queue(), threading.Event()
-    with polled_by_pending_messages():
-        loop = threading.Thread(target=vce_api.add_messages_to_queue,
-                                args=(state, out, mapping, stop))
-        loop.start()
-        delivered = [out.get(timeout=5).metadata.dst_node_id for _ in range(3)]
-        stop.set()
-        loop.join(timeout=5)
-    assert delivered == [40, 50, 20] and out.empty()  # partitions 0, 2, 3; 99 is no site
-    assert vce_api.add_messages_to_queue is original
+    (ours, asked_by_ours), (flowers, asked_by_flowers) = delivered(True), delivered(False)
+    assert ours == flowers == [0, 2, 4]
+    assert asked_by_ours == {0, 2, 4}  # only the sites with a message waiting
+    assert asked_by_flowers == set(range(6))  # Flower's loop asks every site
 
 
 def test_the_engine_gives_site_i_the_same_node_id_for_the_same_seed():
     """What run-level sampling determinism rests on: Flower registers partition i (our i-th
     site) as a node whose id now depends only on the seed, so the sorted ids, hence the
     seeded sample, name the same sites run after run."""
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.superlink.federation import NoOpFederationManager
-
     def mapping(seed):
-        with seeded_node_ids(seed):  # the state run_simulation builds
-            return _register_nodes(20, LinkStateFactory(
-                FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()))
+        with seeded_node_ids(seed), simulated_link_state(20) as link:  # as run_simulation does
+            return link.nodes
 
     first = mapping(7)
     assert first == mapping(7) and sorted(first.values()) == list(range(20))
