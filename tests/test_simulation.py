@@ -25,7 +25,6 @@ def test_simulation_writes_the_report_contract(first_run):
     assert (run["task"], run["model"], run["strategy"]) == ("images", "cnn", "fedavg")
     assert run["rounds"] == 2 and run["num_hospitals"] == 3 and run["privacy"] == "off"
     assert run["secure_aggregation"] is False and run["duration_s"] > 0
-    assert run["versions"]["flwr"] == "1.41.0"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     # baselines=none (tests/helpers.py): absent from both reports, never half there
     assert report["baselines"] is None
@@ -40,6 +39,21 @@ def test_simulation_writes_the_report_contract(first_run):
     assert report["privacy"] == {s: {"dp": False} for s in sites}
     md = (out / "report.md").read_text()
     assert "No differential privacy" in md and "ε" not in md
+
+
+def test_the_pooled_global_evaluation_is_the_sites_evaluations_of_the_same_model(first_run):
+    """Each round the server evaluates the global model on the union of the sites' test splits
+    and every site evaluates the model it received on its own: the same model on the same
+    records, so the decomposable metrics agree exactly with the example-weighted site means."""
+    _, report = first_run
+    assert report["run"]["global_evaluation"] == "pooled"
+    for rnd in report["rounds"]:
+        sites = rnd["sites"].values()
+        n = sum(site["num_examples"] for site in sites)
+        for metric in ("accuracy", "positive_rate"):
+            weighted = sum(site[metric] * site["num_examples"] for site in sites) / n
+            assert rnd["global"][metric] == pytest.approx(weighted, rel=1e-9), (rnd["round"],
+                                                                                 metric)
 
 
 def test_federated_training_learns(first_run):
