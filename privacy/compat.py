@@ -224,6 +224,22 @@ def simulated_link_state(num_sites: int) -> Iterator[SimulatedLinkState]:
             setattr(TaskIdentity, name, value)
 
 
+@contextlib.contextmanager
+def server_task_identity(run_id: int, node_id: int) -> Iterator[None]:
+    """The ServerApp's task identity for the block, as Flower's SuperExec (or its legacy
+    in-process ``run_simulation``) sets it: ``Message()`` reads it. For running the ServerApp
+    in-process without a SuperLink (tests/in_process_grid.py); restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {name: getattr(TaskIdentity, name) for name in ("_run_id", "_node_id", "_task_id")}
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = run_id, node_id, 1
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(TaskIdentity, name, value)
+
+
 # ---- Opacus ----------------------------------------------------------------------------------
 
 def check_processed_flag(summed_grad: Any) -> None:

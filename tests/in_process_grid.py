@@ -4,7 +4,8 @@ node, in this process, one after the other.
 For fast tests of the server's round loop, secure aggregation and report where a simulation
 engine is not the point: the same ServerApp and ClientApp code, the same Message objects, each
 site with its own ``Context`` (its state survives between messages, as on a SuperNode).
-``drop`` lets a test make nodes go silent from a given message type on.
+``drop`` lets a test make nodes go silent from a given message type on. Run the ServerApp
+inside ``privacy.compat.server_task_identity(RUN_ID, SERVER_NODE_ID)`` (Message() reads it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1
 RUN_ID = 1
@@ -29,10 +29,6 @@ class InProcessGrid(Grid):
 
     def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]],
                  run_config: Mapping[str, Any] | None = None) -> None:
-        # Message() reads the process's task identity, which Flower's SuperExec (or, for its
-        # legacy in-process API, run_simulation) sets; this grid stands in for both
-        TaskIdentity.task_id, TaskIdentity.run_id = 1, RUN_ID
-        TaskIdentity.node_id = SERVER_NODE_ID
         self.client_app = client_app
         self.contexts = {
             node_id: Context(run_id=RUN_ID, node_id=node_id, node_config=dict(config),
