@@ -261,7 +261,7 @@ def _same_dtypes(arrays: ArrayRecord | None, like: ArrayRecord | None) -> ArrayR
 
 
 def build_strategy(
-    strategy_cfg: Mapping[str, Any], num_sites: int, history: object = None,
+    strategy_cfg: Mapping[str, Any], num_sites: int,
     bounds: UpdateBounds | None = None, *, sites_per_round: int | None = None, seed: int = 0,
     final_round: int | None = None,
 ) -> Strategy:
@@ -270,8 +270,6 @@ def build_strategy(
     The server waits until all ``num_sites`` hospitals are connected before the first round.
     ``sites_per_round`` (fewer than ``num_sites``): each round trains and evaluates a seeded
     sample of that many sites; the evaluation of round ``final_round`` (if any) asks every site.
-    ``history`` is ignored (callers from before server/rounds.py wrote the round record pass
-    one; the strategy keeps none).
     """
     params = dict(strategy_cfg)
     name = params.pop("name")
