@@ -222,6 +222,7 @@ def test_dlg_rebuilds_a_plaintext_single_image_update(victim):
     assert result.seconds < 30
 
 
+@pytest.mark.slow
 def test_dp_noise_leaves_dlg_no_better_than_a_flat_image(victim):
     model, image, gradient = victim
     # σ = 0.05 is 10x weaker than any DP-SGD run with a meaningful ε (σ ≳ 0.5; ε = 8 at

@@ -105,6 +105,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.slow
 def test_without_dp_the_audit_measures_what_an_attacker_gets(tmp_path, cache):
     done = run_audit_command(tmp_path, cache)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -130,6 +131,7 @@ def test_without_dp_the_audit_measures_what_an_attacker_gets(tmp_path, cache):
     assert (tmp_path / "federated" / "report.json").is_file()  # the audited run's own report
 
 
+@pytest.mark.slow
 def test_with_dp_the_lower_bound_stays_below_the_accountant_and_the_command_passes(
         tmp_path, cache):
     done = run_audit_command(tmp_path, cache, "privacy=dp", "privacy.target_epsilon=1",
@@ -155,6 +157,7 @@ def test_with_dp_the_lower_bound_stays_below_the_accountant_and_the_command_pass
     assert "Without DP a small lower bound" not in dp_markdown
 
 
+@pytest.mark.slow
 def test_noise_switched_off_at_the_site_while_its_ledger_counts_it_fails_the_audit(
         tmp_path, cache):
     done = run_audit_command(tmp_path, cache, "privacy=dp", "privacy.target_epsilon=1",

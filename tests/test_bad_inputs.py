@@ -695,6 +695,7 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
 ]
 
 
+@pytest.mark.slow
 def test_the_cli_exits_2_naming_the_key_or_file_before_the_simulation_starts(tmp_path):
     """``python -m simulations.run``: config and data errors are raised before Ray starts (no
     progress bar, no report) and exit with code 2 and a one-line message, never a traceback.

@@ -31,6 +31,7 @@ def simulated(tmp_path_factory):
                                    "baselines=auto")
 
 
+@pytest.mark.slow
 def test_a_simulation_reports_both_baselines_by_default(simulated):
     out, report = simulated
     baselines = report["baselines"]
@@ -52,6 +53,7 @@ def test_a_simulation_reports_both_baselines_by_default(simulated):
         assert f"| {site} |" in md.split(SECTION)[1]
 
 
+@pytest.mark.slow
 def test_baselines_are_scored_on_the_federation_s_own_test_splits(simulated):
     _, report = simulated
     final, baselines = report["final"], report["baselines"]
@@ -67,6 +69,7 @@ def test_baselines_are_scored_on_the_federation_s_own_test_splits(simulated):
         r["num_examples"] for r in report["sites"].values())
 
 
+@pytest.mark.slow
 def test_dp_baselines_report_their_own_accountant_epsilon(tmp_path, one_thread):
     cfg = compose([*SMALL, "num_hospitals=2", "privacy=dp", "privacy.target_epsilon=4"])
     folders = site_folders(cfg)
@@ -115,6 +118,7 @@ def test_the_same_seed_and_config_give_identical_baselines(one_thread):
     assert other["local"]["sites"] != first["local"]["sites"]
 
 
+@pytest.mark.slow
 def test_training_alone_is_a_federation_of_one(tmp_path):
     """One hospital, one round: the federated model is that hospital's own update, so the
     model trained alone must score the same (same initial weights, settings and seed)."""

@@ -91,6 +91,7 @@ def test_a_strategy_setting_given_on_the_command_line_reaches_flower():
     assert built.eta == 0.5 and built.tau == 0.001
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_value_before_starting_anything(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run(

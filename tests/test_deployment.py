@@ -261,6 +261,7 @@ def federation(tmp_path_factory) -> Federation:
         procs.kill_all()
 
 
+@pytest.mark.slow
 def test_the_run_completes_with_the_sites_that_accept_it(federation):
     report = federation.report
     assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
@@ -273,6 +274,7 @@ def test_the_run_completes_with_the_sites_that_accept_it(federation):
     assert report["privacy"]["hospital_a"]["rounds_trained"] == ROUNDS
 
 
+@pytest.mark.slow
 def test_a_site_that_did_not_approve_this_app_refuses_and_the_report_names_it(federation):
     assert federation.release_hash != federation.old_hash
     for rnd in federation.report["rounds"]:
@@ -283,12 +285,14 @@ def test_a_site_that_did_not_approve_this_app_refuses_and_the_report_names_it(fe
     assert "refused: hospital_c (app " in md
 
 
+@pytest.mark.slow
 def test_a_site_over_its_own_budget_declines(federation):
     for rnd in federation.report["rounds"]:
         assert "max_epsilon=0.05" in rnd["declined"]["hospital_b"]
     assert federation.report["privacy"]["hospital_b"]["rounds_trained"] == 0
 
 
+@pytest.mark.slow
 def test_a_supernode_with_an_unregistered_key_is_rejected(federation):
     # Flower 1.41: the SuperLink refuses to activate the node; flower-supernode logs its exit
     # code 305 (SUPERNODE_CONNECTION_ERROR) but, like every Flower error exit, the process
@@ -299,6 +303,7 @@ def test_a_supernode_with_an_unregistered_key_is_rejected(federation):
     assert "intruder" not in federation.report["rounds"][0]["received"]
 
 
+@pytest.mark.slow
 def test_every_process_exits_cleanly_on_sigterm(federation):
     assert federation.all_gone == {name: True for name in (*SITES, "superlink")}
     for site in SITES:
@@ -311,6 +316,7 @@ def test_every_process_exits_cleanly_on_sigterm(federation):
     assert "SuperExec terminated gracefully" in federation.logs["superlink"]
 
 
+@pytest.mark.slow
 def test_each_egress_log_accounts_for_exactly_what_the_server_received(federation):
     expected_kinds = {"hospital_a": {"train": "update", "evaluate": "metrics"},
                       "hospital_b": {"train": "privacy-ledger", "evaluate": "metrics"},
@@ -336,6 +342,7 @@ def test_each_egress_log_accounts_for_exactly_what_the_server_received(federatio
     assert all(set(e["records"]) == {"metrics", "site"} for e in refusals)  # no model, no data
 
 
+@pytest.mark.slow
 def test_the_privacy_officer_summary_counts_messages_bytes_kinds_and_rounds(federation):
     log = federation.state("hospital_a") / EGRESS_LOG
     proc = subprocess.run([sys.executable, "-m", "client.egress", "summarize", str(log),

@@ -76,6 +76,7 @@ def test_fast_path_is_torch_rnn_and_the_dp_path_computes_the_same(cell, fused):
     assert not model.rnn.layers[0].recurrence._forward_hooks  # back to the fused kernel
 
 
+@pytest.mark.slow
 def test_dp_training_leaves_a_model_with_the_plain_models_state_dict():
     cfg = compose(["task=vitals"])
     spec = get_task("vitals").input_spec(cfg["task"])

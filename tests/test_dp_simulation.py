@@ -38,6 +38,7 @@ def target_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 def test_ledger_matches_an_independent_accountant(target_run):
     _, report = target_run
     assert report["run"]["privacy"] == "dp"
@@ -61,12 +62,14 @@ def test_ledger_matches_an_independent_accountant(target_run):
             assert "train_loss" not in metrics, (record["round"], site)
 
 
+@pytest.mark.slow
 def test_target_epsilon_is_reached_but_not_exceeded(target_run):
     _, report = target_run
     for led in report["privacy"].values():
         assert 0.9 * 8 <= led["epsilon"] <= 8, led
 
 
+@pytest.mark.slow
 def test_dp_training_still_learns(target_run):
     _, report = target_run
     # beats chance (AUROC 0.5) clearly at epsilon = 8 with ~200 records per site
@@ -74,6 +77,7 @@ def test_dp_training_still_learns(target_run):
     assert report["final"]["global"]["auroc"] > report["initial"]["global"]["auroc"] + 0.1
 
 
+@pytest.mark.slow
 def test_privacy_section_in_markdown_and_plot(target_run):
     out, _ = target_run
     md = (out / "report.md").read_text()
@@ -96,6 +100,7 @@ def test_only_training_without_dp_reports_its_loss():
     assert set(private) == {"steps"}  # the un-noised mean loss would leak; it stays home
 
 
+@pytest.mark.slow
 def test_a_site_over_budget_declines_and_the_run_finishes(tmp_path):
     sigma, rounds, epochs = 1.0, 3, 2
     overrides = (*BASE[:3], "privacy=dp", f"local_epochs={epochs}", f"rounds={rounds}",

@@ -142,6 +142,7 @@ def partial(tmp_path_factory):
     return out, run_simulation_cli(out, *PARTIAL, f"data.cache_dir={out / 'cache'}")
 
 
+@pytest.mark.slow
 def test_a_site_is_charged_only_for_the_rounds_it_trained(partial):
     _, report = partial
     trained = {}
@@ -169,6 +170,7 @@ def test_a_site_is_charged_only_for_the_rounds_it_trained(partial):
         assert len(ledger["epsilon_per_round"]) == len(rounds)
 
 
+@pytest.mark.slow
 def test_two_hundred_sites_five_per_round_written_on_first_use(tmp_path):
     cache = tmp_path / "cache"
     report = run_simulation_cli(tmp_path, "task=tabular", "num_hospitals=200",
@@ -195,6 +197,7 @@ def test_two_hundred_sites_five_per_round_written_on_first_use(tmp_path):
     assert len((tmp_path / "sites.csv").read_text().splitlines()) == len(participation) + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rounds_trained", [1, 2, 5])
 def test_a_site_sampled_in_fewer_rounds_stays_within_its_target_epsilon(rounds_trained):
     """The site plans σ for every round of the run (it cannot know how often it will be

@@ -90,6 +90,7 @@ def ray_head() -> Iterator[RayHead]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_the_main_job_runs_its_sites_on_an_existing_cluster(ray_head, tmp_path):
     before = ray_head.site_actors_started()
     report = run_simulation_cli(tmp_path / "cluster", *TINY,
@@ -116,6 +117,7 @@ def test_without_an_address_a_run_asks_ray_for_a_private_instance():
     assert _ray_init_args(None, 512)["object_store_memory"] == 512 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_an_address_where_no_cluster_answers_fails_fast_naming_the_key(tmp_path):
     # ray.init itself retries such an address for minutes (measured: over 5 min)
     closed_port = _free_port()
@@ -145,6 +147,7 @@ def test_a_ray_client_address_is_refused_with_the_address_form_expected():
         compose(["simulation.ray_address=ray://10.0.0.5:10001"])
 
 
+@pytest.mark.slow
 def test_a_port_that_answers_but_is_no_ray_head_is_refused_in_seconds(ray_head):
     started = time.monotonic()
     with pytest.raises(ConfigError, match="simulation.ray_address=.* is no Ray cluster's head"):

@@ -175,6 +175,7 @@ def uninterrupted(tmp_path_factory):
     return report
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     run_simulation_cli(tmp_path / "part", *RUN, "rounds=2")
     assert load_checkpoint(tmp_path / "part").round == 2
@@ -186,6 +187,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(uninterrupted, tmp_path):
         assert len(led["epsilon_per_round"]) == 3
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_run_resumes_without_losing_or_repeating_a_round(
     uninterrupted, tmp_path
 ):
@@ -218,6 +220,7 @@ def test_a_server_killed_mid_run_resumes_without_losing_or_repeating_a_round(
         assert epsilon >= full_eps - 1e-9 and steps >= full_steps and trained >= 3
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_run_or_a_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint.npz"):
         load_checkpoint(tmp_path)
@@ -235,6 +238,7 @@ def test_resume_refuses_a_different_run_or_a_missing_checkpoint(tmp_path):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_checkpoint_holds_the_last_round_and_no_temporary_file_is_left(uninterrupted):
     out = Path(uninterrupted["out"])
     checkpoint = load_checkpoint(out)

@@ -101,3 +101,27 @@ def test_sites_that_refuse_the_run_leave_the_model_untouched(tmp_path):
     assert sorted(record["refused"]) == ["hospital_01", "hospital_02", "hospital_03"]
     assert not record["train"]
     assert {kind for _, kind in grid.delivered} <= {"train", "evaluate"}
+
+
+def test_the_main_jobs_simulate_runs_on_the_in_process_grid(tmp_path, monkeypatch):
+    """simulations/run.py ``simulate`` end to end (sites, identities, pooled evaluation,
+    progress, report) with the in-process grid in place of Ray's engine."""
+    import simulations.run as job
+
+    def in_process(server_app, client_app, num_sites, **_engine_options):
+        grid = InProcessGrid(client_app, {NODE + i: {"partition-id": i}
+                                          for i in range(num_sites)})
+        with server_task_identity(RUN_ID, SERVER_NODE_ID):
+            server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
+                                     state=RecordDict(), run_config={}))
+
+    monkeypatch.setattr(job, "run_in_process", in_process)
+    report = job.simulate(compose([*BASE, "secagg=on"]), tmp_path)
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert [r["secure_aggregation"]["aggregated"] for r in report["rounds"]] == \
+        [["hospital_01", "hospital_02", "hospital_03"]] * 2
+    assert report["run"]["global_evaluation"] == "pooled"
+    assert report["final"]["global"] == report["rounds"][-1]["global"]  # the last round's model
+    assert (tmp_path / "secagg-identities" / "roster.json").is_file()  # made on the fly
+    for site in ("hospital_01", "hospital_02", "hospital_03"):
+        assert (tmp_path / "sites" / site / "egress.jsonl").is_file()

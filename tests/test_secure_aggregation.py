@@ -106,6 +106,7 @@ def runs(tmp_path_factory, budget):
     return plain_dir, plain, secure_dir, secure
 
 
+@pytest.mark.slow
 def test_secure_rounds_give_the_plaintext_model_up_to_quantization(runs):
     plain_dir, plain, secure_dir, secure = runs
     assert secure["run"]["secure_aggregation"] is True
@@ -118,6 +119,7 @@ def test_secure_rounds_give_the_plaintext_model_up_to_quantization(runs):
         assert r_plain["declined"].keys() == r_secure["declined"].keys()
 
 
+@pytest.mark.slow
 def test_a_site_that_declines_after_sharing_keys_is_recovered(runs):
     _, _, _, secure = runs
     first, second = (r["secure_aggregation"] for r in secure["rounds"])
@@ -128,6 +130,7 @@ def test_a_site_that_declines_after_sharing_keys_is_recovered(runs):
     assert not second["aborted"]
 
 
+@pytest.mark.slow
 def test_the_report_states_bytes_uploaded_per_site(runs):
     _, _, _, secure = runs
     record = secure["rounds"][0]["secure_aggregation"]
@@ -140,6 +143,7 @@ def test_the_report_states_bytes_uploaded_per_site(runs):
         assert metrics["num_examples"] == 0
 
 
+@pytest.mark.slow
 def test_under_secagg_no_plain_update_leaves_a_site_and_both_sides_count_the_same_bytes(runs):
     _, _, secure_dir, secure = runs
     for site_dir in sorted((secure_dir / "sites").iterdir()):

@@ -17,6 +17,7 @@ def first_run(tmp_path_factory):
     return out, run_simulation_cli(out, *TINY)
 
 
+@pytest.mark.slow
 def test_simulation_writes_the_report_contract(first_run):
     out, report = first_run
     for name in ("report.json", "report.md", "model.pt", "plots/global_metrics.png"):
@@ -41,6 +42,7 @@ def test_simulation_writes_the_report_contract(first_run):
     assert "No differential privacy" in md and "ε" not in md
 
 
+@pytest.mark.slow
 def test_the_pooled_global_evaluation_is_the_sites_evaluations_of_the_same_model(first_run):
     """Each round the server evaluates the global model on the union of the sites' test splits
     and every site evaluates the model it received on its own: the same model on the same
@@ -56,6 +58,7 @@ def test_the_pooled_global_evaluation_is_the_sites_evaluations_of_the_same_model
                                                                                  metric)
 
 
+@pytest.mark.slow
 def test_federated_training_learns(first_run):
     _, report = first_run
     initial, final = report["initial"]["global"], report["final"]["global"]
@@ -67,6 +70,7 @@ def test_federated_training_learns(first_run):
     assert final["accuracy"] > majority, (final, majority)
 
 
+@pytest.mark.slow
 def test_same_seed_same_config_gives_identical_metrics(first_run, tmp_path):
     _, report = first_run
     again = run_simulation_cli(tmp_path, *TINY)

@@ -256,6 +256,7 @@ def _fedavg(sites, model_cfg, spec, rounds, labels_of=lambda s: s.train.tensors[
     return global_model
 
 
+@pytest.mark.slow
 def test_three_hospitals_learn_in_two_rounds_and_shuffled_labels_do_not(tmp_path, cfg,
                                                                         one_thread):
     # generator v2 notes are harder (2 in 5 pneumonia notes never name it): 300 notes a site

@@ -7,6 +7,7 @@ import pytest
 from tests.helpers import run_simulation_cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("task", "sizes"),
     [

@@ -705,6 +705,7 @@ def test_only_a_noisy_count_of_the_site_leaves_and_it_is_charged(cfg):
     assert again.released_count == 403 and again.epsilon() == a.epsilon()
 
 
+@pytest.mark.slow
 def test_a_simulation_whose_sites_require_dp_refuses_privacy_off_end_to_end(tmp_path):
     """The issue's command: every simulated site refuses, the reason reaches report.json,
     report.md and the console, and no baseline trains on the sites' data either."""
