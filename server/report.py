@@ -284,9 +284,9 @@ def _named(entries: Mapping[str, str] | list[str], sep: str = "; ") -> str:
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
-    run, final = report["run"], report["final"]
-    site_rows = report.get("sites", {})
-    many = len(site_rows) > MANY_SITES
+    """report.md: header, warnings, privacy, final metrics, baselines, rounds, plots."""
+    run = report["run"]
+    many = len(report.get("sites", {})) > MANY_SITES
     lines = [
         f"# medsilo run: {run['task']} / {run['model']} / {run['strategy']}",
         "",
@@ -298,7 +298,22 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     warnings = collapse_warnings(report)
     if warnings:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in warnings] + [""]
-    lines += ["## Privacy", ""]
+    lines += _privacy_section(report, many)
+    if run.get("stopped_early"):
+        lines += ["", f"**The run stopped early:** {run['stopped_early']}"]
+    lines += _final_metrics_section(report, many)
+    lines += _skipped_records_markdown(report, many)
+    lines += _baselines_markdown(report)
+    lines += _rounds_section(report)
+    lines += ["", "Plots: `plots/global_metrics.png`, `plots/sites_<metric>.png`"
+              + (" (median and p10–p90 band over sites)" if many else "")
+              + ", `plots/participation.png`.", ""]
+    return "\n".join(lines)
+
+
+def _privacy_section(report: Mapping[str, Any], many: bool) -> list[str]:
+    run, site_rows = report["run"], report.get("sites", {})
+    lines = ["## Privacy", ""]
     if run["privacy"] == "off":
         lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
                      "what the model reveals about an individual patient record.")
@@ -312,24 +327,32 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines += ["", "No ε for " + ", ".join(never) + ": never trained, no records used."]
     if run["privacy"] != "off" and report.get("privacy_guarantee"):
         lines += _guarantee_markdown(report["privacy_guarantee"])
-    if run.get("stopped_early"):
-        lines += ["", f"**The run stopped early:** {run['stopped_early']}"]
+    return lines
+
+
+def _evaluated_on(run: Mapping[str, Any]) -> str:
+    """What the global metrics were computed on, in words."""
     pooled = run["global_evaluation"] == "pooled"
-    where = ("the union of all sites' test splits" if pooled
-             else "each site's test split, example-weighted mean")
     pool = run.get("pooled_evaluation_sites")
     if pooled and pool is not None and len(pool) < run["num_hospitals"]:
-        where = (f"the union of the test splits of {len(pool)} of the {run['num_hospitals']} "
-                 "sites (a seeded sample fixed for the run: `simulation.pooled_eval_sites`; "
-                 "report.json `run.pooled_evaluation_sites`)")
-    lines += [
+        return (f"the union of the test splits of {len(pool)} of the {run['num_hospitals']} "
+                "sites (a seeded sample fixed for the run: `simulation.pooled_eval_sites`; "
+                "report.json `run.pooled_evaluation_sites`)")
+    return ("the union of all sites' test splits" if pooled
+            else "each site's test split, example-weighted mean")
+
+
+def _final_metrics_section(report: Mapping[str, Any], many: bool) -> list[str]:
+    final, site_rows = report["final"], report.get("sites", {})
+    lines = [
         "",
         "## Final metrics",
         "",
-        f"*Global* = the final global model on {where}; *client mean* = unweighted mean over "
-        "sites; per site = on that site's own test split. Averages over classes (balanced "
-        "accuracy, AUROC, AUPRC, macro-F1) run over the classes present in that split; n/a = "
-        "undefined there (AUROC with one class present), never a filled-in zero.",
+        f"*Global* = the final global model on {_evaluated_on(report['run'])}; *client mean* = "
+        "unweighted mean over sites; per site = on that site's own test split. Averages over "
+        "classes (balanced accuracy, AUROC, AUPRC, macro-F1) run over the classes present in "
+        "that split; n/a = undefined there (AUROC with one class present), never a filled-in "
+        "zero.",
         "",
         "| | examples | rounds trained | " + " | ".join(HEADLINE_METRICS) + " |",
         "|---|---:|---:|" + "---:|" * len(HEADLINE_METRICS),
@@ -345,59 +368,66 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {name} | {n} | {trained} | {values} |")
     if many:
         lines += _sites_summary_markdown(report)
+    return lines
+
+
+def _skipped_records_markdown(report: Mapping[str, Any], many: bool) -> list[str]:
     skipped = {s: d["skipped"] for s, d in report.get("data", {}).items() if d["skipped"]}
     if skipped and many:
         totals: Counter[str] = Counter()
         for counts in skipped.values():
             totals.update(counts)  # update, not +: a reason counted 0 stays listed
-        lines += ["", f"Records the loaders of {len(skipped)} sites left out (counted, not "
-                  "silently dropped): " + ", ".join(f"{n} {why}" for why, n in totals.items())
-                  + "; per site in report.json `data`."]
-    elif skipped:
-        lines += ["", "Records the sites' loaders left out (counted, not silently dropped): "
-                  + "; ".join(f"{s}: " + ", ".join(f"{n} {why}" for why, n in d.items())
-                              for s, d in skipped.items())]
-    lines += _baselines_markdown(report)
-    lines += ["", "## Rounds", ""]
+        return ["", f"Records the loaders of {len(skipped)} sites left out (counted, not "
+                "silently dropped): " + ", ".join(f"{n} {why}" for why, n in totals.items())
+                + "; per site in report.json `data`."]
+    if skipped:
+        return ["", "Records the sites' loaders left out (counted, not silently dropped): "
+                + "; ".join(f"{s}: " + ", ".join(f"{n} {why}" for why, n in d.items())
+                            for s, d in skipped.items())]
+    return []
+
+
+def _rounds_section(report: Mapping[str, Any]) -> list[str]:
+    lines = ["", "## Rounds", ""]
     initial = report["initial"]["global"]
     if initial:
         lines.append(f"- round 0 (initial model): global loss {_fmt(initial.get('loss'))}, "
                      f"accuracy {_fmt(initial.get('accuracy'))}")
-    for r in report["rounds"]:
-        g = r["global"]
-        line = (f"- round {r['round']}: global loss {_fmt(g.get('loss'))}, accuracy "
-                f"{_fmt(g.get('accuracy'))}, AUROC {_fmt(g.get('auroc'))}; "
-                f"{len(r['train'])}"
-                + (f" of {r['asked']} asked" if r.get("asked") else "") + " sites trained")
-        if r.get("duration_s") is not None:
-            line += f" in {r['duration_s']:.1f} s"
-        if r["declined"]:
-            line += "; declined: " + _named(r["declined"])
-        if r.get("refused"):
-            line += "; refused: " + _named(r["refused"])
-        if r.get("rejected"):
-            line += "; update rejected: " + _named(r["rejected"])
-        secure = r.get("secure_aggregation")
-        if secure:
-            line += (f"; secure aggregation of {len(secure['aggregated'])} sites"
-                     + (f", dropped and recovered: {_named(secure['dropped'], ', ')}"
-                        if secure["dropped"] and not secure["aborted"] else "")
-                     + (f", ABORTED (nothing revealed): {secure['aborted']}"
-                        if secure["aborted"] else "")
-                     + (f", the aggregate failed the update checks: {secure['rejected']}"
-                        if secure.get("rejected") else ""))
-        if r.get("timed_out"):
-            line += "; no answer in time: " + _named(r["timed_out"], ", ")
-        if r.get("skipped"):
-            line += f"; ROUND SKIPPED, global model unchanged: {r['skipped']}"
-        if r["failures"]:
-            line += "; failed: " + _named([f"{f['stage']} on node {f['node_id']}: {f['reason']}"
-                                           for f in r["failures"]])
-        lines.append(line)
-    lines += ["", "Plots: `plots/global_metrics.png`, `plots/sites_<metric>.png`"
-              + (" (median and p10–p90 band over sites)" if many else "")
-              + ", `plots/participation.png`.", ""]
-    return "\n".join(lines)
+    return lines + [_round_line(r) for r in report["rounds"]]
+
+
+def _round_line(r: Mapping[str, Any]) -> str:
+    g = r["global"]
+    line = (f"- round {r['round']}: global loss {_fmt(g.get('loss'))}, accuracy "
+            f"{_fmt(g.get('accuracy'))}, AUROC {_fmt(g.get('auroc'))}; "
+            f"{len(r['train'])}"
+            + (f" of {r['asked']} asked" if r.get("asked") else "") + " sites trained")
+    if r.get("duration_s") is not None:
+        line += f" in {r['duration_s']:.1f} s"
+    for key, label in (("declined", "declined"), ("refused", "refused"),
+                       ("rejected", "update rejected")):
+        if r.get(key):
+            line += f"; {label}: " + _named(r[key])
+    if r.get("secure_aggregation"):
+        line += _secure_round_text(r["secure_aggregation"])
+    if r.get("timed_out"):
+        line += "; no answer in time: " + _named(r["timed_out"], ", ")
+    if r.get("skipped"):
+        line += f"; ROUND SKIPPED, global model unchanged: {r['skipped']}"
+    if r["failures"]:
+        line += "; failed: " + _named([f"{f['stage']} on node {f['node_id']}: {f['reason']}"
+                                       for f in r["failures"]])
+    return line
+
+
+def _secure_round_text(secure: Mapping[str, Any]) -> str:
+    return (f"; secure aggregation of {len(secure['aggregated'])} sites"
+            + (f", dropped and recovered: {_named(secure['dropped'], ', ')}"
+               if secure["dropped"] and not secure["aborted"] else "")
+            + (f", ABORTED (nothing revealed): {secure['aborted']}"
+               if secure["aborted"] else "")
+            + (f", the aggregate failed the update checks: {secure['rejected']}"
+               if secure.get("rejected") else ""))
 
 
 # The metrics the baseline comparison shows: ranking quality, and the one a collapsed model fails.
