@@ -298,7 +298,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     warnings = collapse_warnings(report)
     if warnings:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in warnings] + [""]
-    lines += _privacy_section(report, many)
+    lines += _privacy_markdown_section(report, many)
     if run.get("stopped_early"):
         lines += ["", f"**The run stopped early:** {run['stopped_early']}"]
     lines += _final_metrics_section(report, many)
@@ -311,7 +311,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _privacy_section(report: Mapping[str, Any], many: bool) -> list[str]:
+def _privacy_markdown_section(report: Mapping[str, Any], many: bool) -> list[str]:
     run, site_rows = report["run"], report.get("sites", {})
     lines = ["## Privacy", ""]
     if run["privacy"] == "off":
