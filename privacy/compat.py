@@ -40,7 +40,7 @@ PINNED: dict[str, str] = {
 # What breaks if the package differs, for the error message.
 _USED_INTERNALS = {
     "flwr": "the simulation engine's node ids and delivery loop, object-tree sizes, "
-            "error codes, node sampling",
+            "error codes",
     "torch": "Opacus 1.6's per-sample gradient hooks",
     "opacus": "the processed-gradient flags that secure noise (privacy/secure_noise.py) keeps",
     "ray": "the cluster address check of simulation.ray_address (simulations/engine.py)",
@@ -90,15 +90,6 @@ def client_app_error_code() -> int:
     from flwr.common.constant import ErrorCode
 
     return int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
-
-
-def sample_connected_nodes(grid: Any, min_available: int) -> list[int]:
-    """Node ids of the sites connected to ``grid``, waiting until ``min_available`` are (Flower
-    strategies' own helper, ``strategy_utils.sample_nodes`` with no sampling)."""
-    from flwr.serverapp.strategy.strategy_utils import sample_nodes
-
-    _, connected = sample_nodes(grid, min_available, 0)
-    return list(connected)
 
 
 # ---- Flower: the in-process simulation engine ------------------------------------------------

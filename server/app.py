@@ -68,7 +68,9 @@ def build_server_app(
                                   sites_per_round=run_settings.sites_per_round(config),
                                   seed=int(config["seed"]),
                                   final_round=(int(config["rounds"]) if config.get(
-                                      "final_evaluation", "all") == "all" else None))
+                                      "final_evaluation", "all") == "all" else None),
+                                  min_sites=int(config["min_sites"]),
+                                  connect_timeout_s=float(config.get("connect_timeout_s", 120)))
 
         def after_round(server_round: int, arrays: ArrayRecord) -> None:
             save_checkpoint(out, Checkpoint(

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from privacy import protocol
 from server.history import RoundRecord, RunHistory, node_label
 from server.secure_aggregation import SecureAggregate, SecureAggregation, SecureRound
-from server.strategy import ScreeningMixin, SiteReplies, TrainScreening, read_replies
+from server.strategy import ScreeningMixin, SiteReplies, TooFewSites, TrainScreening, read_replies
 
 # (server_round, arrays) -> metrics of the global model on data the server may see; None: the
 # server has none (deployment), and the sites' weighted mean stands for them
@@ -77,10 +77,16 @@ def run_rounds(
     for server_round in range(first_round, num_rounds + 1):
         clock = time.perf_counter()
         record = history.rounds[server_round] = RoundRecord(server_round, started_at=time.time())
-        arrays, stopped = _train(strategy, grid, history, record, arrays, settings)
+        try:
+            arrays, stopped = _train(strategy, grid, history, record, arrays, settings)
+        except TooFewSites as gone:  # a lost site is never waited for: stop, checkpointed
+            record.skipped_round = stopped = str(gone)
         if stopped is not None:
             return RunOutcome(arrays, stopped=stopped)
-        _evaluate(strategy, grid, history, record, arrays, settings)
+        try:
+            _evaluate(strategy, grid, history, record, arrays, settings)
+        except TooFewSites as gone:  # the round's update stands; its evaluation could not run
+            record.failures.append({"stage": "evaluate", "node_id": None, "reason": str(gone)})
         record.global_metrics = _global_metrics(
             record, evaluate_fn(server_round, arrays) if evaluate_fn is not None else None)
         record.duration_s = time.perf_counter() - clock

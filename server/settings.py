@@ -54,6 +54,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _check(_is_int(cfg["seed"]) and cfg["seed"] >= 0, "seed", "an integer >= 0", cfg["seed"])
     _check(cfg["optimizer"] in ("sgd", "adam"), "optimizer", "one of ['sgd', 'adam']",
            cfg["optimizer"])
+    wait = cfg.get("connect_timeout_s", 120)
+    _check(_is_number(wait) and wait > 0, "connect_timeout_s", "a number of seconds > 0", wait)
     decay = cfg.get("weight_decay", 0.0)
     _check(_is_number(decay) and decay >= 0, "weight_decay", "a number >= 0", decay)
     balance = cfg.get("class_balance", "none")

@@ -9,8 +9,10 @@ nothing: server/rounds.py writes what it returns into the round's record.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +31,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from privacy import compat, protocol
+from privacy import protocol
 from server.secure_aggregation import SecureAggregate
 from server.validation import UpdateBounds, check_update, reference_arrays
+
+log = logging.getLogger("flwr.medsilo.server")
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -146,8 +150,20 @@ class SampledGrid:
         return getattr(self._grid, name)
 
 
+class TooFewSites(RuntimeError):
+    """Fewer than ``min_sites`` hospitals are connected after waiting ``connect_timeout_s``:
+    the run stops cleanly (server/rounds.py) instead of waiting for a site that is gone."""
+
+
 class ScreeningMixin:
     bounds: UpdateBounds = UpdateBounds()
+    # How long a round waits for sites to connect: before this process's first round for every
+    # hospital (num_sites), later only while fewer than min_sites are connected. Never forever:
+    # a lost SuperNode must not hang the federation (Flower's own sampling waits indefinitely).
+    connect_timeout_s: float = 120.0
+    min_sites: int = 1
+    _waited_for_all: bool = False
+    _min_nodes: tuple[int, int, int] | None = None  # Flower's minimums as configured
     last_arrays: ArrayRecord | None = None  # the global model sent out in the latest round
     # Per-round sampling (issue 9): None = every site. The sample is drawn from the sorted node
     # ids with a generator seeded by (seed, round, stage), so the same seed picks the same
@@ -157,11 +173,36 @@ class ScreeningMixin:
     sample_seed: int = 0
     final_round: int | None = None  # its evaluation asks every site (complete final table)
 
+    def _connected(self, grid: Grid, server_round: int) -> list[int]:
+        """The connected sites, after waiting at most ``connect_timeout_s`` (module above)."""
+        wanted = self.min_sites if self._waited_for_all else self.num_sites
+        deadline = time.monotonic() + self.connect_timeout_s
+        while len(nodes := sorted(grid.get_node_ids())) < wanted \
+                and time.monotonic() < deadline:
+            log.info("round %d: %d of %d sites connected, waiting up to %.0f s more",
+                     server_round, len(nodes), wanted, deadline - time.monotonic())
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        self._waited_for_all = True
+        if len(nodes) < self.min_sites:
+            raise TooFewSites(
+                f"round {server_round}: {len(nodes)} of {self.num_sites} sites connected after "
+                f"waiting connect_timeout_s={self.connect_timeout_s:g} s, fewer than "
+                f"min_sites={self.min_sites}")
+        if len(nodes) < self.num_sites:
+            log.warning("round %d goes on with the %d of %d sites connected", server_round,
+                        len(nodes), self.num_sites)
+        # Flower's strategies wait (forever) for their configured minimums: no more than are here
+        if self._min_nodes is None:
+            self._min_nodes = (self.min_available_nodes, self.min_train_nodes,  # type: ignore[attr-defined]
+                               self.min_evaluate_nodes)  # type: ignore[attr-defined]
+        self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = (
+            min(n, len(nodes)) for n in self._min_nodes)
+        return nodes
+
     def _sample(self, grid: Grid, server_round: int, stage: str) -> Grid:
+        nodes = self._connected(grid, server_round)
         if self.sites_per_round is None:
-            return grid
-        # Flower's own wait until every hospital is connected (it samples none here)
-        nodes = sorted(compat.sample_connected_nodes(grid, self.num_sites))
+            return SampledGrid(grid, nodes)
         if stage == "evaluate" and server_round == self.final_round:
             return SampledGrid(grid, nodes)
         draw = random.Random(f"medsilo-sample:{self.sample_seed}:{server_round}:{stage}")
@@ -263,11 +304,13 @@ def _same_dtypes(arrays: ArrayRecord | None, like: ArrayRecord | None) -> ArrayR
 def build_strategy(
     strategy_cfg: Mapping[str, Any], num_sites: int,
     bounds: UpdateBounds | None = None, *, sites_per_round: int | None = None, seed: int = 0,
-    final_round: int | None = None,
+    final_round: int | None = None, min_sites: int = 1, connect_timeout_s: float = 120.0,
 ) -> Strategy:
     """Flower's strategy ``strategy_cfg.name`` with the remaining keys as its arguments.
 
-    The server waits until all ``num_sites`` hospitals are connected before the first round.
+    Before the first round the server waits up to ``connect_timeout_s`` for all ``num_sites``
+    hospitals, later rounds only while fewer than ``min_sites`` are connected; then it goes on
+    with those connected, or raises :class:`TooFewSites` (the run stops cleanly).
     ``sites_per_round`` (fewer than ``num_sites``): each round trains and evaluates a seeded
     sample of that many sites; the evaluation of round ``final_round`` (if any) asks every site.
     """
@@ -289,7 +332,8 @@ def build_strategy(
     params.setdefault("min_evaluate_nodes", max(1, math.ceil(fraction_evaluate * num_sites)))
     strategy = screening(**params)
     strategy.bounds = bounds or UpdateBounds()
-    strategy.num_sites = num_sites
+    strategy.num_sites, strategy.min_sites = num_sites, min_sites
+    strategy.connect_timeout_s = connect_timeout_s
     if sampled:
         strategy.sites_per_round, strategy.sample_seed = sites_per_round, seed
         strategy.final_round = final_round

@@ -4,7 +4,8 @@ node, in this process, one after the other.
 For fast tests of the server's round loop, secure aggregation and report where a simulation
 engine is not the point: the same ServerApp and ClientApp code, the same Message objects, each
 site with its own ``Context`` (its state survives between messages, as on a SuperNode).
-``drop`` lets a test make nodes go silent from a given message type on. Run the ServerApp
+``drop`` lets a test make nodes go silent from a given message type on: such a node no
+longer answers and is no longer connected. Run the ServerApp
 inside ``privacy.compat.server_task_identity(RUN_ID, SERVER_NODE_ID)`` (Message() reads it).
 """
 
@@ -40,7 +41,8 @@ class InProcessGrid(Grid):
 
     # -- what the round loop and Flower's strategies use ------------------------------------
     def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
+        """The connected nodes: a node that went silent has left (its SuperNode is gone)."""
+        return sorted(set(self.contexts) - self._silent)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:

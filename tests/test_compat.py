@@ -123,14 +123,6 @@ def test_the_client_app_error_code_is_flowers():
     assert compat.client_app_error_code() > 0
 
 
-def test_connected_nodes_are_all_the_grids_nodes():
-    class Grid:
-        def get_node_ids(self):
-            return [30, 10, 20]
-
-    assert sorted(compat.sample_connected_nodes(Grid(), 3)) == [10, 20, 30]
-
-
 # ---- Flower: the engine patches ---------------------------------------------------------------
 
 def test_the_engine_patches_are_applied_for_the_block_and_restored():

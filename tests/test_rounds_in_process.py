@@ -125,3 +125,33 @@ def test_the_main_jobs_simulate_runs_on_the_in_process_grid(tmp_path, monkeypatc
     assert (tmp_path / "secagg-identities" / "roster.json").is_file()  # made on the fly
     for site in ("hospital_01", "hospital_02", "hospital_03"):
         assert (tmp_path / "sites" / site / "egress.jsonl").is_file()
+
+
+def test_a_lost_site_is_not_waited_for_the_next_round_goes_on_without_it(tmp_path):
+    cfg, grid = _federation(tmp_path, "connect_timeout_s=30")
+    grid.drop[NODE + 2] = "evaluate"  # trains in round 1, then its SuperNode is gone
+    report = _run(cfg, grid, tmp_path)  # would wait forever for 3 sites before issue 17
+    first, second = report["rounds"]
+    assert sorted(first["train"]) == ["hospital_01", "hospital_02", "hospital_03"]
+    assert second["asked"] == 2 and sorted(second["train"]) == ["hospital_01", "hospital_02"]
+    assert report["run"].get("stopped_early") is None
+
+
+def test_too_few_sites_left_stops_cleanly_with_the_reason_and_the_last_checkpoint(tmp_path):
+    cfg, grid = _federation(tmp_path, "connect_timeout_s=0.5", "min_sites=3")
+    grid.drop[NODE + 2] = "evaluate"
+    report = _run(cfg, grid, tmp_path)
+    reason = report["run"]["stopped_early"]
+    assert "round 2: 2 of 3 sites connected" in reason and "min_sites=3" in reason
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][1]["skipped"] == reason and not report["rounds"][1]["train"]
+    from server.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path).round == 1  # the last complete round, resumable
+
+
+def test_a_hospital_that_never_connects_is_waited_for_only_until_the_timeout(tmp_path):
+    cfg, grid = _federation(tmp_path, "connect_timeout_s=0.5", "rounds=1")
+    grid.contexts.pop(NODE + 1)  # hospital_02's SuperNode never starts
+    report = _run(cfg, grid, tmp_path)
+    (record,) = report["rounds"]
+    assert sorted(record["train"]) == ["hospital_01", "hospital_03"]
