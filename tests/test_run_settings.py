@@ -52,3 +52,31 @@ def test_a_setting_of_the_wrong_type_is_named_at_the_site(key, value, expected):
     with pytest.raises(RunSettingsError) as error:
         protocol.decode_run_settings(record)
     assert expected in str(error.value)
+
+
+def test_every_run_config_key_the_release_declares_composes_and_the_deploy_doc_uses_only_them():
+    """`flwr run --run-config` may set only the keys of [tool.flwr.app.config] (Flower refuses
+    others without naming them); each declared key must be a valid override, and the commands
+    in docs/deploy.md must use declared keys only."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from server.settings import overrides_from_run_config
+
+    root = Path(__file__).resolve().parent.parent
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    assert {"privacy", "secagg", "min_sites", "connect_timeout_s"} <= set(declared)
+    release = {**declared, "privacy": "dp", "secagg": "on", "num_hospitals": 3, "rounds": 2}
+    cfg = compose(overrides_from_run_config(release))
+    assert (cfg["privacy"]["name"], cfg["secagg"]["name"], cfg["min_sites"]) == ("dp", "on", 1)
+    doc = (root / "docs" / "deploy.md").read_text()
+    used = {key for config in re.findall(r"--run-config\s+['\"](.+?)['\"]\s*$", doc, re.M)
+            for key in re.findall(r"(?:^|\s)([\w.]+)=", config)}
+    assert used and used <= set(declared), sorted(used - set(declared))
+    from hydra.errors import MissingConfigException
+
+    # a bad value of a declared key: named, with the accepted values
+    with pytest.raises(MissingConfigException, match=r"(?s)privacy/dpp.*options in 'privacy'"):
+        compose(overrides_from_run_config({**declared, "privacy": "dpp"}))
