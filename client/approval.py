@@ -6,9 +6,9 @@ from the code the ClientApp actually imports, so that a hospital admin computes 
 from a release checkout (``python -m client.approval hash /path/to/checkout``) as the running
 app computes from the FAB Flower installed:
 
-- every file ending in ``.py .yaml .yml .toml .json`` under ``client/ server/ models/ privacy/
-  conf/``, except ``__pycache__``, hidden files and tests (``test_*.py``, ``*_test.py``, which
-  Flower leaves out of a FAB);
+- every ``.py`` file under ``client/ server/ models/ privacy/`` and every ``.yaml`` under
+  ``conf/`` (exactly the FAB's ``fab-include``), except ``__pycache__``, hidden files and tests
+  (``test_*.py``, ``*_test.py``, which Flower leaves out of a FAB);
 - ``pyproject.toml`` by its parsed content (canonical JSON, without ``[tool.flwr.federations]``),
   because Flower rewrites that file when it builds a FAB (comments and that table dropped).
 
@@ -37,8 +37,10 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-HASHED_PACKAGES = ("client", "server", "models", "privacy", "conf")
-HASHED_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".json")
+# Exactly what the FAB holds (pyproject.toml [tool.flwr.app] fab-include): the code packages'
+# Python files and conf/'s YAML; tests/test_fab.py checks the two agree.
+HASHED = {"client": ".py", "server": ".py", "models": ".py", "privacy": ".py", "conf": ".yaml"}
+HASHED_PACKAGES = tuple(HASHED)
 PYPROJECT = "pyproject.toml"
 APP_ROOT = Path(__file__).resolve().parent.parent  # the root the running ClientApp came from
 
@@ -46,7 +48,7 @@ APP_ROOT = Path(__file__).resolve().parent.parent  # the root the running Client
 def _is_hashed(relative: Path) -> bool:
     name = relative.name
     return (
-        relative.suffix in HASHED_SUFFIXES
+        relative.suffix == HASHED[relative.parts[0]]
         and "__pycache__" not in relative.parts
         and not any(part.startswith(".") for part in relative.parts)
         and not (name.startswith("test_") and name.endswith(".py"))
