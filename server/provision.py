@@ -308,7 +308,56 @@ def provision(
                    private=False, force=False)
             result.created.append(template)
     _write_rosters(result, ca_key)
+    _write_startup_kits(result, address)
     return result
+
+
+def _script(path: Path, lines: Sequence[str]) -> None:
+    """A start-up script (0755), rewritten on every run so it names the current files."""
+    text = "#!/bin/sh\n" + "\n".join(lines) + "\n"
+    write_atomically(path, text.encode(), mode=0o755)
+
+
+def _write_startup_kits(result: Provisioned, address: str) -> None:
+    """The exact commands, with this federation's absolute paths: the coordinator's
+    start-superlink.sh and register-sites.sh, each hospital's start-supernode.sh."""
+    link = result.superlink_dir.resolve()
+    port = address.rsplit(":", 1)[-1]
+    _script(link / "start-superlink.sh", [
+        "# The SuperLink: TLS with this federation's certificate, only registered SuperNodes.",
+        "set -eu",
+        "exec flower-superlink \\",
+        f'    --ssl-ca-certfile "{link}/ca.crt" \\',
+        f'    --ssl-certfile "{link}/server.crt" \\',
+        f'    --ssl-keyfile "{link}/server.key" \\',
+        "    --enable-supernode-auth \\",
+        f"    --host 0.0.0.0 --port {port} \\",
+        f'    --database "{link}/state.db" \\',
+        "    --disable-runtime-dependency-installation",
+    ])
+    sites_dir = result.out_dir.resolve() / "sites"
+    sites = sorted(b.name for b in sites_dir.iterdir() if (b / "supernode.pub").is_file())
+    _script(link / "register-sites.sh", [
+        "# Register every hospital's public key with the SuperLink (after start-superlink.sh;",
+        f"# `flwr` reads the [superlink.{CONNECTION_NAME}] table of connection.toml).",
+        "set -eu",
+        *(f'flwr supernode register "{sites_dir / site}/supernode.pub" {CONNECTION_NAME}'
+          for site in sites),
+        f"flwr supernode list {CONNECTION_NAME}",
+    ])
+    for site in sites:
+        bundle = sites_dir / site
+        _script(bundle / "start-supernode.sh", [
+            f"# {site}'s SuperNode: TLS to the SuperLink, authenticated with this bundle's",
+            "# key, this hospital's own settings (site.toml: data, state_dir, policy).",
+            "set -eu",
+            "exec flower-supernode \\",
+            f"    --superlink {address} \\",
+            f'    --root-certificates "{bundle}/ca.crt" \\',
+            f'    --auth-supernode-private-key "{bundle}/supernode.key" \\',
+            "    --port 9094 \\",
+            f"    --node-config 'site-config=\"{bundle}/site.toml\"'",
+        ])
 
 
 def _write_rosters(result: Provisioned, ca_key: ec.EllipticCurvePrivateKey) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import stat
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -131,3 +133,35 @@ def test_the_command_line(tmp_path):
     bad = subprocess.run([*args[:-4], "--ip", "nope"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "is not an IP address" in bad.stderr
+
+
+def _flags(script: Path) -> set[str]:
+    return set(re.findall(r"(--[a-z-]+)", script.read_text()))
+
+
+def test_the_startup_kits_name_this_federations_files(tmp_path):
+    provision(tmp_path / "fed", ["hospital_a", "hospital_b"])
+    link, site = tmp_path / "fed" / "superlink", tmp_path / "fed" / "sites" / "hospital_a"
+    kit = {"superlink": link / "start-superlink.sh", "register": link / "register-sites.sh",
+           "supernode": site / "start-supernode.sh"}
+    for script in kit.values():
+        assert script.stat().st_mode & 0o777 == 0o755
+        assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+        for path in re.findall(r'"(/[^"]+\.(?:crt|key|pub|toml))', script.read_text()):
+            assert Path(path).is_file(), (script.name, path)  # every file it names exists
+    supernode = kit["supernode"].read_text()
+    assert f'site-config="{site.resolve()}/site.toml"' in supernode
+    assert "--superlink 127.0.0.1:9093" in supernode
+    register = kit["register"].read_text()
+    assert register.count("flwr supernode register") == 2 and "hospital_b/supernode.pub" in register
+
+
+@pytest.mark.slow
+def test_the_startup_kits_use_only_flags_the_pinned_flower_knows(tmp_path):
+    provision(tmp_path / "fed", ["hospital_a"])
+    bin_dir = Path(sys.executable).parent
+    for command, script in (("flower-superlink", "superlink/start-superlink.sh"),
+                            ("flower-supernode", "sites/hospital_a/start-supernode.sh")):
+        known = subprocess.run([str(bin_dir / command), "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+        assert _flags(tmp_path / "fed" / script) <= set(re.findall(r"(--[a-z-]+)", known))
