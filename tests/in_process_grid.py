@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, Metadata, RecordDict
@@ -89,3 +90,38 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         raise NotImplementedError("InProcessGrid: use send_and_receive()")
+
+
+def run_in_process(server_app: Any, client_app: ClientApp, num_sites: int,
+                   **_engine_options: Any) -> None:
+    """A drop-in for ``simulations.engine.run_in_process``: the same ServerApp and ClientApp,
+    every site in this process (``monkeypatch.setattr(simulations.run, "run_in_process",
+    run_in_process)``); torch's thread count is restored afterwards (sites set their own)."""
+    import torch
+    from flwr.app import Context as _Context
+
+    from privacy.compat import server_task_identity
+
+    threads = torch.get_num_threads()
+    grid = InProcessGrid(client_app, {100 + i: {"partition-id": i} for i in range(num_sites)})
+    try:
+        with server_task_identity(RUN_ID, SERVER_NODE_ID):
+            server_app(grid, _Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
+                                      state=RecordDict(), run_config={}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def simulate_in_process(out_dir: Any, *overrides: str) -> dict[str, Any]:
+    """``python -m simulations.run OVERRIDES`` (without baselines unless asked) with the sites
+    in this process: the main job's ``simulate`` on the in-process grid; returns report.json."""
+    import simulations.run as job
+    from server.settings import compose
+
+    if not any(o.startswith("baselines=") for o in overrides):
+        overrides = (*overrides, "baselines=none")
+    engine, job.run_in_process = job.run_in_process, run_in_process
+    try:
+        return job.simulate(compose(list(overrides)), Path(out_dir))
+    finally:
+        job.run_in_process = engine

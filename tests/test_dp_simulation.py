@@ -1,5 +1,6 @@
 """DP-SGD end to end: the ledger each site reports is exactly what an accountant gives for
-the steps it ran, budgets are enforced at the site, and DP training still learns."""
+the steps it ran, budgets are enforced at the site, and DP training still learns. The sites run
+in this process (tests/in_process_grid.py): the accounting, not the engine, is the point."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from client.tasks import get_task
 from client.training import DPConfig, LocalTrainingConfig, dp_schedule, site_seed, train_local
 from server.settings import compose
 from simulations.sites import site_folders
-from tests.helpers import run_simulation_cli
+from tests.in_process_grid import simulate_in_process
 
 BASE = ("num_hospitals=3", "task.synthetic.train_size=200", "task.synthetic.test_size=100",
         "privacy=dp", "local_epochs=2")
@@ -33,12 +34,11 @@ def _independent_epsilon(accountant: str, sigma: float, q: float, steps: int, de
 @pytest.fixture(scope="module")
 def target_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp_target")
-    report = run_simulation_cli(out, *BASE, "rounds=3", "privacy.target_epsilon=8",
-                                "privacy.accountant=prv")
+    report = simulate_in_process(out, *BASE, "rounds=3", "privacy.target_epsilon=8",
+                                 "privacy.accountant=prv")
     return out, report
 
 
-@pytest.mark.slow
 def test_ledger_matches_an_independent_accountant(target_run):
     _, report = target_run
     assert report["run"]["privacy"] == "dp"
@@ -62,14 +62,12 @@ def test_ledger_matches_an_independent_accountant(target_run):
             assert "train_loss" not in metrics, (record["round"], site)
 
 
-@pytest.mark.slow
 def test_target_epsilon_is_reached_but_not_exceeded(target_run):
     _, report = target_run
     for led in report["privacy"].values():
         assert 0.9 * 8 <= led["epsilon"] <= 8, led
 
 
-@pytest.mark.slow
 def test_dp_training_still_learns(target_run):
     _, report = target_run
     # beats chance (AUROC 0.5) clearly at epsilon = 8 with ~200 records per site
@@ -77,7 +75,6 @@ def test_dp_training_still_learns(target_run):
     assert report["final"]["global"]["auroc"] > report["initial"]["global"]["auroc"] + 0.1
 
 
-@pytest.mark.slow
 def test_privacy_section_in_markdown_and_plot(target_run):
     out, _ = target_run
     md = (out / "report.md").read_text()
@@ -100,7 +97,6 @@ def test_only_training_without_dp_reports_its_loss():
     assert set(private) == {"steps"}  # the un-noised mean loss would leak; it stays home
 
 
-@pytest.mark.slow
 def test_a_site_over_budget_declines_and_the_run_finishes(tmp_path):
     sigma, rounds, epochs = 1.0, 3, 2
     overrides = (*BASE[:3], "privacy=dp", f"local_epochs={epochs}", f"rounds={rounds}",
@@ -125,7 +121,7 @@ def test_a_site_over_budget_declines_and_the_run_finishes(tmp_path):
     expected_trained = {s: sum(e <= budget for e in t) for s, t in trajectories.items()}
     assert expected_trained[worst] == 2 and max(expected_trained.values()) == 3
 
-    report = run_simulation_cli(tmp_path, *overrides, f"privacy.max_epsilon={budget}")
+    report = simulate_in_process(tmp_path, *overrides, f"privacy.max_epsilon={budget}")
     assert report["run"]["stopped_early"] is None
     for site, led in report["privacy"].items():
         assert led["rounds_trained"] == expected_trained[site], site

@@ -107,15 +107,9 @@ def test_the_main_jobs_simulate_runs_on_the_in_process_grid(tmp_path, monkeypatc
     """simulations/run.py ``simulate`` end to end (sites, identities, pooled evaluation,
     progress, report) with the in-process grid in place of Ray's engine."""
     import simulations.run as job
+    from tests.in_process_grid import run_in_process
 
-    def in_process(server_app, client_app, num_sites, **_engine_options):
-        grid = InProcessGrid(client_app, {NODE + i: {"partition-id": i}
-                                          for i in range(num_sites)})
-        with server_task_identity(RUN_ID, SERVER_NODE_ID):
-            server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
-                                     state=RecordDict(), run_config={}))
-
-    monkeypatch.setattr(job, "run_in_process", in_process)
+    monkeypatch.setattr(job, "run_in_process", run_in_process)
     report = job.simulate(compose([*BASE, "secagg=on"]), tmp_path)
     assert report == json.loads((tmp_path / "report.json").read_text())
     assert [r["secure_aggregation"]["aggregated"] for r in report["rounds"]] == \
