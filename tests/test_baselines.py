@@ -15,7 +15,7 @@ from server.report import build_report, client_mean, render_markdown
 from server.settings import ConfigError, baseline_kinds, compose
 from simulations.baselines import compute_baselines
 from simulations.sites import site_folders
-from tests.helpers import run_simulation_cli
+from tests.in_process_grid import simulate_in_process
 
 SMALL = ("task=tabular", "task.synthetic.train_size=60", "task.synthetic.test_size=20",
          "num_hospitals=3", "rounds=2")
@@ -27,11 +27,10 @@ def simulated(tmp_path_factory):
     """A real simulation with the default baselines; the global metrics pool 2 of 3 sites, so
     'the same test pool' means the same seeded sample, not simply every site."""
     out = tmp_path_factory.mktemp("baselines_on")
-    return out, run_simulation_cli(out, *SMALL, "simulation.pooled_eval_sites=2",
-                                   "baselines=auto")
+    return out, simulate_in_process(out, *SMALL, "simulation.pooled_eval_sites=2",
+                                    "baselines=auto")
 
 
-@pytest.mark.slow
 def test_a_simulation_reports_both_baselines_by_default(simulated):
     out, report = simulated
     baselines = report["baselines"]
@@ -53,7 +52,6 @@ def test_a_simulation_reports_both_baselines_by_default(simulated):
         assert f"| {site} |" in md.split(SECTION)[1]
 
 
-@pytest.mark.slow
 def test_baselines_are_scored_on_the_federation_s_own_test_splits(simulated):
     _, report = simulated
     final, baselines = report["final"], report["baselines"]
@@ -118,12 +116,11 @@ def test_the_same_seed_and_config_give_identical_baselines(one_thread):
     assert other["local"]["sites"] != first["local"]["sites"]
 
 
-@pytest.mark.slow
 def test_training_alone_is_a_federation_of_one(tmp_path):
     """One hospital, one round: the federated model is that hospital's own update, so the
     model trained alone must score the same (same initial weights, settings and seed)."""
-    report = run_simulation_cli(tmp_path, *SMALL, "num_hospitals=1", "rounds=1",
-                                "baselines=[local]")
+    report = simulate_in_process(tmp_path, *SMALL, "num_hospitals=1", "rounds=1",
+                                 "baselines=[local]")
     assert report["baselines"]["kinds"] == ["local"] and "pooled" not in report["baselines"]
     federated = report["final"]["sites"]["hospital_01"]
     alone = report["baselines"]["local"]["sites"]["hospital_01"]
