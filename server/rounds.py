@@ -113,6 +113,9 @@ def _train(strategy: ScreeningMixin, grid: Grid, history: RunHistory, record: Ro
     _record_timeouts(history, record, [m.metadata.dst_node_id for m in messages], replies)
     screening = strategy.screen_train(replies, with_updates=secure is None)
     _record_training(history, record, screening)
+    if secure is not None:  # the ids of the replies as sent, as each site's egress log has them
+        for site, content_id in secure.content_ids.items():
+            record.received.setdefault(site, {})["train"] = content_id
     if secure is None:
         usable = len(screening.accepted)
     else:  # one aggregate stands for the sites it summed

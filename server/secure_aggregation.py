@@ -94,6 +94,9 @@ class SecureRound:
     failures: list[dict[str, Any]] = field(default_factory=list)  # stage replies with errors
     node_sites: dict[int, str] = field(default_factory=dict)  # Flower node id -> site id
     aggregate: SecureAggregate | None = None  # None: the round aborted
+    # site -> Flower's content id of its masked-input reply as it was sent: the id its egress
+    # log holds (``replies`` above are stripped of the masked vector, so their ids differ)
+    content_ids: dict[str, str] = field(default_factory=dict)
 
 
 class SecureAggregation:
@@ -202,6 +205,8 @@ class _Stages:
         masked = {i: r for i, r in replies.items() if _is_ok(r) and protocol.ARRAYS in r.content}
         # status, loss, ledger: never the masked vector
         self.result.replies += [_without_arrays(r) for r in replies.values()]
+        self.result.content_ids.update({self.site_of[i]: r.content.object_id
+                                        for i, r in replies.items() if i in self.site_of})
         length = int(sum(np.prod(s) for s in self.shapes)) + 1
         return self.server.request_consistency(
             {i: _fields(r) for i, r in masked.items()},

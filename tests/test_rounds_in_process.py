@@ -149,3 +149,16 @@ def test_a_hospital_that_never_connects_is_waited_for_only_until_the_timeout(tmp
     report = _run(cfg, grid, tmp_path)
     (record,) = report["rounds"]
     assert sorted(record["train"]) == ["hospital_01", "hospital_03"]
+
+
+def test_under_secure_aggregation_the_reports_reply_ids_match_each_sites_egress_log(tmp_path):
+    from client.egress import read_log
+
+    cfg, grid = _federation(tmp_path, "secagg=on", "rounds=1")
+    report = _run(cfg, grid, tmp_path)
+    received = report["rounds"][0]["received"]
+    for site in ("hospital_01", "hospital_02", "hospital_03"):
+        log = read_log(tmp_path / "sites" / site / "egress.jsonl")
+        ids = {entry["kind"]: entry["sha256"] for entry in log}
+        assert received[site]["train"] == ids["masked-update"]  # what the site sent, exactly
+        assert received[site]["evaluate"] == ids["metrics"]
