@@ -124,7 +124,7 @@ def send_error(
     text can quote a patient value or a local path. The full text goes to the site's own log
     under the same code, so the site's engineer finds it from the server's report.
     """
-    reason = error_reason(error)
+    reason = error_reason(error, site.site_id)
     log.error("handler for %s failed (%s); replying with the error class and code only",
               msg.metadata.message_type, reason, exc_info=error)
     payload = reason.encode("utf-8")
@@ -141,10 +141,11 @@ def error_code(error: BaseException) -> str:
     return hashlib.sha256(text).hexdigest()[:8]
 
 
-def error_reason(error: BaseException) -> str:
-    """What leaves the site for a failed handler: class and code, never values or paths."""
-    return (f"{type(error).__name__} [site error {error_code(error)}]: details are in the "
-            "site's own log")
+def error_reason(error: BaseException, site_id: str) -> str:
+    """What leaves the site for a failed handler: the site's name (the server reports it by
+    hospital, not by node id), the error's class and a code; never values or paths."""
+    return (f"{site_id}: {type(error).__name__} [site error {error_code(error)}]: details are "
+            "in the site's own log")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -671,7 +671,8 @@ def test_an_error_reply_carries_no_patient_value_and_no_path(cfg, tmp_path, capl
     assert reply.has_error()
     reason = reply.error.reason
     assert "987654321" not in reason and str(tmp_path) not in reason and "/" not in reason
-    assert "[site error " in reason and reason.split(" ")[0].isidentifier()
+    site, error_class = reason.split(" ")[:2]
+    assert site == "hospital_x:" and error_class.isidentifier() and "[site error " in reason
     (entry,) = read_log(tmp_path / "state" / EGRESS_LOG)
     assert entry["kind"] == "error" and entry["reason"] == reason
     # the site's own log keeps the full text under the same code
