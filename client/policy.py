@@ -12,7 +12,9 @@ simulation) win, and a run that asks for less is refused with a reason the serve
 - under DP: σ at least ``min_noise_multiplier`` (an explicit smaller σ is refused; a planned σ
   is raised to the floor), C inside ``max_grad_norm_range``, the site's size released only as a
   noisy count (``count_noise`` >= 1), a known accountant, δ < 1. The site plans σ itself, from
-  its own budget: a server's ``target_epsilon`` above the site's ``max_epsilon`` is lowered to it.
+  its own budget: a server's ``target_epsilon`` above the site's ``max_epsilon`` is lowered to it;
+  a deployed site draws its DP noise, Poisson batches and noisy count from the OS, never from the
+  run's seed (which the server chose and could replay).
 """
 
 from __future__ import annotations
@@ -119,6 +121,11 @@ def site_privacy(site: SiteSettings, privacy: PrivacySettings) -> dict[str, Any]
     effective = privacy.as_dict()
     if site.delta is not None:  # the site's own δ wins over the server's
         effective["delta"] = site.delta
+    if not site.simulated:
+        # The run's seed comes from the server: noise, Poisson batches and the noisy count
+        # drawn from it could be reproduced there and subtracted. A deployed site draws them
+        # from the OS whatever the server asks (simulations keep the seed: reproducibility).
+        effective["secure_noise"] = True
     target = effective.get("target_epsilon")
     if site.max_epsilon is not None and target is not None and target > site.max_epsilon:
         effective["target_epsilon"] = site.max_epsilon

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -89,7 +90,9 @@ class DPConfig:
 
     noise_multiplier: float
     max_grad_norm: float
-    secure_noise: bool = False  # noise from a ChaCha20 CSPRNG (privacy/secure_noise.py)
+    # noise from a ChaCha20 CSPRNG (privacy/secure_noise.py) and Poisson batches seeded from
+    # the OS: nothing a party knowing the run's seed can reproduce
+    secure_noise: bool = False
     # How Opacus gets per-sample gradient norms: hooks | ghost | ew | functorch. None: the
     # model's own choice (its ``grad_sample_mode`` class attribute, chosen by measurement for
     # its layers: simulations/benchmarks/training.py), else hooks.
@@ -170,6 +173,10 @@ def train_local(
     sent to the server with the update.
     """
     generator = torch.Generator().manual_seed(seed)
+    if dp is not None and dp.secure_noise:
+        # Which records a Poisson batch holds must be secret too (amplification by sampling
+        # assumes it): seeded from the OS, not from the run's seed the server chose
+        generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
     torch.manual_seed(seed)  # dropout masks
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     if dp is not None and dp.batches is not None:

@@ -584,6 +584,33 @@ def test_privacy_off_is_refused_by_a_site_that_requires_dp(cfg, site_folder, tmp
     assert reply.content[protocol.SITE][protocol.STATUS] == protocol.STATUS_OK
 
 
+def test_a_server_that_knows_the_seed_cannot_replay_a_deployed_sites_noise(
+        cfg, site_folder, tmp_path):
+    """The run's seed is the server's: noise, Poisson batches or the noisy count drawn from it
+    could be regenerated there and subtracted. Two deployed sites with the same data, asked
+    with the same seed (and secure_noise=false), send different updates and counts; simulated
+    sites, which keep the seed for reproducibility, send identical ones."""
+    def update(reply: Message) -> dict:
+        return reply.content[protocol.ARRAYS].to_torch_state_dict()
+
+    def same(a: Message, b: Message) -> bool:
+        return all(bool((update(a)[k] == update(b)[k]).all()) for k in update(a)) and \
+            a.content[protocol.METRICS][protocol.NUM_EXAMPLES] == \
+            b.content[protocol.METRICS][protocol.NUM_EXAMPLES]
+
+    deployed = [_send(cfg, _site(site_folder, tmp_path / f"d{i}"), secure_noise=False)
+                for i in range(2)]
+    assert not same(*deployed)
+
+    def simulated(i: int) -> Message:
+        context = Context(run_id=RUN_ID, node_id=7, node_config={"partition-id": 0},
+                          state=RecordDict(), run_config={})
+        app = build_client_app({0: _site(site_folder, tmp_path / f"s{i}")})
+        return app(message=_message(cfg, secure_noise=False), context=context)
+
+    assert same(simulated(0), simulated(1))
+
+
 def test_sigma_below_the_sites_floor_is_refused_and_a_planned_sigma_raised(
         cfg, site_folder, tmp_path):
     site = _site(site_folder, tmp_path / "a", **{"min-noise-multiplier": 2.0})
