@@ -115,13 +115,6 @@ def register_secure_aggregation(
         save(context, state)
         return reply(msg, context, site, {}, secagg=out, kind="secagg-keys")
 
-    @app.train(protocol.SECAGG_SHARE_KEYS)
-    @handler
-    def share(msg: Message, context: Context, site: SiteSettings) -> Message:
-        state, out = share_keys(load(context), fields(msg), site_identity(site))
-        save(context, state)
-        return reply(msg, context, site, {}, secagg=out, kind="secagg-shares")
-
     @app.train(protocol.SECAGG_MASKED_INPUT)
     @handler
     def masked(msg: Message, context: Context, site: SiteSettings) -> Message:
@@ -153,18 +146,20 @@ def register_secure_aggregation(
                      arrays=ArrayRecord({protocol.MASKED_UPDATE: Array(masked_vector)}),
                      kind="masked-update")
 
-    @app.train(protocol.SECAGG_CONSISTENCY)
-    @handler
-    def confirm(msg: Message, context: Context, site: SiteSettings) -> Message:
-        state, out = confirm_survivors(load(context), fields(msg), site_identity(site))
-        save(context, state)
-        # a signature by the site's identity key over the survivor set: public, like its keys
-        return reply(msg, context, site, {}, secagg=out, kind="secagg-consistency")
+    def protocol_stage(stage: Callable[..., tuple[dict[str, Any], dict[str, Any]]],
+                       kind: str) -> Callable[[Message, Context, SiteSettings], Message]:
+        """A stage that only advances the protocol: state in, (state, reply fields) out."""
+        def run(msg: Message, context: Context, site: SiteSettings) -> Message:
+            state, out = stage(load(context), fields(msg), site_identity(site))
+            save(context, state)
+            return reply(msg, context, site, {}, secagg=out, kind=kind)
+        return run
 
-    @app.train(protocol.SECAGG_UNMASK)
-    @handler
-    def reveal(msg: Message, context: Context, site: SiteSettings) -> Message:
-        state, out = unmask(load(context), fields(msg), site_identity(site))
-        save(context, state)
-        return reply(msg, context, site, {}, secagg=out, kind="secagg-unmask")
+    # encrypted shares; a signature over the survivor set (public, like the keys); the shares
+    # the server needs to remove the masks of the sum
+    for action, stage, kind in ((protocol.SECAGG_SHARE_KEYS, share_keys, "secagg-shares"),
+                                (protocol.SECAGG_CONSISTENCY, confirm_survivors,
+                                 "secagg-consistency"),
+                                (protocol.SECAGG_UNMASK, unmask, "secagg-unmask")):
+        app.train(action)(handler(protocol_stage(stage, kind)))
 
