@@ -196,7 +196,6 @@ def simulated_link_state(num_sites: int) -> Iterator[SimulatedLinkState]:
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
     from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.task_identity import TaskIdentity
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
@@ -205,14 +204,8 @@ def simulated_link_state(num_sites: int) -> Iterator[SimulatedLinkState]:
     nodes = _register_nodes(num_sites, factory)
     state = factory.state()
     run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, None, "serverapp")
-    saved = {name: getattr(TaskIdentity, name) for name in ("_run_id", "_node_id", "_task_id")}
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = \
-        run_id, SUPERLINK_NODE_ID, 1  # what the ServerApp thread sets
-    try:
+    with server_task_identity(run_id, SUPERLINK_NODE_ID):  # what the ServerApp thread sets
         yield SimulatedLinkState(state, nodes, run_id, InMemoryGrid(factory))
-    finally:
-        for name, value in saved.items():
-            setattr(TaskIdentity, name, value)
 
 
 @contextlib.contextmanager
