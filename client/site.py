@@ -208,11 +208,16 @@ def _boolean(value: Any, key: str, source: str) -> bool:
     raise SiteConfigError(f"{source}: {key} must be true or false, got {value!r}")
 
 
+def _items(value: Any) -> Any:
+    """A TOML list as it is, or a node-config string split at commas or spaces."""
+    return re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else value
+
+
 def _names(value: Any, key: str, source: str) -> tuple[str, ...]:
     """A TOML list of names, or in node config one string separated by commas or spaces."""
     if value in (None, ""):
         return ()
-    items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else value
+    items = _items(value)
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise SiteConfigError(f"{source}: {key} must be a list of names, got {value!r}")
     return tuple(i for i in items if i)
@@ -222,9 +227,8 @@ def _number_range(value: Any, key: str, source: str) -> tuple[float, float] | No
     """``[low, high]`` (TOML list, or "low,high" in node config) with 0 < low <= high."""
     if value in (None, ""):
         return None
-    items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else value
     try:
-        low, high = (float(v) for v in items)
+        low, high = (float(v) for v in _items(value))
     except (TypeError, ValueError) as err:
         raise SiteConfigError(f"{source}: {key} must be [low, high], got {value!r}") from err
     if not 0 < low <= high:
@@ -234,8 +238,7 @@ def _number_range(value: Any, key: str, source: str) -> tuple[float, float] | No
 
 def _app_hashes(value: Any, source: str) -> tuple[str, ...]:
     """A TOML list, or in node config one string of hashes separated by commas or spaces."""
-    items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else list(value)
-    hashes = tuple(str(h).lower() for h in items if str(h))
+    hashes = tuple(str(h).lower() for h in _items(value) if str(h))
     for h in hashes:
         if not APP_HASH.match(h):
             raise SiteConfigError(
