@@ -24,7 +24,13 @@ from client.training import (
     dp_schedule,
     train_local,
 )
-from privacy.accounting import PrivacyLedger, default_delta, noise_multiplier_for
+from privacy.accounting import (
+    PrivacyLedger,
+    count_release_entries,
+    default_delta,
+    noise_multiplier_for,
+    noisy_count,
+)
 
 LEDGER_FILE = "privacy_ledger.json"
 STATE_KEY = "privacy-ledger"
@@ -58,23 +64,21 @@ def plan_ledger(
     ``rounds × steps per round`` steps.
     """
     accountant = str(privacy_cfg.get("accountant", "prv"))
-    count_noise = privacy_cfg.get("count_noise")
-    ledger = PrivacyLedger(accountant=accountant, delta=1e-5, noise_multiplier=1.0,
-                           sample_rate=1.0, max_epsilon=max_epsilon,
-                           count_noise=float(count_noise) if count_noise else None)
-    size = ledger.release_count(num_train, count_draw) if count_noise else num_train
+    count_noise = float(privacy_cfg["count_noise"]) if privacy_cfg.get("count_noise") else None
+    released = noisy_count(num_train, count_noise, count_draw) if count_noise else None
+    size = released or num_train
     # the default δ follows the released size too (it is reported)
-    delta = privacy_cfg.get("delta") or default_delta(size)
-    ledger.delta = float(delta)
+    delta = float(privacy_cfg.get("delta") or default_delta(size))
     sample_rate, steps = dp_schedule(size, batch_size, epochs)
     sigma = privacy_cfg.get("noise_multiplier")
     if sigma is None:
         sigma = noise_multiplier_for(
-            float(privacy_cfg["target_epsilon"]), float(delta), sample_rate, rounds * steps,
-            accountant=accountant, prefix=tuple(ledger.count_entries()),
+            float(privacy_cfg["target_epsilon"]), delta, sample_rate, rounds * steps,
+            accountant=accountant, prefix=tuple(count_release_entries(count_noise)),
         )
-    ledger.noise_multiplier, ledger.sample_rate = float(sigma), sample_rate
-    return ledger
+    return PrivacyLedger(accountant=accountant, delta=delta, noise_multiplier=float(sigma),
+                         sample_rate=sample_rate, max_epsilon=max_epsilon,
+                         count_noise=count_noise, released_count=released)
 
 
 def count_noise_draw(seed: int, secure: bool) -> float:

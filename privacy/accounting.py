@@ -163,6 +163,17 @@ def _plain_noise_multiplier(
     )
 
 
+def noisy_count(num_examples: int, count_noise: float, draw: float) -> int:
+    """ñ = max(1, round(n + count_noise · draw)), ``draw`` a standard normal: the Gaussian
+    mechanism on a count (sensitivity 1), charged as :func:`count_release_entries`."""
+    return max(1, round(num_examples + count_noise * float(draw)))
+
+
+def count_release_entries(count_noise: float | None) -> list[HistoryEntry]:
+    """The count release as accountant history: one step of σ = count_noise at q = 1."""
+    return [] if count_noise is None else [(float(count_noise), 1.0, 1)]
+
+
 def default_delta(num_train_examples: int) -> float:
     """The δ a site uses when none is configured: ``min(1e-5, 10**-k)`` with ``10**-k ≤ 1/(10·n)``.
 
@@ -252,19 +263,7 @@ class PrivacyLedger:
 
     def count_entries(self) -> list[HistoryEntry]:
         """The count release as accountant history: ``[(count_noise, 1, 1)]``, or none."""
-        return [] if self.count_noise is None else [(self.count_noise, 1.0, 1)]
-
-    def release_count(self, num_examples: int, noise: float) -> int:
-        """ñ = max(1, round(n + N(0, count_noise²))) with ``noise`` a standard normal draw,
-        drawn once; it is charged with the first trained round (when it first leaves)."""
-        if self.released_count is not None:
-            return self.released_count
-        if self.count_noise is None:
-            raise ValueError("this ledger releases exact counts (count_noise is None)")
-        if self.history:
-            raise ValueError("the count release must be the ledger's first entry")
-        self.released_count = max(1, round(num_examples + self.count_noise * float(noise)))
-        return self.released_count
+        return count_release_entries(self.count_noise)
 
     def _epsilon_of(self, history: list[HistoryEntry]) -> float:
         key = tuple(history)
