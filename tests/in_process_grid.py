@@ -98,18 +98,22 @@ def run_in_process(server_app: Any, client_app: ClientApp, num_sites: int,
     every site in this process (``monkeypatch.setattr(simulations.run, "run_in_process",
     run_in_process)``); torch's thread count is restored afterwards (sites set their own)."""
     import torch
-    from flwr.app import Context as _Context
-
-    from privacy.compat import server_task_identity
 
     threads = torch.get_num_threads()
-    grid = InProcessGrid(client_app, {100 + i: {"partition-id": i} for i in range(num_sites)})
     try:
-        with server_task_identity(RUN_ID, SERVER_NODE_ID):
-            server_app(grid, _Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
-                                      state=RecordDict(), run_config={}))
+        run_server(server_app, InProcessGrid(
+            client_app, {100 + i: {"partition-id": i} for i in range(num_sites)}))
     finally:
         torch.set_num_threads(threads)
+
+
+def run_server(server_app: Any, grid: InProcessGrid) -> None:
+    """Run the ServerApp on ``grid`` with the task identity Flower's Message() reads."""
+    from privacy.compat import server_task_identity
+
+    with server_task_identity(RUN_ID, SERVER_NODE_ID):
+        server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
+                                 state=RecordDict(), run_config={}))
 
 
 def simulate_in_process(out_dir: Any, *overrides: str) -> dict[str, Any]:

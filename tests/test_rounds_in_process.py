@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 
 from client.app import build_client_app
 from privacy import protocol
-from privacy.compat import server_task_identity
 from server.app import build_server_app
 from server.settings import compose, site_node_config
 from simulations.identities import simulation_identities
 from simulations.sites import site_folders
-from tests.in_process_grid import RUN_ID, SERVER_NODE_ID, InProcessGrid
+from tests.in_process_grid import InProcessGrid, run_server
 
 BASE = ("task=tabular", "num_hospitals=3", "rounds=2", "task.synthetic.train_size=60",
         "task.synthetic.test_size=30", "local_epochs=1", "baselines=none", "device=cpu")
@@ -40,10 +38,7 @@ def _federation(out: Path, *overrides: str) -> tuple[dict, InProcessGrid]:
 
 
 def _run(cfg: dict, grid: InProcessGrid, out: Path) -> dict:
-    server = build_server_app(cfg, output_dir=out)
-    with server_task_identity(RUN_ID, SERVER_NODE_ID):
-        server(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
-                             state=RecordDict(), run_config={}))
+    run_server(build_server_app(cfg, output_dir=out), grid)
     return json.loads((out / "report.json").read_text())
 
 
