@@ -23,14 +23,13 @@ from flwr.clientapp import ClientApp
 
 from client import egress
 from client.evaluation import evaluate
-from client.policy import apply_noise_floor, refusal_reason, site_privacy
+from client.policy import apply_noise_floor, enforced_budget, refusal_reason, site_privacy
 from client.privacy_budget import (
     count_noise_draw,
     load_ledger,
     plan_ledger,
     released_size,
     save_ledger,
-    site_budget,
     train_private_round,
 )
 from client.secure_aggregation import register_secure_aggregation
@@ -156,12 +155,13 @@ def train_with_dp(
     if ledger is None:  # planned once, at this site's first DP round; σ fixed from then on
         try:
             ledger = plan_ledger(privacy_cfg, len(data.train), config.batch_size, config.epochs,
-                                 settings.rounds, site_budget(site, privacy_cfg),
+                                 settings.rounds,
+                                 enforced_budget(site, privacy_cfg, None, planning=True),
                                  count_draw=count_noise_draw(seed, bool(privacy_cfg.get(
                                      "secure_noise", False))))
         except RuntimeError as err:  # the budget cannot cover even the count release
             # nothing was released or trained: nothing is charged, the site declines
-            budget = site_budget(site, privacy_cfg)
+            budget = enforced_budget(site, privacy_cfg, None, planning=True)
             return TrainOutcome(
                 None, {protocol.NUM_EXAMPLES: 0}, declined=(
                     f"round {server_round}: no noise multiplier keeps this site within its "
@@ -171,7 +171,9 @@ def train_with_dp(
                         "epsilon": 0.0, "max_epsilon": budget, "rounds_trained": 0,
                         "rounds_declined": 1, "epsilon_per_round": []})
         ledger.noise_multiplier = apply_noise_floor(site, ledger.noise_multiplier)
-    ledger.max_epsilon = site_budget(site, privacy_cfg)
+    else:
+        ledger.max_epsilon = enforced_budget(site, privacy_cfg, ledger.max_epsilon,
+                                             planning=False)
     result, declined = train_private_round(model, data.train, config, ledger, privacy_cfg,
                                            seed=seed, device=device, step_hook=step_hook)
     save_ledger(site, context, ledger)

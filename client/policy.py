@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from client.approval import approval_refusal
@@ -136,3 +137,22 @@ def apply_noise_floor(site: SiteSettings, sigma: float) -> float:
     """A planned σ is never below the site's ``min_noise_multiplier``."""
     floor = site.min_noise_multiplier
     return max(sigma, floor) if floor is not None else sigma
+
+
+def enforced_budget(site: SiteSettings, privacy: Mapping[str, Any],
+                    current: float | None, *, planning: bool) -> float | None:
+    """The ε budget this DP round runs under (``current``: the one in the site's ledger).
+
+    The site's own ``max_epsilon`` wins. Without it, a simulated site takes the server's
+    ``max_epsilon`` as before. A deployed site fixes, when it plans σ, the tighter of the
+    server's ``max_epsilon`` and the target σ was planned for; later rounds can only lower it:
+    a server cannot plan σ for few rounds and then run many, nor raise the budget later.
+    """
+    if site.max_epsilon is not None:
+        return site.max_epsilon
+    proposed = privacy.get("max_epsilon")
+    if site.simulated:
+        return float(proposed) if proposed is not None else None
+    bounds = [proposed, privacy.get("target_epsilon") if planning else current]
+    known = [float(b) for b in bounds if b is not None]
+    return min(known) if known else None

@@ -97,14 +97,6 @@ def released_size(ledger: PrivacyLedger, num_train: int) -> int:
     return ledger.released_count if ledger.released_count is not None else num_train
 
 
-def site_budget(site: SiteSettings, privacy_cfg: Mapping[str, Any]) -> float | None:
-    """The site's own ``max-epsilon`` wins over ``privacy.max_epsilon`` sent by the server."""
-    if site.max_epsilon is not None:
-        return site.max_epsilon
-    value = privacy_cfg.get("max_epsilon")
-    return float(value) if value is not None else None
-
-
 def train_private_round(
     model: torch.nn.Module, train: Dataset, config: LocalTrainingConfig, ledger: PrivacyLedger,
     privacy_cfg: Mapping[str, Any], *, seed: int, device: str,

@@ -522,13 +522,14 @@ def site_folder(small_tabular_site):
     return small_tabular_site
 
 
-def _message(cfg, message_type: str = "train", task=None, **privacy) -> Message:
-    """What a (dishonest) server sends: the run settings with ``privacy`` (and ``task``)
-    overridden."""
+def _message(cfg, message_type: str = "train", task=None, rounds=None, **privacy) -> Message:
+    """What a (dishonest) server sends: the run settings with ``privacy`` (and ``task``, the
+    planned ``rounds``) overridden."""
     settings = site_settings(cfg)
     # a dishonest server can put anything in the record: build it from the flat dict
     values = settings.to_dict()
     values["privacy"].update(privacy)
+    values["rounds"] = rounds or values["rounds"]
     values["task"].update(task or {})
     content = RecordDict({
         protocol.ARRAYS: ArrayRecord(initial_model(cfg).state_dict()),
@@ -541,11 +542,26 @@ def _message(cfg, message_type: str = "train", task=None, **privacy) -> Message:
     return Message(metadata=metadata, content=content)
 
 
-def _send(cfg, node_config, message_type="train", task=None, **privacy) -> Message:
+def _send(cfg, node_config, message_type="train", task=None, rounds=None,
+          **privacy) -> Message:
     context = Context(run_id=RUN_ID, node_id=7, node_config=node_config, state=RecordDict(),
                       run_config={})
-    return build_client_app()(message=_message(cfg, message_type, task, **privacy),
+    return build_client_app()(message=_message(cfg, message_type, task, rounds, **privacy),
                               context=context)
+
+
+def test_a_server_cannot_plan_sigma_for_one_round_and_then_run_more(cfg, site_folder,
+                                                                     tmp_path):
+    """A deployed site without its own max_epsilon: the target σ was planned for is its budget
+    from then on, and a later max_epsilon from the server cannot raise it."""
+    site = _site(site_folder, tmp_path)
+    first = _send(cfg, site, rounds=1, target_epsilon=2.0)
+    assert first.content[protocol.SITE][protocol.STATUS] == protocol.STATUS_OK
+    assert first.content[protocol.PRIVACY]["max_epsilon"] == 2.0
+    again = _send(cfg, site, rounds=1, target_epsilon=2.0, max_epsilon=100.0)
+    assert again.content[protocol.SITE][protocol.STATUS] == protocol.STATUS_DECLINED
+    assert "max_epsilon=2" in again.content[protocol.SITE][protocol.REASON]
+    assert PrivacyLedger.load(tmp_path / LEDGER_FILE).epsilon() <= 2.0
 
 
 def test_standardisation_fitted_to_the_sites_records_is_refused_under_dp(
