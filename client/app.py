@@ -158,7 +158,9 @@ def train_with_dp(
                                  settings.rounds,
                                  enforced_budget(site, privacy_cfg, None, planning=True),
                                  count_draw=count_noise_draw(seed, bool(privacy_cfg.get(
-                                     "secure_noise", False))))
+                                     "secure_noise", False))),
+                                 # the server's δ is capped unless the site chose its own
+                                 cap_delta=not site.simulated and site.delta is None)
         except RuntimeError as err:  # the budget cannot cover even the count release
             # nothing was released or trained: nothing is charged, the site declines
             budget = enforced_budget(site, privacy_cfg, None, planning=True)

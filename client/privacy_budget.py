@@ -53,7 +53,7 @@ def save_ledger(site: SiteSettings, context: Context, ledger: PrivacyLedger) -> 
 
 def plan_ledger(
     privacy_cfg: Mapping[str, Any], num_train: int, batch_size: int, epochs: int, rounds: int,
-    max_epsilon: float | None, *, count_draw: float = 0.0,
+    max_epsilon: float | None, *, count_draw: float = 0.0, cap_delta: bool = False,
 ) -> PrivacyLedger:
     """A new site ledger: σ is fixed here once, for the whole planned run.
 
@@ -67,8 +67,11 @@ def plan_ledger(
     count_noise = float(privacy_cfg["count_noise"]) if privacy_cfg.get("count_noise") else None
     released = noisy_count(num_train, count_noise, count_draw) if count_noise else None
     size = released or num_train
-    # the default δ follows the released size too (it is reported)
-    delta = float(privacy_cfg.get("delta") or default_delta(size))
+    # the default δ follows the released size too (it is reported); ``cap_delta``: a proposed
+    # δ is never above it (a δ near 1 would make any ε meaningless)
+    proposed = privacy_cfg.get("delta")
+    delta = float(min(proposed, default_delta(size)) if proposed and cap_delta
+                  else proposed or default_delta(size))
     sample_rate, steps = dp_schedule(size, batch_size, epochs)
     sigma = privacy_cfg.get("noise_multiplier")
     if sigma is None:

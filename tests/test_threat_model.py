@@ -550,6 +550,17 @@ def _send(cfg, node_config, message_type="train", task=None, rounds=None,
                               context=context)
 
 
+def test_a_delta_near_one_from_the_server_is_capped_at_the_sites_default(
+        cfg, site_folder, tmp_path):
+    """δ = 0.5 would make any ε meaningless: a deployed site without its own δ never accounts
+    with more than its default (below 1/(10·ñ)); its own δ still wins."""
+    reply = _send(cfg, _site(site_folder, tmp_path / "a"), delta=0.5)
+    ledger = reply.content[protocol.PRIVACY]
+    assert ledger["delta"] <= 1e-5 and ledger["delta"] < 1 / (10 * 40)
+    own = _send(cfg, _site(site_folder, tmp_path / "b", delta=1e-3), delta=0.5)
+    assert own.content[protocol.PRIVACY]["delta"] == 1e-3
+
+
 def test_a_server_cannot_plan_sigma_for_one_round_and_then_run_more(cfg, site_folder,
                                                                      tmp_path):
     """A deployed site without its own max_epsilon: the target σ was planned for is its budget
