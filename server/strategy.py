@@ -163,7 +163,7 @@ class ScreeningMixin:
     connect_timeout_s: float = 120.0
     min_sites: int = 1
     _waited_for_all: bool = False
-    _min_nodes: tuple[int, int, int] | None = None  # Flower's minimums as configured
+    _min_nodes: tuple[int, int, int] = (1, 1, 1)  # Flower's minimums as configured
     last_arrays: ArrayRecord | None = None  # the global model sent out in the latest round
     # Per-round sampling (issue 9): None = every site. The sample is drawn from the sorted node
     # ids with a generator seeded by (seed, round, stage), so the same seed picks the same
@@ -192,9 +192,6 @@ class ScreeningMixin:
             log.warning("round %d goes on with the %d of %d sites connected", server_round,
                         len(nodes), self.num_sites)
         # Flower's strategies wait (forever) for their configured minimums: no more than are here
-        if self._min_nodes is None:
-            self._min_nodes = (self.min_available_nodes, self.min_train_nodes,  # type: ignore[attr-defined]
-                               self.min_evaluate_nodes)  # type: ignore[attr-defined]
         self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = (
             min(n, len(nodes)) for n in self._min_nodes)
         return nodes
@@ -334,6 +331,8 @@ def build_strategy(
     strategy.bounds = bounds or UpdateBounds()
     strategy.num_sites, strategy.min_sites = num_sites, min_sites
     strategy.connect_timeout_s = connect_timeout_s
+    strategy._min_nodes = (strategy.min_available_nodes, strategy.min_train_nodes,
+                           strategy.min_evaluate_nodes)
     if sampled:
         strategy.sites_per_round, strategy.sample_seed = sites_per_round, seed
         strategy.final_round = final_round
