@@ -25,13 +25,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from opacus.accountants import create_accountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from typing import TYPE_CHECKING, Any
 
 from privacy.files import write_atomically
+
+# Opacus is imported inside the functions that account, not here: the site's policy (which
+# reads ACCOUNTANTS) also runs in processes that never train (a SuperNode starts one per
+# message, secure-aggregation stages and refusals included), and Opacus takes most of a second.
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 ACCOUNTANTS = ("prv", "rdp")
 LEDGER_FORMAT = "medsilo.privacy_ledger"
@@ -67,6 +69,8 @@ def _opacus_epsilon(accountant: str, history: list[HistoryEntry], delta: float) 
     """ε of an Opacus accountant holding ``history``, with Opacus's default precision."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant
+
     opacus_accountant = create_accountant(mechanism=accountant)
     opacus_accountant.history = [tuple(entry) for entry in history]
     return float(opacus_accountant.get_epsilon(delta=delta))
@@ -139,6 +143,8 @@ def _plain_noise_multiplier(
     if int(total_steps) != total_steps or total_steps < 1:
         raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
     total_steps = int(total_steps)
+
+    from opacus.accountants.utils import get_noise_multiplier
 
     epsilon = math.inf
     sigma = math.nan
@@ -315,6 +321,8 @@ class PrivacyLedger:
 
     def opacus_accountant(self) -> IAccountant:
         """A fresh Opacus accountant holding this ledger's history (e.g. to cross-check ε)."""
+        from opacus.accountants import create_accountant
+
         opacus_accountant = create_accountant(mechanism=self.accountant)
         opacus_accountant.load_state_dict(self.accountant_state_dict())
         return opacus_accountant
