@@ -5,6 +5,13 @@ Handlers stay protocol-shaped and short; the work is done by plain functions in
 handler checks that the site accepts the run (an approved app version, the site's own task);
 otherwise it replies with a refusal. Every reply, refusals and errors included, leaves through
 ``client/egress.py``, which logs it.
+
+In deployment the SuperNode starts a fresh process for every message, and each imports this
+module: the secure-aggregation stages that only exchange keys and shares, refusals and error
+replies need no torch and must not wait seconds for it. So torch, the tasks' loaders and the
+models are imported where a handler reads the site's data (``_prepare``), and the modules used
+here (training, evaluation, the privacy ledger) import torch, scikit-learn and Opacus inside the
+functions that train, evaluate or account (tests/test_import_cost.py holds this).
 """
 
 from __future__ import annotations
@@ -15,9 +22,8 @@ import logging
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -34,7 +40,6 @@ from client.privacy_budget import (
 )
 from client.secure_aggregation import register_secure_aggregation
 from client.site import PARTITION_ID, SITE_CONFIG, SiteSettings, simulated_site_from_root
-from client.tasks import SiteData, get_task
 from client.training import (
     LocalTrainingConfig,
     StepHook,
@@ -44,9 +49,13 @@ from client.training import (
     site_seed,
     train_local,
 )
-from models import build_model
 from privacy import protocol
 from privacy.run_settings import RunSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from client.tasks import SiteData
 
 # A child of Flower's logger: refusals show on the SuperNode's console like Flower's own lines.
 log = logging.getLogger("flwr.medsilo.site")
@@ -56,6 +65,8 @@ SiteHandler = Callable[[Message, Context, SiteSettings], Message]
 
 @lru_cache(maxsize=64)
 def _load_site_cached(task_name: str, data_path: str, task_json: str, site_id: str) -> SiteData:
+    from client.tasks import get_task
+
     return get_task(task_name).load_site(Path(data_path), json.loads(task_json), site_id)
 
 
@@ -68,6 +79,11 @@ def load_site_data(site: SiteSettings, task_cfg: Mapping[str, Any]) -> SiteData:
 def _prepare(
     msg: Message, site: SiteSettings, settings: RunSettings
 ) -> tuple[SiteData, torch.nn.Module, str]:
+    import torch
+
+    from client.tasks import get_task
+    from models import build_model
+
     if site.threads > 0:
         torch.set_num_threads(site.threads)
     task_cfg = settings.task

@@ -1,30 +1,38 @@
-"""Evaluation of a model on one dataset: plain PyTorch + scikit-learn, no Flower inside."""
+"""Evaluation of a model on one dataset: plain PyTorch + scikit-learn, no Flower inside.
+
+torch and scikit-learn are imported by the functions that use them, as in client/training.py:
+client/app.py imports this module in processes that never evaluate.
+"""
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from sklearn import metrics as skm
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import Dataset
 
 METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macro_f1",
                 "collapsed")
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and true labels for every example of ``dataset``."""
+    import torch
+    from torch.utils.data import DataLoader
+
     model.eval()
     probs, labels = [], []
-    for *inputs, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(*(t.to(device) for t in inputs))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(y)
+    with torch.no_grad():
+        for *inputs, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            logits = model(*(t.to(device) for t in inputs))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            labels.append(y)
     if not probs:
         return np.zeros((0, 0)), np.zeros((0,), dtype=np.int64)
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
@@ -43,6 +51,8 @@ def classification_metrics(
     ``collapsed`` is 1.0 when the model predicts one and the same class for every example
     although at least two classes are present (a constant predictor), else 0.0.
     """
+    from sklearn import metrics as skm
+
     nan = float("nan")
     if len(labels) == 0:
         return {name: nan for name in METRIC_NAMES}

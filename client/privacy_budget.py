@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ConfigRecord, Context
-from torch.utils.data import Dataset
 
 from client.site import SiteSettings
 from client.training import (
@@ -31,6 +29,10 @@ from privacy.accounting import (
     noise_multiplier_for,
     noisy_count,
 )
+
+if TYPE_CHECKING:  # torch only where the site trains (client/training.py says why)
+    import torch
+    from torch.utils.data import Dataset
 
 LEDGER_FILE = "privacy_ledger.json"
 STATE_KEY = "privacy-ledger"
@@ -90,6 +92,8 @@ def count_noise_draw(seed: int, secure: bool) -> float:
     if secure:
         import random
         return random.SystemRandom().gauss(0.0, 1.0)
+    import torch
+
     generator = torch.Generator().manual_seed(seed + 3)
     return float(torch.randn((), generator=generator))
 

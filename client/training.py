@@ -1,4 +1,9 @@
-"""Local training at one site: plain PyTorch, no Flower inside (unit-testable, benchmarkable)."""
+"""Local training at one site: plain PyTorch, no Flower inside (unit-testable, benchmarkable).
+
+torch and Opacus are imported by the functions that run them: the configuration, seeding and
+outcome types here are also used by processes that never train (a SuperNode starts one per
+message: client/app.py's refusals and secure-aggregation stages must not pay for torch).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,17 @@ import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from privacy.protocol import CLASS_BALANCE
 from privacy.run_settings import TrainSettings
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
 
 # Expected and harmless under DP: Opacus's "Secure RNG turned off" (privacy.secure_noise
 # covers it) and torch's notice about a full backward hook on a first layer whose input needs
@@ -133,6 +140,8 @@ def site_seed(seed: int, site_id: str, server_round: int) -> int:
 
 def resolve_device(requested: str) -> str:
     """``auto`` picks cuda, then mps, then cpu; an explicit device must be available."""
+    import torch
+
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -150,7 +159,7 @@ def resolve_device(requested: str) -> str:
 # included: (model, the step's sample rate q = 1/len(loader), records in this batch). The privacy
 # audit (simulations/audit/federated.py) injects its white-box gradient canaries here, where
 # DP-SGD has per-sample gradients but has not yet clipped, summed or noised them.
-StepHook = Callable[[nn.Module, float, int], None]
+StepHook = Callable[["nn.Module", float, int], None]
 
 
 def train_local(
@@ -172,6 +181,10 @@ def train_local(
     of the training data that DP-SGD's clipping and noise do not cover, and these metrics are
     sent to the server with the update.
     """
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
     generator = torch.Generator().manual_seed(seed)
     if dp is not None and dp.secure_noise:
         # Which records a Poisson batch holds must be secret too (amplification by sampling
@@ -257,6 +270,8 @@ OPTIMIZERS = ("sgd", "adam")
 
 def make_optimizer(model: nn.Module, config: LocalTrainingConfig) -> torch.optim.Optimizer:
     """A fresh local optimizer each round (its state never leaves the site nor persists)."""
+    import torch
+
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr,
                                 weight_decay=config.weight_decay)
