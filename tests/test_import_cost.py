@@ -1,0 +1,107 @@
+"""What a site's process pays before it can answer: no torch for messages that need none.
+
+In deployment the SuperNode starts a fresh ``flwr-clientapp`` process for every message, train,
+evaluate and each secure-aggregation stage alike, and each imports ``client.app``. Importing
+torch, Opacus and scikit-learn takes seconds on a loaded hospital server; the key and share
+exchanges of secure aggregation and every refusal need none of them. Each test runs a fresh
+interpreter (the test process itself has long imported torch) and lists what it loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+HEAVY = ("torch", "opacus", "sklearn", "scipy")
+
+
+def _heavy_loaded_by(code: str) -> list[str]:
+    """The heavy packages a fresh interpreter at the repository root has loaded after ``code``."""
+    report = f"import json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    proc = subprocess.run([sys.executable, "-c", f"{code}\n{report}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{code!r} failed:\n{proc.stderr[-5000:]}"
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_importing_the_client_app_loads_no_torch_opacus_or_sklearn():
+    assert _heavy_loaded_by("import client.app") == []
+
+
+def test_a_refusal_and_the_key_and_share_stages_load_no_torch_opacus_or_sklearn(tmp_path):
+    """The real ClientApp answers, through its handlers and the egress log: an unapproved app's
+    train message, an evaluate message of another task, and secure aggregation's key
+    advertisement and share exchange among three sites."""
+    code = f"from tests.test_import_cost import answer_light_messages\n" \
+           f"answer_light_messages({str(tmp_path)!r})"
+    assert _heavy_loaded_by(code) == []
+
+
+def answer_light_messages(folder: str) -> None:
+    """Run in the fresh interpreter: the messages a site answers without training, through
+    ``client.app:app`` on Flower's ``Message``/``Context`` (tests/in_process_grid.py). Every
+    import here must itself be light, or the test proves nothing."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from client.app import app
+    from privacy import protocol
+    from privacy.compat import server_task_identity
+    from privacy.run_settings import RunSettings, TrainSettings
+    from privacy.secagg import SecAggServer, setup
+    from privacy.secagg.identity import write_ephemeral_federation
+    from tests.in_process_grid import RUN_ID, SERVER_NODE_ID, InProcessGrid
+
+    root = Path(folder)
+    settings = RunSettings(task={"name": "tabular"}, model={"name": "mlp"},
+                           train=TrainSettings(local_epochs=1, batch_size=8, lr=0.1))
+    config = ConfigRecord({**protocol.encode_run_settings(settings), protocol.SERVER_ROUND: 1})
+    sites = [f"hospital_{i}" for i in range(3)]
+    identities = write_ephemeral_federation(root / "federation", sites)
+
+    def deployed(site: str) -> dict[str, object]:
+        return {"site-id": site, "data-path": str(root / site), "state-dir": str(root / site),
+                "require-dp": False}
+
+    # nodes 0-2 take part in secure aggregation; 3 has approved no app version (the deployed
+    # default); 4 holds another task's data
+    nodes = {i: {**deployed(site), "require-approval": False, **identities[site]}
+             for i, site in enumerate(sites)}
+    nodes[3] = deployed("hospital_unapproved")
+    nodes[4] = {**deployed("hospital_vitals"), "require-approval": False, "task": "vitals"}
+    grid = InProcessGrid(app, nodes)
+
+    def send(message_type: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        messages = [grid.create_message(content, message_type, node, "1")
+                    for node, content in contents.items()]
+        replies = grid.send_and_receive(messages)
+        assert not any(r.has_error() for r in replies), [r.error for r in replies]
+        return {r.metadata.src_node_id: r.content for r in replies}
+
+    def secagg(content: RecordDict) -> dict[str, object]:
+        assert content[protocol.SITE][protocol.STATUS] == protocol.STATUS_OK, dict(
+            content[protocol.SITE])
+        return dict(content[protocol.SECAGG])
+
+    with server_task_identity(RUN_ID, SERVER_NODE_ID):
+        refused = send("train", {3: RecordDict({protocol.CONFIG: config})})
+        refused |= send("evaluate", {4: RecordDict({protocol.CONFIG: config})})
+        status = {node: dict(content[protocol.SITE]) for node, content in refused.items()}
+        assert status[3][protocol.STATUS] == status[4][protocol.STATUS] == protocol.STATUS_REFUSED
+        assert "not approved" in status[3][protocol.REASON], status
+        assert "task 'vitals'" in status[4][protocol.REASON], status
+
+        server = SecAggServer(setup(len(sites), session=b"import-cost", seed=0))
+        public = {protocol.SECAGG_CLIP: 0.5, protocol.SECAGG_MAX_EXAMPLES: 100,
+                  protocol.SECAGG_NUM_SITES: len(sites)}
+        keys = send(f"train.{protocol.SECAGG_ADVERTISE_KEYS}", {
+            i: RecordDict({protocol.SECAGG: ConfigRecord({**site_config, **public}),
+                           protocol.CONFIG: config})
+            for i, site_config in server.site_configs().items()})
+        routed = server.route_public_keys({i: secagg(content) for i, content in keys.items()})
+        shares = send(f"train.{protocol.SECAGG_SHARE_KEYS}", {
+            i: RecordDict({protocol.SECAGG: ConfigRecord(fields)}) for i, fields in routed.items()})
+        server.route_shares({i: secagg(content) for i, content in shares.items()})
