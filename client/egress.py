@@ -58,13 +58,15 @@ log = logging.getLogger("flwr.medsilo.egress")
 
 
 def _server_round(msg: Message) -> int | None:
-    """The round the incoming message belongs to (Flower's strategies put it in the config)."""
+    """The round the incoming message belongs to: Flower's strategies put it in the config;
+    the secure-aggregation stages without one carry it as the message's group id."""
     content = msg.content if msg.has_content() else None
     if content is not None:
         for record in content.config_records.values():
             if protocol.SERVER_ROUND in record:
                 return int(record[protocol.SERVER_ROUND])
-    return None
+    group = msg.metadata.group_id
+    return int(group) if group.isdigit() else None
 
 
 def _append(path: Path, entry: Mapping[str, Any]) -> None:

@@ -6,9 +6,11 @@ checkpoint (server/checkpoint.py) read it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from flwr.app import Message
 
 
 def node_label(node_id: int) -> str:
@@ -80,3 +82,14 @@ class RunHistory:
         for number in sorted(self.rounds):
             ledgers.update(self.rounds[number].privacy)
         return ledgers
+
+
+def replier(reply: Message, sent: Iterable[Message] = ()) -> int:
+    """The node a reply answers for. An error reply made by Flower itself (a node that stopped
+    sending heartbeats, a reply whose upload never completed) comes from the SuperLink or the
+    server's own node: it stands for the node the message was sent to."""
+    for msg in sent:
+        if msg.metadata.message_id and msg.metadata.message_id == \
+                reply.metadata.reply_to_message_id:
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id

@@ -16,9 +16,12 @@ handlers in ``client/secure_aggregation.py``:
 The sites check everything routed here against the CA-signed roster (client/secure_aggregation
 .py); this driver needs no roster. Which site took which index is what the sites signed.
 
-Sites that drop (no answer within ``secagg.stage_timeout_s``, a decline for their privacy budget,
-a failure) after sharing keys are recovered from the survivors' shares; with fewer than the
-threshold the round aborts before anything is revealed, is reported, and the run continues.
+A site that refuses or does not answer the key advertisement leaves the round before anything is
+shared: key agreement runs once more among the sites that sent keys, so the threshold fits the
+sites that are there. Sites that drop later (no answer within ``secagg.stage_timeout_s``, or
+the round timeout for the masked input, which trains first; a decline for their privacy budget;
+a failure) are recovered from the survivors' shares; with fewer than the threshold the round
+aborts before anything is revealed, is reported, and the run continues.
 
 The result (:class:`SecureRound`) holds the sites' own replies of stage 3 (status, training
 loss, privacy ledger, never weights) and refusals of stage 1, the stages' failures, what the
@@ -41,7 +44,7 @@ from flwr.serverapp import Grid
 from privacy import protocol
 from privacy.secagg import SecAggAborted, SecAggServer, setup
 from privacy.secagg.update import decode_mean, mean_error_bound
-from server.history import node_label
+from server.history import node_label, replier
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class SecureRound:
     # site -> Flower's content id of its masked-input reply as it was sent: the id its egress
     # log holds (``replies`` above are stripped of the masked vector, so their ids differ)
     content_ids: dict[str, str] = field(default_factory=dict)
+    timed_out: set[int] = field(default_factory=set)  # nodes that did not answer a stage in time
 
 
 class SecureAggregation:
@@ -111,7 +115,10 @@ class SecureAggregation:
         messages = sorted(messages, key=lambda msg: msg.metadata.dst_node_id)
         if not messages:
             return SecureRound()
-        stages = _Stages(self.settings, grid, messages, min(timeout, self.settings.stage_timeout_s))
+        # the key-agreement stages wait stage_timeout_s; the masked input (local training
+        # first) as long as a plain round's train message
+        stages = _Stages(self.settings, grid, messages, min(timeout, self.settings.stage_timeout_s),
+                         train_timeout=timeout)
         try:
             total = stages.run(self.seed)
         except SecAggAborted as err:
@@ -125,8 +132,9 @@ class _Stages:
     """The stages of one round, in order; each keeps what the server must remember."""
 
     def __init__(self, settings: SecAggSettings, grid: Grid, messages: list[Message],
-                 timeout: float) -> None:
-        self.settings, self.grid, self.messages, self.timeout = settings, grid, messages, timeout
+                 timeout: float, train_timeout: float) -> None:
+        self.settings, self.grid, self.messages = settings, grid, messages
+        self.timeout, self.train_timeout = timeout, train_timeout
         self.template = messages[0]
         self.server_round = int(self.template.content[protocol.CONFIG].get(
             protocol.SERVER_ROUND, 0))
@@ -142,32 +150,34 @@ class _Stages:
 
     def run(self, seed: int) -> np.ndarray:
         """All stages; the unmasked sum of the survivors' vectors."""
-        plan = setup(len(self.nodes), threshold=self.settings.threshold,
-                     neighbours=self.settings.neighbours, seed=seed + self.server_round)
-        self.server = SecAggServer(plan)
-        routed = self.advertise_keys()
+        routed = self.agree_on_keys(seed)
         routed = self.share_keys(routed)
         checks = self.masked_input(routed)
         requests = self.consistency(checks)
         return self.unmask(requests)
 
-    def send(self, action: str, payloads: Mapping[int, RecordDict]) -> dict[int, Message]:
+    def send(self, action: str, payloads: Mapping[int, RecordDict],
+             timeout: float | None = None) -> dict[int, Message]:
         """One stage: send to the listed participants, collect answers by index."""
         out = [Message(content, dst_node_id=self.nodes[i], message_type=f"train.{action}",
                        group_id=str(self.server_round))
                for i, content in sorted(payloads.items())]
         received: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(out, timeout=self.timeout):
+        answered: set[int] = set()
+        for reply in self.grid.send_and_receive(out, timeout=timeout or self.timeout):
+            answered.add(replier(reply, out))
             index = self.index_of.get(reply.metadata.src_node_id)
             if index is None:
                 continue
             if reply.has_error():
                 self.result.failures.append(
-                    {"stage": f"train.{action}", "node_id": reply.metadata.src_node_id,
+                    {"stage": f"train.{action}", "node_id": replier(reply, out),
                      "reason": reply.error.reason})
                 continue
             self._count(index, reply)
             received[index] = reply
+        self.result.timed_out.update(self.nodes[i] for i in payloads
+                                     if self.nodes[i] not in answered)
         return received
 
     def _count(self, index: int, reply: Message) -> None:
@@ -177,7 +187,40 @@ class _Stages:
         uploads = self.record.upload_bytes
         uploads[site] = uploads.get(site, 0) + protocol.content_size(reply.content)[0]
 
-    def advertise_keys(self) -> dict[int, dict[str, Any]]:
+    def agree_on_keys(self, seed: int) -> dict[int, dict[str, Any]]:
+        """Stage 1, among every site asked; once more among those that sent keys if any
+        refused or did not answer. The threshold t was chosen for all n asked: with a refusal
+        (an unapproved app, a policy) it would leave the round no room for a dropout, and with
+        a lost site it would wait for it again at every stage. Nothing secret was shared yet:
+        the second key agreement is a new session, planned for the sites that are there."""
+        keys = self.advertise_keys(seed)
+        if len(keys) < len(self.nodes):
+            if len(keys) < 2:
+                raise SecAggAborted("advertise-keys", f"{len(keys)} of {len(self.nodes)} "
+                                    "sites sent keys; secure aggregation needs at least 2",
+                                    required=2, available=len(keys))
+            self._keep(sorted(keys))
+            keys = self.advertise_keys(seed)
+        return self.server.route_public_keys(keys, drop_invalid=True)
+
+    def _keep(self, indices: list[int]) -> None:
+        """Only these participants from now on, renumbered 0..k-1 in the same order."""
+        self.site_of = {new: self.site_of[old] for new, old in enumerate(indices)
+                        if old in self.site_of}
+        self.nodes = [self.nodes[i] for i in indices]
+        self.messages = [self.messages[i] for i in indices]
+        self.index_of = {node: i for i, node in enumerate(self.nodes)}
+
+    def advertise_keys(self, seed: int) -> dict[int, dict[str, Any]]:
+        """A new plan for the current participants; the key replies of those that sent keys."""
+        threshold = self.settings.threshold
+        if threshold is not None and threshold > len(self.nodes):
+            raise SecAggAborted("advertise-keys", f"{len(self.nodes)} sites take part, fewer "
+                                f"than secagg.threshold={threshold}", required=threshold,
+                                available=len(self.nodes))
+        self.server = SecAggServer(setup(len(self.nodes), threshold=threshold,
+                                         neighbours=self.settings.neighbours,
+                                         seed=seed + self.server_round))
         public = {protocol.SECAGG_CLIP: self.settings.clip,
                   protocol.SECAGG_MAX_EXAMPLES: self.settings.max_site_examples,
                   protocol.SECAGG_NUM_SITES: len(self.nodes)}
@@ -187,8 +230,7 @@ class _Stages:
                            protocol.CONFIG: config})
             for i, site_config in self.server.site_configs().items()})
         self.result.replies += [r for r in replies.values() if not _is_ok(r)]  # refusals
-        return self.server.route_public_keys(
-            {i: _fields(r) for i, r in replies.items() if _is_ok(r)}, drop_invalid=True)
+        return {i: _fields(r) for i, r in replies.items() if _is_ok(r)}
 
     def share_keys(self, routed: Mapping[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         replies = self.send(protocol.SECAGG_SHARE_KEYS, _secagg_payloads(routed))
@@ -201,7 +243,7 @@ class _Stages:
             i: RecordDict({protocol.SECAGG: ConfigRecord(msg),
                            protocol.ARRAYS: self.messages[i].content[protocol.ARRAYS],
                            protocol.CONFIG: self.messages[i].content[protocol.CONFIG]})
-            for i, msg in routed.items()})
+            for i, msg in routed.items()}, timeout=self.train_timeout)
         masked = {i: r for i, r in replies.items() if _is_ok(r) and protocol.ARRAYS in r.content}
         # status, loss, ledger: never the masked vector
         self.result.replies += [_without_arrays(r) for r in replies.values()]

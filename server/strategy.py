@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import (
 )
 
 from privacy import protocol
+from server.history import replier
 from server.secure_aggregation import SecureAggregate
 from server.validation import UpdateBounds, check_update, reference_arrays
 
@@ -76,12 +77,14 @@ class SiteReplies:
         return sorted(self.answered, key=_site_of)
 
 
-def read_replies(replies: Iterable[Message], stage: str) -> SiteReplies:
-    read = SiteReplies()
+def read_replies(replies: Iterable[Message], stage: str,
+                 sent: Iterable[Message] = ()) -> SiteReplies:
+    """``sent``: the messages these replies answer (names the node of Flower's error replies)."""
+    read, sent = SiteReplies(), list(sent)
     for msg in replies:
         read.count += 1
         if msg.has_error():
-            read.failures.append({"stage": stage, "node_id": msg.metadata.src_node_id,
+            read.failures.append({"stage": stage, "node_id": replier(msg, sent),
                                   "reason": msg.error.reason})
             continue
         status = msg.content[protocol.SITE]
@@ -218,12 +221,13 @@ class ScreeningMixin:
     def _reference(self) -> dict[str, np.ndarray] | None:
         return reference_arrays(self.last_arrays) if self.last_arrays is not None else None
 
-    def screen_train(self, replies: Iterable[Message], *, with_updates: bool = True
-                     ) -> TrainScreening:
-        """Read a round's training replies and check every update against the global model.
-        ``with_updates=False`` (secure aggregation): the replies carry status, loss and ledger
-        only; the one update is the secure mean (:meth:`screen_secure`)."""
-        screening = TrainScreening(read_replies(replies, stage="train"))
+    def screen_train(self, replies: Iterable[Message], *, with_updates: bool = True,
+                     sent: Iterable[Message] = ()) -> TrainScreening:
+        """Read a round's training replies (to the messages ``sent``) and check every update
+        against the global model. ``with_updates=False`` (secure aggregation): the replies
+        carry status, loss and ledger only; the one update is the secure mean
+        (:meth:`screen_secure`)."""
+        screening = TrainScreening(read_replies(replies, stage="train", sent=sent))
         if not with_updates:
             return screening
         reference = self._reference()
