@@ -188,6 +188,22 @@ class SimulatedLinkState:
 
 
 @contextlib.contextmanager
+def bounded_reply_downloads(max_time_s: float) -> Iterator[None]:
+    """Deployed, Flower's Grid fetches each reply's objects (``HttpGrid.pull_messages`` →
+    ``pull_objects``) retrying for up to ``PULL_MAX_TIME`` = 7200 s. A site that dies while
+    uploading its reply leaves a reply listed whose objects never come: the ServerApp's wait
+    blocks there (measured: 3 min, and the stage's other replies were lost with it). Bounded,
+    the reply becomes Flower's own MESSAGE_UNAVAILABLE error reply after ``max_time_s``."""
+    import functools
+
+    from flwr.superlink.grid import http_grid
+
+    bounded = functools.partial(http_grid.pull_objects, max_time=max_time_s)
+    with mock.patch.object(http_grid, "pull_objects", bounded):
+        yield
+
+
+@contextlib.contextmanager
 def simulated_link_state(num_sites: int) -> Iterator[SimulatedLinkState]:
     """``num_sites`` virtual SuperNodes registered the way the engine registers them
     (``vce_api._register_nodes``), a run, and the ServerApp's identity set for the block."""

@@ -15,12 +15,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from models import build_model
 from privacy import protocol
+from privacy.compat import bounded_reply_downloads
 from server import settings as run_settings
 from server.checkpoint import Checkpoint, load_checkpoint, resumable_config, save_checkpoint
 from server.history import RunHistory
 from server.report import build_report, collapse_warnings, write_report
 from server.rounds import RoundCallback, run_rounds
 from server.secure_aggregation import SecAggSettings, SecureAggregation
+from server.stopping import StoppableGrid, StopRequested, StopSignal
 from server.strategy import build_strategy
 from server.validation import UpdateBounds
 
@@ -44,15 +46,20 @@ def build_server_app(
     global_evaluate: GlobalEvaluate | None = None,
     on_round: RoundCallback | None = None,
     baselines: Baselines | None = None,
+    stop: StopSignal | None = None,
 ) -> ServerApp:
     """The ServerApp. The simulation passes its composed ``cfg``, a pooled-test-set evaluation,
-    a progress callback and the baselines to train after the rounds; deployed (``cfg=None``) it
-    composes ``conf/`` with the run config."""
+    a progress callback, the baselines to train after the rounds and the signal its Ctrl-C sets
+    (server/stopping.py); deployed (``cfg=None``) it composes ``conf/`` with the run config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
+        if cfg is None:  # deployed: replies pulled from the SuperLink, none lost at a timeout
+            grid = StoppableGrid(grid, stop, poll_s=1.0)
+        elif stop is not None:  # simulated: from memory, often, so that a stop is seen at once
+            grid = StoppableGrid(grid, stop, poll_s=0.1)
         config = cfg if cfg is not None else run_settings.compose(
             run_settings.overrides_from_run_config(context.run_config)
         )
@@ -87,29 +94,33 @@ def build_server_app(
             strategy.load_state_arrays(checkpoint.strategy_state)
         else:
             arrays = ArrayRecord(initial_model(config).state_dict())
-        outcome = run_rounds(
-            strategy, grid, history, arrays,
-            first_round=checkpoint.round + 1 if checkpoint else 1,
-            num_rounds=int(config["rounds"]),
-            timeout=float(config["simulation"]["round_timeout_s"]),
-            train_config=site_config,
-            evaluate_config=ConfigRecord(dict(site_config)),
-            min_sites=int(config["min_sites"]),
-            # None (deployment): the sites' example-weighted mean stands for the global metrics
-            evaluate_fn=global_evaluate,
-            after_round=after_round,
-            on_round=on_round,
-            secure_aggregation=secure_aggregation,
-        )
+        # a site lost while uploading a reply costs a wait of upload_timeout_s, not Flower's 2 h
+        with bounded_reply_downloads(float(config.get("upload_timeout_s", 120))):
+            outcome = run_rounds(
+                strategy, grid, history, arrays,
+                first_round=checkpoint.round + 1 if checkpoint else 1,
+                num_rounds=int(config["rounds"]),
+                timeout=float(config["simulation"]["round_timeout_s"]),
+                train_config=site_config,
+                evaluate_config=ConfigRecord(dict(site_config)),
+                min_sites=int(config["min_sites"]),
+                # None (deployment): the sites' example-weighted mean stands for global metrics
+                evaluate_fn=global_evaluate,
+                after_round=after_round,
+                on_round=on_round,
+                secure_aggregation=secure_aggregation,
+            )
         duration_s = time.perf_counter() - started  # the federation's, without baselines
         report = build_report(
             config, history, duration_s=duration_s,
-            baselines=baselines_for_report(baselines, config, deployed=cfg is None),
+            baselines=baselines_for_report(baselines, config, deployed=cfg is None, stop=stop),
             global_evaluation="pooled" if global_evaluate else "site_weighted_mean",
             pooled_sites=getattr(global_evaluate, "sites", None),
             stopped=outcome.stopped,
         )
         write_report(out, report, outcome.arrays.to_torch_state_dict())
+        if stop is not None:
+            stop.finished.set()
         for warning in collapse_warnings(report):  # deployment: on the ServerApp's console
             log.warning(warning)
 
@@ -117,17 +128,25 @@ def build_server_app(
 
 
 def baselines_for_report(baselines: Baselines | None, config: Mapping[str, Any], *,
-                         deployed: bool) -> Mapping[str, Any] | None:
+                         deployed: bool, stop: StopSignal | None = None
+                         ) -> Mapping[str, Any] | None:
     """report.json ``baselines``. They need every site's data, which only a simulation's server
     holds: deployed, a run that asks for them is told they were not computed. A failure here
-    must not cost the federated run its report: it is reported instead."""
+    must not cost the federated run its report: it is reported instead; nor does a stop asked
+    for (``stop``; the baselines' progress callback checks it)."""
+    kinds = run_settings.baseline_kinds(config)
+    if stop is not None and stop.requested and kinds:
+        return {"computed": False, "kinds": list(kinds),
+                "reason": f"not computed: the run was stopped by {stop.reason}"}
     if baselines is not None:
         try:
             return baselines(config)
+        except StopRequested as stopped:
+            return {"computed": False, "kinds": list(kinds),
+                    "reason": f"not computed: the run was stopped by {stopped.reason}"}
         except Exception as err:  # the rounds' results are written regardless
             log.exception("baselines failed")
             return {"computed": False, "reason": f"failed: {type(err).__name__}: {err}"}
-    kinds = run_settings.baseline_kinds(config)
     if deployed and kinds:
         return {"computed": False, "kinds": list(kinds),
                 "reason": "deployment: the server holds no hospital's data (baselines are "

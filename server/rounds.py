@@ -10,7 +10,9 @@ things ``Strategy.start`` cannot do and a multi-day collaboration needs:
   resumed run equals an uninterrupted one;
 - skip a round that has too few usable updates (timeouts, failures, rejected updates) instead
   of ending the run, and stop cleanly only when declined privacy budgets make further rounds
-  impossible.
+  impossible;
+- stop at once when asked to (Ctrl-C, SIGTERM: server/stopping.py): the round in progress is
+  dropped, the last complete round's checkpoint stands, and the run can be resumed from it.
 
 The strategy (server/strategy.py) and secure aggregation (server/secure_aggregation.py) return
 what they found (per-site statuses, rejections, the aggregate); this loop writes all of it into
@@ -30,6 +32,7 @@ from flwr.serverapp import Grid
 from privacy import protocol
 from server.history import RoundRecord, RunHistory, node_label
 from server.secure_aggregation import SecureAggregate, SecureAggregation, SecureRound
+from server.stopping import StopRequested
 from server.strategy import ScreeningMixin, SiteReplies, TooFewSites, TrainScreening, read_replies
 
 # (server_round, arrays) -> metrics of the global model on data the server may see; None: the
@@ -42,6 +45,7 @@ RoundCallback = Callable[[RoundRecord], None]
 class RunOutcome:
     arrays: ArrayRecord
     stopped: str | None = None  # why the run ended before its last round, if it did
+    interrupted: str | None = None  # the signal that stopped it (e.g. "SIGINT"), if one did
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,16 @@ def run_rounds(
             arrays, stopped = _train(strategy, grid, history, record, arrays, settings)
         except TooFewSites as gone:  # a lost site is never waited for: stop, checkpointed
             record.skipped_round = stopped = str(gone)
+        except StopRequested as stop:
+            return _interrupted(history, server_round, arrays, stop)
         if stopped is not None:
             return RunOutcome(arrays, stopped=stopped)
         try:
             _evaluate(strategy, grid, history, record, arrays, settings)
         except TooFewSites as gone:  # the round's update stands; its evaluation could not run
             record.failures.append({"stage": "evaluate", "node_id": None, "reason": str(gone)})
+        except StopRequested as stop:
+            return _interrupted(history, server_round, arrays, stop)
         record.global_metrics = _global_metrics(
             record, evaluate_fn(server_round, arrays) if evaluate_fn is not None else None)
         record.duration_s = time.perf_counter() - clock
@@ -95,6 +103,18 @@ def run_rounds(
         if on_round is not None:
             on_round(record)
     return RunOutcome(arrays)
+
+
+def _interrupted(history: RunHistory, server_round: int, arrays: ArrayRecord,
+                 stop: StopRequested) -> RunOutcome:
+    """A stop asked for during ``server_round``: the round is dropped from the record (its
+    replies never all came; the global model is the last complete round's)."""
+    del history.rounds[server_round]
+    done = server_round - 1
+    kept = (f"round{'s 1-' if done > 1 else ' '}{done} complete and checkpointed" if done
+            else "no round was complete, there is nothing to resume")
+    return RunOutcome(arrays, stopped=f"stopped by {stop.reason} during round {server_round}; "
+                                      f"{kept}", interrupted=stop.reason)
 
 
 def _train(strategy: ScreeningMixin, grid: Grid, history: RunHistory, record: RoundRecord,
@@ -110,8 +130,11 @@ def _train(strategy: ScreeningMixin, grid: Grid, history: RunHistory, record: Ro
         aggregate = _screen_secure_aggregate(strategy, secure)
         _record_secure_round(history, record, secure)
         replies = secure.replies
-    _record_timeouts(history, record, [m.metadata.dst_node_id for m in messages], replies)
-    screening = strategy.screen_train(replies, with_updates=secure is None)
+    if secure is None:
+        _record_timeouts(history, record, [m.metadata.dst_node_id for m in messages], replies)
+    else:  # who missed a stage: a site that answered every stage it was sent did not time out
+        _record_timeouts(history, record, sorted(secure.timed_out), [])
+    screening = strategy.screen_train(replies, with_updates=secure is None, sent=messages)
     _record_training(history, record, screening)
     if secure is not None:  # the ids of the replies as sent, as each site's egress log has them
         for site, content_id in secure.content_ids.items():
@@ -166,7 +189,7 @@ def _evaluate(strategy: ScreeningMixin, grid: Grid, history: RunHistory, record:
     if not messages:
         return
     replies = read_replies(grid.send_and_receive(messages, timeout=settings.timeout),
-                           stage="evaluate")
+                           stage="evaluate", sent=messages)
     _record_replies(history, record, replies, stage="evaluate")
     record.sites.update(replies.metrics)
     record.site_weighted = strategy.weighted_evaluation(record.round, replies.ordered)

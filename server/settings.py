@@ -56,6 +56,9 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
            cfg["optimizer"])
     wait = cfg.get("connect_timeout_s", 120)
     _check(_is_number(wait) and wait > 0, "connect_timeout_s", "a number of seconds > 0", wait)
+    upload = cfg.get("upload_timeout_s", 120)
+    _check(_is_number(upload) and upload > 0, "upload_timeout_s", "a number of seconds > 0",
+           upload)
     decay = cfg.get("weight_decay", 0.0)
     _check(_is_number(decay) and decay >= 0, "weight_decay", "a number >= 0", decay)
     balance = cfg.get("class_balance", "none")

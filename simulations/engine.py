@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from flwr.clientapp import ClientApp
@@ -29,6 +35,7 @@ from privacy.compat import (
     seeded_node_ids,
 )
 from server.settings import ConfigError
+from server.stopping import StopSignal
 
 # ray.init retries a refused or silent GCS port for minutes (measured: still waiting after 5 min);
 # a plain TCP connect gives up after this long
@@ -46,11 +53,16 @@ def run_in_process(
     object_store_mb: int | None = None,
     verbose: bool = False,
     seed: int = 0,
+    stop: StopSignal | None = None,
+    on_stop: Callable[[str], None] | None = None,
 ) -> None:
     """``ray_address``: an existing cluster's GCS address (``HOST:PORT`` or ``auto``), checked
     to answer before Flower starts; None: a private local Ray instance, even where ``RAY_ADDRESS``
     is set or a ``ray start`` head runs on this machine (Ray would join those by default).
-    ``object_store_mb``: the private instance's object store; refused with a cluster address."""
+    ``object_store_mb``: the private instance's object store; refused with a cluster address.
+    ``stop``: set by SIGINT/SIGTERM while the run lasts (the ServerApp built with it then stops
+    at its next wait, see :func:`stop_on_signals`); ``on_stop(signal name)`` is told first."""
+    import ray
     from flwr.simulation import run_simulation
 
     init_args = _ray_init_args(ray_address, object_store_mb)
@@ -65,15 +77,116 @@ def run_in_process(
         "init_args": {"include_dashboard": False, "log_to_driver": verbose,
                       "logging_level": logging.INFO if verbose else logging.ERROR, **init_args},
     }
-    with warnings.catch_warnings(), seeded_node_ids(seed), polled_by_pending_messages():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_sites,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
+    # Ray is started here rather than by Flower's backend (which skips ray.init when Ray is up)
+    # so that the signal handlers installed after it are ours: ray.init installs its own
+    # SIGTERM handler, which would end the driver without a report
+    _start_ray(backend_config["init_args"])
+    try:
+        with warnings.catch_warnings(), seeded_node_ids(seed), polled_by_pending_messages(), \
+                stop_on_signals(stop, on_stop):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_sites,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+    finally:
+        if ray.is_initialized():  # Flower shuts Ray down at the end; not if it failed to start
+            ray.shutdown()
+
+
+def _start_ray(init_args: dict[str, Any]) -> None:
+    """``ray.init`` exactly as Flower's RayBackend.init_ray calls it (its workers import the
+    apps through the driver's sys.path)."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+             **{"include_dashboard": False, **init_args})
+
+
+# after a stop, once the ServerApp has written its report, Flower's engine and Ray get this long
+# to shut down; a signal sent to the whole process group (systemd, SLURM, `kill -- -PGID`) also
+# stops Ray's workers and its driver then waits ~8 s on them (measured), so the process ends
+# without waiting further
+ENGINE_SHUTDOWN_GRACE_S = 5.0
+# the ServerApp stops at its next wait for the sites (0.1 s) unless it is in server-side work
+# (pooled evaluation, a checkpoint): never wait longer than this for its report
+REPORT_GRACE_S = 60.0
+
+
+@contextmanager
+def stop_on_signals(stop: StopSignal | None,
+                    on_stop: Callable[[str], None] | None = None) -> Iterator[None]:
+    """While the run lasts, SIGINT (Ctrl-C) and SIGTERM request a clean stop; a second one ends
+    the process at once (exit 128 + signal number), its child processes (Ray's) killed first.
+
+    A terminal's Ctrl-C reaches Ray's processes too (same process group); Ray's workers finish
+    the task they run, so Flower's engine drains and shuts Ray down once the ServerApp returns.
+    If that takes longer than ``ENGINE_SHUTDOWN_GRACE_S`` after the report is written, the
+    process ends anyway (``stop.before_exit`` first), its children killed.
+    """
+    if stop is None:
+        yield
+        return
+    returned = threading.Event()
+
+    def force_exit(signum: int) -> None:
+        if stop.before_exit is not None:
+            stop.before_exit()
+        _kill_descendants(os.getpid())
+        os._exit(128 + signum)
+
+    def watchdog(signum: int) -> None:
+        stop.finished.wait(REPORT_GRACE_S)
+        if not returned.wait(ENGINE_SHUTDOWN_GRACE_S):
+            force_exit(signum)
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop.requested:  # asked twice: no more waiting
+            _kill_descendants(os.getpid())
+            os._exit(128 + signum)
+        stop.request(name)
+        # from here on, errors of Ray workers that the same signal stopped are expected noise
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
+        if on_stop is not None:
+            on_stop(name)
+        threading.Thread(target=watchdog, args=(signum,), daemon=True).start()
+
+    previous = {signum: signal.signal(signum, handler)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        returned.set()
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _kill_descendants(pid: int) -> None:
+    """SIGKILL every process below ``pid`` (Linux /proc; elsewhere nothing is killed)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            fields = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    stack = list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        stack += children.get(child, [])
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _ray_init_args(address: str | None, object_store_mb: int | None) -> dict[str, Any]:

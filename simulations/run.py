@@ -7,6 +7,8 @@ run directory (``hydra.run.dir=PATH``).
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
 from server.history import RoundRecord
 from server.report import collapse_warnings, is_collapsed
 from server.settings import ConfigError, baseline_kinds, site_node_config, to_dict, validate
+from server.stopping import StopSignal
 from simulations.baselines import TrainedBaseline, run_baselines
 from simulations.engine import run_in_process
 from simulations.global_evaluation import pooled_test_evaluation
@@ -39,11 +42,12 @@ _job_started = False  # set once Hydra has composed the config and called main()
 
 
 def simulate(cfg: dict[str, Any], out_dir: Path, *,
-             step_hook_for: Callable[[str, int], StepHook | None] | None = None
-             ) -> dict[str, Any]:
+             step_hook_for: Callable[[str, int], StepHook | None] | None = None,
+             stop: StopSignal | None = None) -> dict[str, Any]:
     """Run one simulation and return the report (also written to ``out_dir``).
-    ``step_hook_for``: see ``client.app.build_client_app`` (the privacy audit's canaries)."""
-    import json
+    ``step_hook_for``: see ``client.app.build_client_app`` (the privacy audit's canaries).
+    ``stop``: set by Ctrl-C/SIGTERM while the run lasts; the run then stops at the round in
+    progress (dropped), its report written and the last complete round checkpointed."""
 
     lazy = lazy_synthetic_sites(cfg)  # synthetic sites written when first needed, or None
     folders = lazy.folders() if lazy is not None else site_folders(cfg)
@@ -100,6 +104,13 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
             + (f" · ε {led['epsilon']:.2f}" if led.get("dp") else "")
             + f" · {trained.seconds:.1f} s", soft_wrap=True)
         progress.advance(baseline_bar)
+        if stop is not None:
+            stop.check()  # stopped between two baselines: the report says they were not computed
+
+    def on_stop(name: str) -> None:
+        progress.console.print(
+            f"[bold yellow]{name}:[/] stopping at the round in progress; the last complete round "
+            "is checkpointed (press Ctrl-C again to end at once, without a report)")
 
     global_evaluate = pooled_test_evaluation(cfg, folders, prepare=lazy and lazy.ensure)
     server_app = build_server_app(
@@ -107,6 +118,7 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
         # trained after the rounds, in the ServerApp, so report.json is still written once
         baselines=run_baselines(folders, pool=global_evaluate.sites,
                                 prepare=lazy and lazy.ensure, on_trained=on_baseline),
+        stop=stop,
     )
     kinds = baseline_kinds(cfg)
     with progress:
@@ -124,6 +136,7 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
             ray_address=cfg["simulation"].get("ray_address"),
             object_store_mb=cfg["simulation"].get("object_store_mb"),
             seed=int(cfg["seed"]),
+            stop=stop, on_stop=on_stop,
         )
     report_path = out_dir / "report.json"
     if not report_path.is_file():
@@ -143,12 +156,18 @@ def main(hydra_cfg: DictConfig) -> None:
             # the interrupted run's folder: its checkpoint and its sites' privacy ledgers
             out_dir = Path(cfg["resume"])
         started = time.perf_counter()
-        report = simulate(cfg, out_dir)
+        stop = StopSignal()
+        overrides = list(HydraConfig.get().overrides.task)
+        stop.before_exit = lambda: _report_stop(out_dir, started, overrides)
+        report = simulate(cfg, out_dir, stop=stop)
     except (ConfigError, DataError, CheckpointError) as err:
         # escape: a path or list in the message ("[a, b]") is not rich markup; soft_wrap: the
         # message stays on one line, so a file name is never broken across lines
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(2)
+    if stop.requested:  # Ctrl-C / SIGTERM: the shell's exit status for the signal
+        _report_stop(out_dir, started, overrides)
+        sys.exit(128 + signal.Signals[stop.reason or "SIGINT"].value)
     final = report["final"]["global"] or {}
     for warning in collapse_warnings(report):
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -162,6 +181,22 @@ def main(hydra_cfg: DictConfig) -> None:
         + (f"final global {scores}" if scores else "no model was trained")
         + f"\nreport: {out_dir / 'report.md'}"
     )
+
+
+def _report_stop(out_dir: Path, started: float, overrides: list[str]) -> None:
+    """What stopped, and the command that continues the run (the same overrides + resume)."""
+    import shlex
+
+    path = out_dir / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else None
+    reason = report["run"]["stopped_early"] if report else "stopped before the report was written"
+    console.print(f"[bold yellow]stopped[/] after {time.perf_counter() - started:.1f} s: "
+                  f"{escape(reason or 'stop requested')}", soft_wrap=True)
+    if (out_dir / "checkpoint.npz").is_file():
+        again = [o for o in overrides if not o.startswith("resume=")] + [f"resume={out_dir}"]
+        console.print("continue with: " + escape(shlex.join(
+            [Path(sys.executable).name, "-m", "simulations.run", *again])), soft_wrap=True)
+    console.print(f"report: {out_dir / 'report.md'}")
 
 
 def cli() -> None:

@@ -26,8 +26,9 @@ RUN_ID = 1
 
 
 class InProcessGrid(Grid):
-    """``send_and_receive`` delivers each message to ``client_app`` with the context of its
-    destination node; nodes are ``node_configs``' keys."""
+    """``push_messages`` delivers each message to ``client_app`` with the context of its
+    destination node (nodes are ``node_configs``' keys); ``pull_messages`` hands the replies
+    back; ``send_and_receive`` is both."""
 
     def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]],
                  run_config: Mapping[str, Any] | None = None) -> None:
@@ -39,25 +40,35 @@ class InProcessGrid(Grid):
         self.drop: dict[int, str] = {}  # node id -> first message type it never answers
         self.delivered: list[tuple[int, str]] = []  # (node id, message type), in order
         self._silent: set[int] = set()
+        self._replies: dict[str, Message] = {}  # pushed message id -> its reply, until pulled
 
     # -- what the round loop and Flower's strategies use ------------------------------------
     def get_node_ids(self) -> list[int]:
         """The connected nodes: a node that went silent has left (its SuperNode is gone)."""
         return sorted(set(self.contexts) - self._silent)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message now; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for message in messages:
             node, kind = message.metadata.dst_node_id, message.metadata.message_type
+            delivered = self._delivered(message)
+            ids.append(delivered.metadata.message_id)
             if self.drop.get(node) == kind:
                 self._silent.add(node)
             if node not in self.contexts or node in self._silent:
                 continue  # an unknown or silent node: no reply, as after a timeout
             self.delivered.append((node, kind))
-            replies.append(self.client_app(message=self._delivered(message),
-                                           context=self.contexts[node]))
-        return replies
+            self._replies[delivered.metadata.message_id] = self.client_app(
+                message=delivered, context=self.contexts[node])
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
 
     @staticmethod
     def _delivered(message: Message) -> Message:
@@ -84,12 +95,6 @@ class InProcessGrid(Grid):
 
     def get_nodes(self) -> list[Any]:
         raise NotImplementedError("InProcessGrid: use get_node_ids()")
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("InProcessGrid: use send_and_receive()")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("InProcessGrid: use send_and_receive()")
 
 
 def run_in_process(server_app: Any, client_app: ClientApp, num_sites: int,

@@ -141,6 +141,25 @@ def test_the_engine_patches_are_applied_for_the_block_and_restored():
         assert sorted(link.nodes) == seeded
 
 
+def test_a_reply_whose_objects_never_come_fails_after_the_bound_not_flowers_two_hours():
+    """What HttpGrid.pull_messages calls for each reply, for an object a dead site never sent."""
+    import time
+
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+    from flwr.superlink.grid import http_grid
+
+    def never_there(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    original = http_grid.pull_objects
+    with compat.bounded_reply_downloads(0.3):
+        started = time.monotonic()
+        with pytest.raises(ObjectPullError):
+            http_grid.pull_objects(object_ids=["a" * 64], pull_object_fn=never_there)
+        assert time.monotonic() - started < 5  # unbounded: retries for PULL_MAX_TIME = 7200 s
+    assert http_grid.pull_objects is original
+
+
 def test_the_simulated_link_state_registers_sites_as_the_engine_does_and_restores_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -236,5 +255,6 @@ def test_only_compat_imports_private_internals_of_the_dependencies():
 def test_the_scan_sees_the_internals_compat_uses():
     hits = _private_imports(ROOT / "privacy" / "compat.py")
     for internal in ("ray._private.services", "ray._raylet", "_check_processed_flag",
-                     "flwr.supercore.inflatable", "flwr.server.superlink.fleet.vce"):
+                     "flwr.supercore.inflatable", "flwr.server.superlink.fleet.vce",
+                     "flwr.superlink.grid"):
         assert any(re.search(re.escape(internal), hit) for hit in hits), internal

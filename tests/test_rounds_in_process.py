@@ -23,7 +23,7 @@ BASE = ("task=tabular", "num_hospitals=3", "rounds=2", "task.synthetic.train_siz
 NODE = 100  # node ids 100, 101, 102
 
 
-def _federation(out: Path, *overrides: str) -> tuple[dict, InProcessGrid]:
+def _federation(out: Path, *overrides: str, step_hook_for=None) -> tuple[dict, InProcessGrid]:
     """The config, and a grid of one node per synthetic site (as simulations/run.py builds)."""
     cfg = compose([*BASE, *overrides])
     folders = site_folders(cfg)
@@ -32,13 +32,13 @@ def _federation(out: Path, *overrides: str) -> tuple[dict, InProcessGrid]:
                  "state-dir": str(out / "sites" / site), **site_node_config(cfg),
                  **identities.get(site, {})}
              for i, (site, folder) in enumerate(folders.items())}
-    grid = InProcessGrid(build_client_app(sites),
+    grid = InProcessGrid(build_client_app(sites, step_hook_for=step_hook_for),
                          {NODE + i: {"partition-id": i} for i in sites})
     return cfg, grid
 
 
-def _run(cfg: dict, grid: InProcessGrid, out: Path) -> dict:
-    run_server(build_server_app(cfg, output_dir=out), grid)
+def _run(cfg: dict, grid: InProcessGrid, out: Path, **server_options) -> dict:
+    run_server(build_server_app(cfg, output_dir=out, **server_options), grid)
     return json.loads((out / "report.json").read_text())
 
 
@@ -87,6 +87,25 @@ def test_a_site_lost_mid_round_is_recovered_and_the_round_aggregates_the_others(
     assert record["secure_aggregation"]["aggregated"] == ["hospital_01", "hospital_02",
                                                           "hospital_03"]
     assert record["secure_aggregation"]["dropped"] == ["hospital_04"]
+
+
+def test_a_site_gone_at_the_first_stage_leaves_the_round_room_for_a_later_dropout(tmp_path):
+    """4 sites, threshold 3 of 4. One is gone before sending keys, one drops after sharing
+    them: keys are agreed again among the 3 that answered (threshold 2 of 3), so the round
+    aggregates the 2 survivors instead of aborting (issue 17: a refusing site and a lost one)."""
+    cfg, grid = _federation(tmp_path, "secagg=on", "num_hospitals=4", "rounds=1")
+    grid.drop[NODE + 3] = f"train.{protocol.SECAGG_ADVERTISE_KEYS}"  # gone before any key
+    grid.drop[NODE + 2] = f"train.{protocol.SECAGG_MASKED_INPUT}"  # keys shared, then gone
+    report = _run(cfg, grid, tmp_path)
+    (record,) = report["rounds"]
+    secure = record["secure_aggregation"]
+    assert secure["aborted"] is None
+    assert secure["aggregated"] == ["hospital_01", "hospital_02"]
+    assert secure["dropped"] == ["hospital_03"]
+    assert record["timed_out"] == ["hospital_03", "node 103"]  # never answered: no site name
+    advertised = [node for node, kind in grid.delivered
+                  if kind == f"train.{protocol.SECAGG_ADVERTISE_KEYS}"]
+    assert advertised == [100, 101, 102, 100, 101, 102]  # again, without the lost site
 
 
 def test_sites_that_refuse_the_run_leave_the_model_untouched(tmp_path):
@@ -157,3 +176,61 @@ def test_under_secure_aggregation_the_reports_reply_ids_match_each_sites_egress_
         ids = {entry["kind"]: entry["sha256"] for entry in log}
         assert received[site]["train"] == ids["masked-update"]  # what the site sent, exactly
         assert received[site]["evaluate"] == ids["metrics"]
+
+
+@pytest.mark.parametrize("secagg", ["off", "on"])
+def test_a_stop_during_a_round_drops_it_and_resume_gives_the_uninterrupted_model(
+        plain, tmp_path, secagg):
+    """Ctrl-C / SIGTERM (server/stopping.py) while round 2's sites train: the round is dropped,
+    round 1's checkpoint stands, the report says why; resuming finishes the run with the model
+    an uninterrupted run has (plain: exactly; secure: up to the ring's quantization)."""
+    from server.checkpoint import load_checkpoint
+    from server.stopping import StopSignal
+
+    stop = StopSignal()
+
+    def hook_for(site: str, server_round: int):
+        if server_round == 2:  # the signal arrives in the middle of round 2's training
+            return lambda *_: stop.request("SIGINT")
+        return None
+
+    cfg, grid = _federation(tmp_path, f"secagg={secagg}", "baselines=local",
+                            step_hook_for=hook_for)
+    report = _run(cfg, grid, tmp_path, stop=stop)
+    assert report["run"]["stopped_early"] == ("stopped by SIGINT during round 2; round 1 "
+                                              "complete and checkpointed")
+    assert [r["round"] for r in report["rounds"]] == [1]
+    assert load_checkpoint(tmp_path).round == 1
+    assert report["baselines"]["computed"] is False and "SIGINT" in report["baselines"]["reason"]
+    md = (tmp_path / "report.md").read_text()
+    assert "stopped by SIGINT during round 2" in md
+
+    cfg, grid = _federation(tmp_path, f"secagg={secagg}", f"resume={tmp_path}")
+    report = _run(cfg, grid, tmp_path)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["run"]["stopped_early"] is None
+    resumed, reference = _weights(tmp_path), _weights(plain[1])
+    gap = max(float((resumed[k] - reference[k]).abs().max()) for k in reference)
+    assert gap <= (0 if secagg == "off" else 1e-4), gap
+
+
+def test_an_error_reply_flower_makes_for_a_lost_node_names_that_node():
+    """The SuperLink answers for a node whose heartbeats stopped ("Node Unavailable"), and the
+    deployed grid for a reply whose upload never completed: from node 1, not from the site."""
+    import time as clock
+
+    from flwr.app import Error, Message, Metadata, RecordDict
+
+    from privacy.compat import server_task_identity
+    from server.strategy import read_replies
+
+    with server_task_identity(1, 1):  # what Message() reads in a ServerApp
+        sent = Message(RecordDict(), dst_node_id=42, message_type="evaluate", group_id="2")
+    sent.metadata.__dict__["_message_id"] = "m42"  # as the grid sets it when pushing
+    made_by_flower = Message(metadata=Metadata(
+        run_id=1, message_id="e1", src_node_id=1, dst_node_id=1, reply_to_message_id="m42",
+        group_id="2", created_at=clock.time(), ttl=60, message_type="evaluate"),
+        error=Error(code=0, reason="Node Unavailable"))
+    (failure,) = read_replies([made_by_flower], "evaluate", sent=[sent]).failures
+    assert failure["node_id"] == 42 and failure["reason"] == "Node Unavailable"
+    assert read_replies([made_by_flower], "evaluate").failures[0]["node_id"] == 1  # unmatched
