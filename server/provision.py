@@ -230,8 +230,17 @@ def provision(
     task: str = "images",
     days: int = 365,
     force: bool = False,
+    inside_app: bool = False,
 ) -> Provisioned:
-    """Create (or complete) a federation's CA, SuperLink certificate and hospital bundles."""
+    """Create (or complete) a federation's CA, SuperLink certificate and hospital bundles.
+    ``inside_app``: write them inside a Flower app's folder anyway (refused by default)."""
+    app_root = _enclosing_app(Path(out_dir))
+    if app_root is not None and not inside_app:
+        raise ProvisionError(
+            f"{out_dir} is inside the Flower app at {app_root}: private keys there are one "
+            "`git add` or backup of the code away from leaking (the app's FAB excludes them, "
+            "the checkout does not); provision outside it, e.g. /etc/medsilo or "
+            "~/medsilo-federation (or pass --inside-app)")
     for site in sites:
         if not SITE_NAME.match(site):
             raise ProvisionError(f"site name {site!r} must be 1-64 letters, digits, '_', '-' or "
@@ -378,6 +387,15 @@ def _write_rosters(result: Provisioned, ca_key: ec.EllipticCurvePrivateKey) -> N
             _write(path, data, private=False, force=True)
 
 
+def _enclosing_app(path: Path) -> Path | None:
+    """The nearest folder at or above ``path`` whose pyproject.toml declares a Flower app."""
+    for folder in (path.resolve(), *path.resolve().parents):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and "[tool.flwr.app" in pyproject.read_text(errors="replace"):
+            return folder
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m server.provision",
@@ -397,12 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="regenerate the CA, the SuperLink certificate and the named sites' "
                              "keys (sites must be registered again)")
+    parser.add_argument("--inside-app", action="store_true",
+                        help="write into a folder inside a Flower app's checkout anyway "
+                             "(refused by default: keys there end up in its version control)")
     args = parser.parse_args(argv)
     try:
         result = provision(
             args.out_dir, args.site, dns_names=args.dns or DEFAULT_DNS,
             ip_addresses=args.ip or DEFAULT_IPS, address=args.address, task=args.task,
-            days=args.days, force=args.force)
+            days=args.days, force=args.force, inside_app=args.inside_app)
     except ProvisionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,7 +23,8 @@ def _release_with_a_federation_inside(dest: Path) -> Path:
                         ignore=shutil.ignore_patterns("__pycache__", ".*"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, dest / name)
-    provision(dest / "federation", ["hospital_a", "hospital_b"])  # the mistake issue 17 found
+    # the mistake issue 17 found (provisioning now refuses it unless told: tests/test_provision)
+    provision(dest / "federation", ["hospital_a", "hospital_b"], inside_app=True)
     state = dest / "federation" / "state" / "hospital_a"
     state.mkdir(parents=True)
     (state / "privacy_ledger.json").write_text("{}")

@@ -165,3 +165,20 @@ def test_the_startup_kits_use_only_flags_the_pinned_flower_knows(tmp_path):
         known = subprocess.run([str(bin_dir / command), "--help"], capture_output=True,
                                text=True, timeout=60).stdout
         assert _flags(tmp_path / "fed" / script) <= set(re.findall(r"(--[a-z-]+)", known))
+
+
+def test_provisioning_inside_the_apps_checkout_is_refused_unless_asked_for(tmp_path):
+    from server.provision import main
+
+    app = tmp_path / "checkout"
+    (app / "client").mkdir(parents=True)
+    (app / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.flwr.app]\n'
+                                        'publisher = "medsilo"\n')
+    with pytest.raises(ProvisionError, match=f"inside the Flower app at {app}"):
+        provision(app / "federation", ["h1"])
+    assert not (app / "federation").exists()  # nothing written
+    assert main([str(app / "client" / "keys"), "--site", "h1"]) == 2
+    assert not (app / "client" / "keys").exists()
+    provision(app / "federation", ["h1"], inside_app=True)  # the operator insisted
+    assert (app / "federation" / "sites" / "h1" / "supernode.key").is_file()
+    provision(tmp_path / "outside", ["h1"])  # next to the checkout: fine
