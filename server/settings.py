@@ -7,6 +7,8 @@ one schema and one set of checks.
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,17 +16,44 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from models import registered_models
-from privacy.protocol import CLASS_BALANCE
 from privacy.run_settings import PrivacySettings, RunSettings, TrainSettings
-from server.site_summary import MANY_SITES
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Reference models trained beside the federation (simulation only: simulations/baselines.py)
 BASELINES = ("local", "pooled")
 # task.standardize (tabular, vitals): whose statistics standardise features (client/tasks/base.py)
 STANDARDIZE = ("site", "reference", "auto")
+
+
+# Two lists of names validate() checks against are read from our source, not imported: models/
+# loads torch and Opacus as it registers its builders (2-5 s), privacy/protocol.py loads Flower,
+# and `--help` or a typo must be answered before either (issue 18). tests/test_startup.py
+# checks that both equal what the imported modules hold.
+@functools.cache
+def registered_model_names() -> list[str]:
+    """``models.registered_models()`` without importing models/: the literal names of its
+    ``@register_model("name")`` decorators (models/__init__.py imports every module there)."""
+    names = set()
+    for path in sorted((ROOT / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "register_model" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                names.add(node.args[0].value)
+    return sorted(names)
+
+
+@functools.cache
+def class_balance_modes() -> tuple[str, ...]:
+    """``privacy.protocol.CLASS_BALANCE`` without importing Flower with it."""
+    path = ROOT / "privacy" / "protocol.py"
+    for node in ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body:
+        if (isinstance(node, ast.Assign)
+                and [getattr(t, "id", None) for t in node.targets] == ["CLASS_BALANCE"]):
+            return tuple(ast.literal_eval(node.value))
+    raise LookupError(f"CLASS_BALANCE is no longer assigned a literal in {path}")
 
 
 class ConfigError(ValueError):
@@ -61,8 +90,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
            upload)
     decay = cfg.get("weight_decay", 0.0)
     _check(_is_number(decay) and decay >= 0, "weight_decay", "a number >= 0", decay)
-    balance = cfg.get("class_balance", "none")
-    _check(balance in CLASS_BALANCE, "class_balance", f"one of {list(CLASS_BALANCE)}", balance)
+    balance, modes = cfg.get("class_balance", "none"), class_balance_modes()
+    _check(balance in modes, "class_balance", f"one of {list(modes)}", balance)
     prior = cfg["task"].get("class_prior")
     classes = cfg["task"]["spec"]["num_classes"]
     _check(prior is None or (isinstance(prior, list | tuple | ListConfig)
@@ -100,8 +129,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
             _check(value == 1.0, f"strategy.{key}", "1.0 when sites_per_round is set (both "
                    "would choose the sites of a round; set one)", value)
     _check(cfg["device"] in DEVICES, "device", f"one of {list(DEVICES)}", cfg["device"])
-    _check(cfg["model"]["name"] in registered_models(), "model.name",
-           f"one of {registered_models()}", cfg["model"]["name"])
+    _check(cfg["model"]["name"] in registered_model_names(), "model.name",
+           f"one of {registered_model_names()}", cfg["model"]["name"])
     for key in ("fraction_train", "fraction_evaluate"):
         value = cfg["strategy"].get(key, 1.0)
         _check(_is_number(value) and 0 < value <= 1, f"strategy.{key}", "a number in (0, 1]",
@@ -160,6 +189,8 @@ def _validate_baselines(value: Any) -> None:
 def baseline_kinds(cfg: Mapping[str, Any]) -> tuple[str, ...]:
     """The baselines a run asks for: ``auto`` is all of them up to MANY_SITES hospitals (where
     report.md still lists every site; above, one model per site would double a long run)."""
+    from server.site_summary import MANY_SITES  # numpy, which validate() does not need
+
     value = cfg.get("baselines", "auto")
     if isinstance(value, str) and value == "auto":
         return BASELINES if int(cfg["num_hospitals"]) <= MANY_SITES else ()
