@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,20 +22,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.app import build_client_app
-from client.tasks import DataError
-from client.training import StepHook
-from server.app import build_server_app
-from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
-from server.history import RoundRecord
-from server.report import collapse_warnings, is_collapsed
+# Only Hydra, rich and server.settings at the top: `--help` and a configuration error are
+# answered before torch, Flower, Opacus and Ray load (5-20 s; issue 18). What runs a
+# simulation is imported in simulate() and main(), after validate().
 from server.settings import ConfigError, baseline_kinds, site_node_config, to_dict, validate
-from server.stopping import StopSignal
-from simulations.baselines import TrainedBaseline, run_baselines
-from simulations.engine import run_in_process
-from simulations.global_evaluation import pooled_test_evaluation
-from simulations.identities import simulation_identities
-from simulations.sites import lazy_synthetic_sites, site_folders
+
+if TYPE_CHECKING:
+    from client.training import StepHook
+    from server.history import RoundRecord
+    from server.stopping import StopSignal
+    from simulations.baselines import TrainedBaseline
 
 console = Console(stderr=True)
 _job_started = False  # set once Hydra has composed the config and called main()
@@ -48,6 +44,14 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
     ``step_hook_for``: see ``client.app.build_client_app`` (the privacy audit's canaries).
     ``stop``: set by Ctrl-C/SIGTERM while the run lasts; the run then stops at the round in
     progress (dropped), its report written and the last complete round checkpointed."""
+    from client.app import build_client_app
+    from server.app import build_server_app
+    from server.checkpoint import load_checkpoint, resumable_config
+    from server.report import is_collapsed
+    from simulations.baselines import run_baselines
+    from simulations.global_evaluation import pooled_test_evaluation
+    from simulations.identities import simulation_identities
+    from simulations.sites import lazy_synthetic_sites, site_folders
 
     lazy = lazy_synthetic_sites(cfg)  # synthetic sites written when first needed, or None
     folders = lazy.folders() if lazy is not None else site_folders(cfg)
@@ -144,12 +148,29 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
     return json.loads(report_path.read_text())
 
 
+def run_in_process(*args: Any, **kwargs: Any) -> None:
+    """``simulations.engine.run_in_process`` (Flower's Ray engine), imported when a run starts.
+    Tests replace this name with an in-process grid (tests/in_process_grid.py)."""
+    from simulations.engine import run_in_process as run_on_ray
+
+    run_on_ray(*args, **kwargs)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(hydra_cfg: DictConfig) -> None:
     global _job_started
     _job_started = True
     try:
         validate(hydra_cfg)
+    except ConfigError as err:
+        _exit_bad_input(err)
+    # the config is valid: now what runs it (client.tasks loads torch, server.stopping Flower)
+    from client.tasks import DataError
+    from server.checkpoint import CheckpointError
+    from server.report import collapse_warnings
+    from server.stopping import StopSignal
+
+    try:
         cfg = to_dict(hydra_cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         if cfg.get("resume"):
@@ -161,10 +182,7 @@ def main(hydra_cfg: DictConfig) -> None:
         stop.before_exit = lambda: _report_stop(out_dir, started, overrides)
         report = simulate(cfg, out_dir, stop=stop)
     except (ConfigError, DataError, CheckpointError) as err:
-        # escape: a path or list in the message ("[a, b]") is not rich markup; soft_wrap: the
-        # message stays on one line, so a file name is never broken across lines
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-        sys.exit(2)
+        _exit_bad_input(err)
     if stop.requested:  # Ctrl-C / SIGTERM: the shell's exit status for the signal
         _report_stop(out_dir, started, overrides)
         sys.exit(128 + signal.Signals[stop.reason or "SIGINT"].value)
@@ -181,6 +199,13 @@ def main(hydra_cfg: DictConfig) -> None:
         + (f"final global {scores}" if scores else "no model was trained")
         + f"\nreport: {out_dir / 'report.md'}"
     )
+
+
+def _exit_bad_input(err: Exception) -> NoReturn:
+    # escape: a path or list in the message ("[a, b]") is not rich markup; soft_wrap: the
+    # message stays on one line, so a file name is never broken across lines
+    console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+    sys.exit(2)
 
 
 def _report_stop(out_dir: Path, started: float, overrides: list[str]) -> None:
