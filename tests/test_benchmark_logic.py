@@ -57,3 +57,42 @@ def test_the_many_sites_command_line_keeps_its_own_keys_out_of_the_overrides():
     key = next(iter(many_sites.OWN_KEYS))
     with pytest.raises(SystemExit, match=f"{key} is set by this benchmark"):
         many_sites._split_overrides([f"{key}=3"])
+
+
+def test_the_secagg_round_benchmark_interleaves_variants_and_leaves_out_round_one(tmp_path):
+    import json
+
+    from simulations.benchmarks import secure_aggregation as bench
+
+    assert bench.schedule([5, 20], 2, ("A", "B")) == [
+        (5, 0, "A"), (5, 0, "B"), (5, 1, "A"), (5, 1, "B"),
+        (20, 0, "A"), (20, 0, "B"), (20, 1, "A"), (20, 1, "B")]
+    assert bench.steady_round([30.0, 2.0, 4.0, 3.0]) == 3.0
+    assert bench.steady_round([30.0]) is None
+    for site, sizes in {"h1": [100, 7, 50], "h2": [300, 9, 50]}.items():
+        (tmp_path / site).mkdir()
+        lines = [json.dumps({"site": site, "message_type": kind, "bytes": size})
+                 for kind, size in zip(["train.secagg_masked_input", "evaluate", "train"],
+                                       sizes)]
+        (tmp_path / site / "egress.jsonl").write_text("\n".join(lines) + "\n")
+    assert bench.egress_upload(tmp_path, rounds=2) == (150 + 350) / 2 / 2  # evaluate left out
+
+
+def test_the_secagg_round_benchmark_ratio_is_of_medians_and_its_verdict_follows():
+    from simulations.benchmarks import secure_aggregation as bench
+
+    def run(variant, repeat, steady, status="ok"):
+        return {"n": 5, "repeat": repeat, "variant": variant, "status": status,
+                "steady_s": steady, "startup_s": 10.0, "round1_s": 12.0, "upload_bytes": 4.0}
+
+    runs = [run("medsilo plain", 0, 1.0), run("medsilo secure", 0, 1.6),
+            run("medsilo plain", 1, 2.0), run("medsilo secure", 1, 2.2),
+            run("medsilo plain", 2, 1.5), run("medsilo secure", 2, 9.9, status="exit 1")]
+    rows = {row["variant"]: row for row in bench.summarize(runs)}
+    plain, secure = rows["medsilo plain"], rows["medsilo secure"]
+    assert (plain["steady_median_s"], plain["steady_min_s"]) == (1.5, 1.0)
+    assert secure["steady_median_s"] == pytest.approx(1.9)  # the failed run is not a number
+    assert secure["ratio"] == pytest.approx(1.9 / 1.5)
+    assert secure["pair_ratios"] == [1.6, 1.1] and secure["failures"] == ["exit 1"]
+    assert bench.verdict(list(rows.values())) == [
+        "n=5: PASS: secure/plain steady round 1.27x (target <= 1.5x)"]
