@@ -70,3 +70,21 @@ def test_runs_that_do_not_differ_in_epsilon_get_no_plot_and_bad_input_is_named(s
     (alone / "a" / "report.json").write_text("{")
     with pytest.raises(CompareError, match="not a medsilo report"):
         compare([alone])
+
+
+def test_the_python_api_composes_the_same_config_and_returns_the_report(tmp_path, monkeypatch):
+    """``from simulations import simulate`` (issue 19): overrides in, report.json out."""
+    import simulations.run as job
+    from server.settings import ConfigError
+    from simulations import simulate
+    from tests.in_process_grid import run_in_process
+
+    monkeypatch.setattr(job, "run_in_process", run_in_process)  # the sites in this process
+    report = simulate([*SMALL, "baselines=none"], out_dir=tmp_path / "run")
+    assert report == json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["run"]["num_hospitals"] == 2 and len(report["rounds"]) == 1
+    assert report["run"]["config"]["task"]["synthetic"]["train_size"] == 60
+    with pytest.raises(ConfigError, match="rounds"):
+        simulate(["rounds=0"], out_dir=tmp_path / "bad")
+    with pytest.raises(TypeError, match="list of strings"):
+        simulate("task=tabular")
