@@ -1,0 +1,100 @@
+"""What makes a secure round cheaper must not make it weaker: a remembered signature vouches only
+for the exact bytes it signed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privacy.secagg import SecAggProtocolError, SecAggServer, advertise_keys, setup, share_keys
+from privacy.secagg import identity as ident
+from privacy.secagg import messages as m
+from privacy.secagg.crypto import generate_key_pair
+from privacy.secagg.identity import (
+    forget_verified_signatures,
+    generate_key,
+    sign,
+    test_identities,
+    verification_counts,
+    verify,
+)
+from privacy.secagg.loopback import run_round
+
+SESSION = b"speed-session-01"
+
+
+def _delta(counts: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: counts[k] - before[k] for k in counts}
+
+
+def test_a_remembered_signature_vouches_for_nothing_but_the_bytes_it_signed():
+    key, other = generate_key(), generate_key()
+    c_key, s_key = generate_key_pair()[1], generate_key_pair()[1]
+    statement = m.key_statement(SESSION, 1, 5, 3, "site-1", c_key, s_key)
+    signature = sign(key, statement)
+    forget_verified_signatures()
+    assert verify(key.public_key(), signature, statement)
+    before = verification_counts()
+    assert verify(key.public_key(), signature, statement)  # remembered, not re-checked
+    assert _delta(verification_counts(), before) == {"verified": 0, "remembered": 1, "refused": 0}
+    # the same session and index with a substituted key, another signer, another round's
+    # parameters: each is checked, and refused, every time it is asked
+    substituted = m.key_statement(SESSION, 1, 5, 3, "site-1", generate_key_pair()[1], s_key)
+    other_round = m.key_statement(SESSION, 1, 5, 4, "site-1", c_key, s_key)
+    before = verification_counts()
+    for _ in range(2):
+        assert not verify(key.public_key(), signature, substituted)
+        assert not verify(other.public_key(), signature, statement)
+        assert not verify(key.public_key(), signature, other_round)
+        assert not verify(key.public_key(), signature[:-1] + bytes([signature[-1] ^ 1]),
+                          statement)
+    assert _delta(verification_counts(), before) == {"verified": 0, "remembered": 0, "refused": 8}
+
+
+def test_a_site_refuses_a_substituted_key_after_its_neighbours_accepted_the_real_one():
+    """The server routes site 1's real signed keys to sites 0, 2, 3 (the signature is now
+    remembered in this process) and a substituted key under the same signature to site 4."""
+    n, victim, owner = 5, 4, 1
+    plan = setup(n, session=SESSION)
+    server = SecAggServer(plan)
+    made = test_identities(f"site-{i}" for i in range(n))
+    identities = {i: made[f"site-{i}"] for i in range(n)}
+    states, replies = {}, {}
+    for i, config in server.site_configs().items():
+        states[i], replies[i] = advertise_keys(config, identities[i])
+    routed = server.route_public_keys(replies)
+    for i in (0, 2, 3):
+        share_keys(states[i], routed[i], identities[i])
+    message = routed[victim]
+    position = message[m.KEY_OWNERS].index(owner)
+    for field in (m.C_PUBLIC_KEYS, m.S_PUBLIC_KEYS):
+        keys = list(message[field])
+        keys[position] = generate_key_pair()[1]
+        with pytest.raises(SecAggProtocolError, match="not signed by that site") as error:
+            share_keys(states[victim], {**message, field: keys}, identities[victim])
+        assert error.value.participant == owner
+    share_keys(states[victim], message, identities[victim])  # the real keys still pass
+
+
+def test_one_process_serving_every_site_checks_each_signature_once():
+    """2n distinct signatures in a round (n signed key sets, n signatures on the survivor set),
+    each checked by n - 1 or n sites: in one process, n·(n-1) + n² checks become 2n."""
+    n = 6
+    forget_verified_signatures()
+    before = verification_counts()
+    vectors = {i: np.arange(8, dtype=np.uint32) * (i + 1) for i in range(n)}
+    result = run_round(setup(n, session=SESSION), vectors)
+    assert result.survivors == set(range(n))
+    counts = _delta(verification_counts(), before)
+    assert counts["verified"] == 2 * n and counts["refused"] == 0
+    assert counts["remembered"] == n * (n - 1) + n * n - 2 * n
+
+
+def test_the_verification_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(ident, "_VERIFIED_MAX", 3)
+    forget_verified_signatures()
+    key = generate_key()
+    for k in range(5):
+        statement = b"statement %d" % k
+        assert verify(key.public_key(), sign(key, statement), statement)
+    assert len(ident._VERIFIED) == 3
