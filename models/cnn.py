@@ -4,8 +4,9 @@ GroupNorm instead of BatchNorm (BatchNorm mixes examples, which per-sample clipp
 and no in-place activations (they break Opacus's backward hooks). Per-sample gradients:
 Opacus hooks (``grad_sample_mode``), measured faster than ghost clipping here (Opacus has no
 conv norm sampler, so ghost runs a second backward pass). The norms carry no parameters of
-their own, which brings DP-SGD to about 1.5-1.6× a non-private epoch (1.7× with affine norms)
-(simulations/benchmarks/training.py).
+their own, and the convs' per-sample gradients are one grouped weight-gradient convolution
+(``models/dp_conv.py``, not Opacus's unfold): a DP step is about 1.2-1.4× a non-private one at
+batch 64 (CPU time, interleaved; simulations/benchmarks/training.py), 1.4-2.3× with Opacus's.
 """
 
 from __future__ import annotations

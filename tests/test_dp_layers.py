@@ -131,3 +131,33 @@ def test_default_models_are_valid_for_opacus_and_step_on_an_empty_poisson_batch(
     hooks.cleanup()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("conv", [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 3, "stride": 2},  # the last input column is never covered
+    {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (2, 1),
+     "groups": 2, "bias": False},
+    {"kernel_size": 3, "padding": "same"},  # Opacus's own sampler
+])
+def test_conv2d_per_sample_gradients_equal_one_backward_per_scan(conv):
+    import models.dp_conv  # noqa: F401  (its Conv2d sampler replaces Opacus's)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, **conv), nn.Tanh(), nn.Flatten(),
+                          nn.LazyLinear(3)).double()
+    scans = torch.randn(5, 4, 9, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    model(scans)  # sizes the lazy head
+    brute = {name: [] for name, _ in model.named_parameters()}
+    for i in range(len(labels)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(scans[i:i + 1]), labels[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            brute[name].append(p.grad.clone())
+    model.zero_grad()
+    hooked = GradSampleModule(model)
+    nn.functional.cross_entropy(hooked(scans), labels).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad_sample, torch.stack(brute[name]), atol=1e-10), name
+    hooked._close()
