@@ -1,5 +1,5 @@
 """What makes a secure round cheaper must not make it weaker: a remembered signature vouches only
-for the exact bytes it signed."""
+for the exact bytes it signed, and the fused encoding gives the very values of its definition."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from privacy.secagg.identity import (
     verify,
 )
 from privacy.secagg.loopback import run_round
+from privacy.secagg.quantize import quantize
+from privacy.secagg.update import WEIGHT_CLIP, encode_update
 
 SESSION = b"speed-session-01"
 
@@ -98,3 +100,20 @@ def test_the_verification_cache_is_bounded(monkeypatch):
         statement = b"statement %d" % k
         assert verify(key.public_key(), sign(key, statement), statement)
     assert len(ident._VERIFIED) == 3
+
+
+@pytest.mark.parametrize(("weight", "num_sites"), [(0.37, 5), (1.0, 20), (0.0, 3), (1.5, 7)])
+def test_the_fused_encoding_is_quantize_of_the_weighted_clipped_delta_then_the_weight(
+        weight, num_sites):
+    rng = np.random.default_rng(4)
+    delta = [rng.normal(0, 0.4, shape).astype(np.float32) for shape in [(64, 35), (64,), (2,)]]
+    delta[0][0, :2] = [9.0, -9.0]
+    vector, clipped = encode_update(delta, weight, clip=0.5, num_sites=num_sites, rng=11)
+    flat = np.concatenate([d.astype(np.float64).ravel() for d in delta])
+    generator = np.random.default_rng(11)
+    expected = np.concatenate([
+        quantize(weight * np.clip(flat, -0.5, 0.5), 0.5, num_sites, generator),
+        quantize(np.array([weight]), WEIGHT_CLIP, num_sites, generator)])
+    np.testing.assert_array_equal(vector, expected)
+    assert vector.dtype == np.uint32
+    assert clipped == pytest.approx(np.mean(np.abs(flat) > 0.5))

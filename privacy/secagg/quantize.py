@@ -85,17 +85,30 @@ def quantize(values: np.ndarray, clip: float, num_sites: int,
     if np.isnan(values).any():
         raise ValueError("values contain NaN: a site's update must be finite to be quantized")
     generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    top = levels_per_site(num_sites)
+    encoded = np.empty(values.shape, dtype=np.uint32)
+    quantize_into(np.array(values, dtype=np.float64), clip, num_sites, generator, encoded)
+    return encoded
+
+
+def quantize_into(work: np.ndarray, clip: float, num_sites: int,
+                  generator: np.random.Generator, out: np.ndarray) -> None:
+    """:func:`quantize` of ``work`` (float64, no NaN: the caller checked) written into ``out``
+    (uint32, same shape); ``work`` is overwritten. The same values as ``quantize`` for the same
+    generator state, in place: a 1M-coordinate update is memory-bound, and each temporary array
+    costs as much as the arithmetic on it."""
+    _check(clip, num_sites)
     clip = float(clip)
-    scaled = np.clip(values.astype(np.float64), -clip, clip)
-    scaled += clip
-    scaled *= quantization_scale(clip, num_sites)
-    floor = np.floor(scaled)
-    round_up = generator.random(size=scaled.shape) < (scaled - floor)
-    floor += round_up
+    np.clip(work, -clip, clip, out=work)
+    work += clip
+    work *= quantization_scale(clip, num_sites)
+    floor = np.floor(work)
+    work -= floor  # the fractional part: the probability of rounding up
+    draws = generator.random(size=work.shape)
+    np.less(draws, work, out=draws)  # 1.0 where the draw rounds up, else 0.0
+    floor += draws
     # (2c)·s can round to a hair above M in float64; never let one site exceed its M levels.
-    np.minimum(floor, top, out=floor)
-    return floor.astype(np.uint32)
+    np.minimum(floor, levels_per_site(num_sites), out=floor)
+    np.copyto(out, floor, casting="unsafe")
 
 
 def dequantize(total: np.ndarray, clip: float, num_sites: int,
