@@ -1,6 +1,7 @@
 """Local-epoch cost per clinical task, non-private vs DP-SGD, measured side by side.
 
     python -m simulations.benchmarks.training [--repeats 3] [--demo] [--no-reference]
+        [--device auto|cpu|cuda]
 
 For each task: one site's synthetic data at the default sizes, the task's default model, one
 local epoch with the default optimizer, alternating non-private and DP-SGD runs so that machine
@@ -13,6 +14,8 @@ The recurrent model's non-private baseline is the fused ``nn.LSTM`` / ``nn.GRU``
 ``models/dp_recurrent.py`` runs without DP). For reference, unless ``--no-reference``, the same
 vitals model is also timed with Opacus's ``DPLSTM`` (what it used before), non-private and DP.
 ``--demo`` also times ``python -m simulations.run task=<task>`` end to end for each task.
+``--device`` (default auto: cuda when present, else cpu) is where both runs train, and the
+demo's ``device``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ import torch
 from torch import nn
 
 from client.tasks import get_task
-from client.training import DPConfig, LocalTrainingConfig, grad_sample_mode_for, train_local
+from client.training import (
+    DPConfig,
+    LocalTrainingConfig,
+    grad_sample_mode_for,
+    resolve_device,
+    train_local,
+)
 from models import build_model
 from server.settings import compose
 from simulations.synthetic import get_generator
@@ -61,7 +70,8 @@ def _with_opacus_recurrent(model: nn.Module) -> nn.Module:
 
 
 def epoch_times(task_name: str, repeats: int,
-                adapt: Callable[[nn.Module], nn.Module] | None = None) -> dict:
+                adapt: Callable[[nn.Module], nn.Module] | None = None,
+                device: str = "cpu") -> dict:
     cfg = compose([f"task={task_name}"])
     task = get_task(task_name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,13 +94,16 @@ def epoch_times(task_name: str, repeats: int,
         for mode in ("plain", "dp"):
             model = build()
             started, started_cpu = time.perf_counter(), time.process_time()
-            train_local(model, data.train, config, seed=rep, dp=dp if mode == "dp" else None)
+            train_local(model, data.train, config, seed=rep, device=device,
+                        dp=dp if mode == "dp" else None)
+            if device == "cuda":
+                torch.cuda.synchronize()  # kernels are asynchronous: time them all
             if rep:
                 wall[mode].append(time.perf_counter() - started)
                 cpu[mode].append(time.process_time() - started_cpu)
     med = {f"{k}_{m}": statistics.median(v[m]) for k, v in (("wall", wall), ("cpu", cpu))
            for m in ("plain", "dp")}
-    return {"task": task_name, "model": cfg["model"]["name"],
+    return {"task": task_name, "model": cfg["model"]["name"], "device": device,
             "grad_sample_mode": grad_sample_mode_for(build(), dp),
             "train_examples": len(data.train),
             "epoch_s": round(med["wall_plain"], 4), "dp_epoch_s": round(med["wall_dp"], 4),
@@ -101,11 +114,12 @@ def epoch_times(task_name: str, repeats: int,
                                                                       strict=True)]}
 
 
-def demo_time(task_name: str) -> float:
+def demo_time(task_name: str, device: str) -> float:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "simulations.run", f"task={task_name}",
-                        f"hydra.run.dir={out}"], check=True, capture_output=True)
+                        f"hydra.run.dir={out}", f"device={device}"],
+                       check=True, capture_output=True)
         return round(time.perf_counter() - started, 1)
 
 
@@ -123,19 +137,26 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the Opacus DPLSTM reference rows for the recurrent model")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to train (auto: cuda when present, else cpu)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    if device == "mps":  # auto on a Mac: this benchmark is for CPU and CUDA
+        device = "cpu"
     torch.set_num_threads(1)  # a simulated site gets one core
     rows = []
     print(f"{'task':17} {'model':10} {'mode':6} {'n':>5} {'epoch s':>8} {'DP s':>8} "
-          f"{'DP/plain':>8} {'cpu ratio':>8}" + ("  demo s" if args.demo else ""))
+          f"{'DP/plain':>8} {'cpu ratio':>8}" + ("  demo s" if args.demo else "")
+          + f"   [device {device}]")
     for name in args.tasks:
-        row = epoch_times(name, args.repeats)
+        row = epoch_times(name, args.repeats, device=device)
         if args.demo:
-            row["demo_s"] = demo_time(name)
+            row["demo_s"] = demo_time(name, device)
         rows.append(row)
         _print_row(name, row, args.demo)
         if name == "vitals" and not args.no_reference:
-            reference = epoch_times(name, args.repeats, adapt=_with_opacus_recurrent)
+            reference = epoch_times(name, args.repeats, adapt=_with_opacus_recurrent,
+                                    device=device)
             reference["model"] = "DPLSTM"
             rows.append(reference)
             _print_row("vitals [DPLSTM]", reference, False)
