@@ -117,3 +117,9 @@ def test_the_fused_encoding_is_quantize_of_the_weighted_clipped_delta_then_the_w
     np.testing.assert_array_equal(vector, expected)
     assert vector.dtype == np.uint32
     assert clipped == pytest.approx(np.mean(np.abs(flat) > 0.5))
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_a_number_is_never_encoded(weight):
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        encode_update([np.zeros(4, dtype=np.float32)], weight, clip=0.5, num_sites=3, rng=0)

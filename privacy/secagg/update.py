@@ -47,6 +47,8 @@ def encode_update(
     flat = np.concatenate([np.asarray(d, dtype=np.float64).ravel() for d in delta])
     if not np.isfinite(flat).all():
         raise ValueError("the model update contains NaN or Inf; it cannot be sent")
+    if not np.isfinite(weight):  # quantize_into trusts its input: NaN would encode as garbage
+        raise ValueError(f"the site weight must be a finite number, got {weight!r}")
     outside = np.count_nonzero(flat > clip) + np.count_nonzero(flat < -clip)
     fraction = outside / flat.size if flat.size else 0.0
     np.clip(flat, -clip, clip, out=flat)
