@@ -59,6 +59,42 @@ def test_the_many_sites_command_line_keeps_its_own_keys_out_of_the_overrides():
         many_sites._split_overrides([f"{key}=3"])
 
 
+def _timed(first_round_s, rss=100.0, status="ok"):
+    return {**_row(10, status=status, rss=rss), "time_to_first_round_s": first_round_s,
+            "first_round_s": 2.0, "median_round_s": 0.5, "repeat": 0,
+            "peak_private_rss_mb": rss, "peak_object_store_mb": 0.0, "peak_processes": 3}
+
+
+def test_the_many_sites_repeats_and_flower_stock_give_medians_mins_and_ratios():
+    ours = many_sites.combine_repeats([_timed(12.0, rss=300.0), _timed(10.0), _timed(30.0),
+                                       _timed(None, status="failed: exit code 1")])
+    assert ours["time_to_first_round_s"] == 12.0 and ours["time_to_first_round_min_s"] == 10.0
+    assert ours["peak_rss_tree_mb"] == 300.0 and ours["repeats"] == 3
+    assert ours["failed_repeats"] == ["failed: exit code 1"]
+    stock = many_sites.combine_repeats([_timed(4.0), _timed(6.0)])
+    row = many_sites.compare_with_stock(ours, stock)
+    assert row["stock_ratio_first_round"] == pytest.approx(12.0 / 5.0, abs=0.01)
+    assert row["stock_ratio_first_round_min"] == pytest.approx(10.0 / 4.0, abs=0.01)
+    assert any(line.startswith("start-up: FAIL: time to first round is 2.40x")
+               for line in many_sites.verdict([row]))
+    fast = many_sites.compare_with_stock(many_sites.combine_repeats([_timed(5.5)]), stock)
+    assert any(line.startswith("start-up: PASS") for line in many_sites.verdict([fast]))
+
+
+def test_the_flower_stock_mlp_has_as_many_parameters_as_our_model():
+    from models import build_model
+    from server.settings import compose
+
+    args, overrides = many_sites.parse_args(["--sites", "10"])
+    spec = many_sites.stock_spec(args, overrides)
+    cfg = compose(["task=tabular"])
+    ours = build_model(cfg["model"], cfg["task"]["spec"])
+    assert (sum(p.numel() for p in many_sites._stock_mlp(spec).parameters())
+            == sum(p.numel() for p in ours.parameters()))
+    args, overrides = many_sites.parse_args(["--sites", "10", "--task", "images"])
+    assert isinstance(many_sites.stock_spec(args, overrides), str)  # no stock counterpart
+
+
 def test_the_secagg_round_benchmark_interleaves_variants_and_leaves_out_round_one(tmp_path):
     import json
 

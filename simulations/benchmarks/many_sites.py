@@ -1,7 +1,8 @@
 """Many simulated hospitals on one machine: round time, memory and start-up as sites grow.
 
     python -m simulations.benchmarks.many_sites [--sites 10 100 1000] [--sites-per-round 10]
-        [--rounds 3] [--task tabular] [--json PATH] [--keep-dir DIR] [key=value ...]
+        [--rounds 3] [--task tabular] [--repeats 3] [--no-stock] [--json PATH] [--keep-dir DIR]
+        [key=value ...]
 
 For each number of hospitals N: ``python -m simulations.run task=<task> num_hospitals=N
 sites_per_round=K rounds=R`` in a subprocess, with a fresh data cache, so time to first round
@@ -28,10 +29,25 @@ Extra ``key=value`` arguments are passed to every run
 - object store: Ray keeps it in a /dev/shm file that it unlinks and holds open; its allocated
   size (fstat of that descriptor, deduplicated by inode) is the shared memory the run uses.
 
+Flower stock, measured in the same run (``--no-stock`` skips it): ``flwr.simulation.run_simulation``
+with N virtual SuperNodes, Flower's own ``FedAvg`` (``flwr.serverapp.strategy``) sampling K of them
+a round, and a ClientApp training an MLP of our model's shape on random tensors of a synthetic
+site's size (the same batch size, epochs, optimizer and client_cpus; nothing of medsilo runs).
+It is timed the same way: launch of its subprocess until round 1 starts (when FedAvg configures
+round 1's training), then each round until the next starts. Our runs and stock's alternate
+(ours first in even repeats, stock first in odd ones), ``--repeats`` times at each N; timings are
+the median (and min) over the repeats, memory the largest. What ours pays before round 1 and
+stock does not: Hydra, writing the synthetic sites, the pooled test set's initial evaluation,
+our own Ray start; stock's ClientApp imports only torch in its actors. Flower's run_simulation
+starts the ServerApp while Ray starts, so stock's round 1 carries its Ray and actor start-up;
+ours starts Ray before the ServerApp (simulations/engine.py). Launch to the end of round 1 is
+therefore shown too. A steady round of ours also evaluates the global model on the pooled test
+set, which stock does not.
+
 Ratio: median round at N divided by the median round at the smallest N. Targets (issue 9): peak
 RSS of the tree at the largest N <= 4096 MB, and ratio <= 2 at every N. The sites trained per
 round (from report.json) are printed so that a run in which every site trains (no sampling) is
-visible as such.
+visible as such. Target (issue 18): time to first round <= 1.5x Flower stock's at every N.
 """
 
 from __future__ import annotations
@@ -56,10 +72,12 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 RSS_TARGET_MB = 4096
 RATIO_TARGET = 2.0
+STOCK_RATIO_TARGET = 1.5  # time to first round, ours / Flower stock's
 # keys this script sets itself, and the flag a user gives instead
 OWN_KEYS = {"task": "--task", "num_hospitals": "--sites", "sites_per_round": "--sites-per-round",
             "rounds": "--rounds", "hydra.run.dir": "--keep-dir", "data.cache_dir": "--keep-dir"}
 HEADER_MARK = " hospitals · "  # simulations/run.py's first line, once the site folders are known
+STOCK_MARK = "flower-stock rounds: "  # the stock run's one line of results, on stderr
 STDERR_TAIL_LINES = 30
 
 console = Console(stderr=True)
@@ -207,38 +225,14 @@ def _median_round(durations: list[float]) -> tuple[float | None, str]:
     return None, "none"
 
 
-def run_sites(sites: int, args: argparse.Namespace, overrides: list[str], work: Path,
-              progress: Progress, bar) -> dict[str, Any]:
-    row: dict[str, Any] = {"num_hospitals": sites, "sites_per_round": args.sites_per_round,
-                           "rounds": args.rounds, "status": "ok"}
-    progress.update(bar, description=f"N={sites}: data generation alone (cold)")
-    try:
-        row["data_generation_s"] = round(
-            data_generation_s(args.task, sites, overrides, work / f"cache-datagen-{sites}"), 2)
-    except RuntimeError as err:
-        row["data_generation_s"] = None
-        row["data_generation_error"] = str(err)
-    if not args.keep_dir:  # its only purpose was the timing
-        shutil.rmtree(work / f"cache-datagen-{sites}", ignore_errors=True)
-
-    run_dir, cache_dir = work / f"run-{sites}", work / f"cache-{sites}"
-    command = [sys.executable, "-m", "simulations.run", f"task={args.task}",
-               f"num_hospitals={sites}", f"sites_per_round={args.sites_per_round}",
-               f"rounds={args.rounds}", f"hydra.run.dir={run_dir}",
-               f"data.cache_dir={cache_dir}", *overrides]
-    row["command"] = " ".join(command[1:])
+def _run_watched(command: list[str], args: argparse.Namespace, row: dict[str, Any],
+                 on_line: Callable[[str], None]) -> tuple[int | None, list[tuple[float, str]],
+                                                          float]:
+    """Run ``command``, sampling the memory of its process tree into ``row``; returns its exit
+    code, its stderr lines stamped with wall-clock time, and the wall-clock time of its launch."""
     lines: list[tuple[float, str]] = []
-
-    def on_line(line: str) -> None:
-        if HEADER_MARK in line:
-            progress.update(bar, description=f"N={sites}: sites written, starting Ray")
-        elif line.startswith("round "):
-            progress.update(bar, description=f"N={sites}: {line.split(':')[0]} of {args.rounds}"
-                            " done")
-
-    progress.update(bar, description=f"N={sites}: starting the run (fresh cache)")
     launched_at, launched = time.time(), time.perf_counter()
-    # stdout is not read: the run writes its progress and errors to stderr
+    # stdout is not read: our run and the stock one write progress and results to stderr
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     reader = threading.Thread(target=_stamped_lines, args=(proc.stderr, lines, on_line),
@@ -263,32 +257,274 @@ def run_sites(sites: int, args: argparse.Namespace, overrides: list[str], work: 
     row["peak_private_rss_mb"] = round(tree.peak_anon_kb / 1024, 1)
     row["peak_object_store_mb"] = round(tree.peak_shm_bytes / 2**20, 3)
     row["peak_processes"] = tree.peak_processes
-    header = [t for t, line in lines if HEADER_MARK in line]
-    row["to_header_s"] = round(header[0] - launched_at, 2) if header else None
+    if proc.returncode != 0 and row["status"] == "ok":
+        row["status"] = f"failed: exit code {proc.returncode}"
+    return proc.returncode, lines, launched_at
 
-    report_path = run_dir / "report.json"
-    if proc.returncode != 0 or not report_path.is_file():
-        if row["status"] == "ok":
-            row["status"] = (f"failed: exit code {proc.returncode}" if proc.returncode
-                             else "failed: no report.json")
-        row["stderr_tail"] = [line for _, line in lines[-STDERR_TAIL_LINES:]]
-        return row
-    report = json.loads(report_path.read_text())
-    # each round's wall time and start, as the run's own round loop measured them
-    durations = [float(r["duration_s"]) for r in report["rounds"]]
-    first_started_at = report["rounds"][0]["started_at"] if report["rounds"] else None
+
+def _round_times(row: dict[str, Any], started_at: list[float], durations: list[float],
+                 launched_at: float) -> None:
+    """Time to first round, round 1 (actor start-up) and the median steady round, into ``row``."""
     row["round_s"] = [round(d, 3) for d in durations]
-    row["time_to_first_round_s"] = (round(first_started_at - launched_at, 2)
-                                    if first_started_at is not None else None)
+    row["time_to_first_round_s"] = (round(started_at[0] - launched_at, 2) if started_at
+                                    else None)
     median, row["median_covers"] = _median_round(durations)
     row["median_round_s"] = round(median, 3) if median is not None else None
     row["first_round_s"] = row["round_s"][0] if durations else None
     row["last_round_s"] = row["round_s"][-1] if durations else None
+    row["to_first_round_end_s"] = (round(row["time_to_first_round_s"] + durations[0], 2)
+                                   if started_at and durations else None)
+
+
+def run_sites(sites: int, args: argparse.Namespace, overrides: list[str], work: Path,
+              progress: Progress, bar, *, repeat: int = 0) -> dict[str, Any]:
+    row: dict[str, Any] = {"num_hospitals": sites, "sites_per_round": args.sites_per_round,
+                           "rounds": args.rounds, "status": "ok", "repeat": repeat}
+    if repeat == 0:  # a separate measurement: once per N
+        progress.update(bar, description=f"N={sites}: data generation alone (cold)")
+        try:
+            row["data_generation_s"] = round(
+                data_generation_s(args.task, sites, overrides, work / f"cache-datagen-{sites}"), 2)
+        except RuntimeError as err:
+            row["data_generation_s"] = None
+            row["data_generation_error"] = str(err)
+        if not args.keep_dir:  # its only purpose was the timing
+            shutil.rmtree(work / f"cache-datagen-{sites}", ignore_errors=True)
+
+    # a fresh data cache each time: time to first round includes writing the sites
+    run_dir, cache_dir = work / f"run-{sites}-{repeat}", work / f"cache-{sites}-{repeat}"
+    command = [sys.executable, "-m", "simulations.run", f"task={args.task}",
+               f"num_hospitals={sites}", f"sites_per_round={args.sites_per_round}",
+               f"rounds={args.rounds}", f"hydra.run.dir={run_dir}",
+               f"data.cache_dir={cache_dir}", *overrides]
+    row["command"] = " ".join(command[1:])
+
+    def on_line(line: str) -> None:
+        if HEADER_MARK in line:
+            progress.update(bar, description=f"N={sites}: sites written, starting Ray")
+        elif line.startswith("round "):
+            progress.update(bar, description=f"N={sites}: {line.split(':')[0]} of {args.rounds}"
+                            " done")
+
+    progress.update(bar, description=f"N={sites}: ours, repeat {repeat + 1} (fresh cache)")
+    returncode, lines, launched_at = _run_watched(command, args, row, on_line)
+    header = [t for t, line in lines if HEADER_MARK in line]
+    row["to_header_s"] = round(header[0] - launched_at, 2) if header else None
+
+    report_path = run_dir / "report.json"
+    if returncode != 0 or not report_path.is_file():
+        if row["status"] == "ok":
+            row["status"] = "failed: no report.json"
+        row["stderr_tail"] = [line for _, line in lines[-STDERR_TAIL_LINES:]]
+        return row
+    report = json.loads(report_path.read_text())
+    # each round's wall time and start, as the run's own round loop measured them
+    _round_times(row, [r["started_at"] for r in report["rounds"]],
+                 [float(r["duration_s"]) for r in report["rounds"]], launched_at)
     trained = [len(r.get("train", {})) for r in report.get("rounds", [])]
     row["trained_per_round"] = trained
     row["asked_per_round"] = [r.get("asked") for r in report.get("rounds", [])]
     row["run_duration_s"] = report.get("run", {}).get("duration_s")
     return row
+
+
+# --- Flower stock: the same shape of federation, nothing of medsilo -----------------------------
+
+def stock_spec(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any] | str:
+    """What the stock run needs from our configuration (model shape, site size, training), or
+    why it cannot be built: it trains an MLP, so only a task with a feature vector and mlp."""
+    from server.settings import compose  # Hydra only: the benchmark itself stays light
+
+    cfg = compose([f"task={args.task}", f"num_hospitals={min(args.sites)}",
+                   f"sites_per_round={args.sites_per_round}", f"rounds={args.rounds}",
+                   *(o for o in overrides if not o.lstrip("+~").startswith("hydra."))])
+    task, model = cfg["task"], cfg["model"]
+    if model["name"] != "mlp" or "num_features" not in task["spec"]:
+        return (f"the stock baseline trains an MLP on feature vectors; task={task['name']} "
+                f"model={model['name']} has no stock counterpart here (use --task tabular)")
+    synthetic = task.get("synthetic") or {}
+    return {"num_features": int(task["spec"]["num_features"]),
+            "num_classes": int(task["spec"]["num_classes"]),
+            "hidden": [int(h) for h in model.get("hidden", [])],
+            "dropout": float(model.get("dropout", 0.0)),
+            "activation": model.get("activation", "relu"),
+            "train_size": int(synthetic.get("train_size", 200)),
+            "test_size": int(synthetic.get("test_size", 50)),
+            "batch_size": int(cfg["batch_size"]), "local_epochs": int(cfg["local_epochs"]),
+            "lr": float(cfg["lr"]), "optimizer": cfg["optimizer"],
+            "client_cpus": float(cfg["simulation"]["client_cpus"]), "seed": int(cfg["seed"])}
+
+
+def _stock_mlp(spec: dict[str, Any]):
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    width = spec["num_features"]
+    for size in spec["hidden"]:
+        layers += [nn.Linear(width, size), nn.Tanh() if spec["activation"] == "tanh"
+                   else nn.ReLU()]
+        if spec["dropout"] > 0:
+            layers.append(nn.Dropout(spec["dropout"]))
+        width = size
+    return nn.Sequential(*layers, nn.Linear(width, spec["num_classes"]))
+
+
+def flower_stock_apps(spec: dict[str, Any], num_sites: int, sites_per_round: int, rounds: int,
+                      round_started_at: list[float]):
+    """Flower's template app: a ClientApp that trains and evaluates on random tensors, a
+    ServerApp running stock FedAvg. ``round_started_at`` gets the wall-clock start of each round
+    (Strategy.start configures a round's training first thing in the round)."""
+    import torch
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    def site_data(context: Context, size: int, offset: int):
+        generator = torch.Generator().manual_seed(context.node_id % 2**31 + offset)
+        x = torch.randn(size, spec["num_features"], generator=generator)
+        return x, torch.randint(0, spec["num_classes"], (size,), generator=generator)
+
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model = _stock_mlp(spec)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        x, y = site_data(context, spec["train_size"], 0)
+        optimizer = (torch.optim.Adam if spec["optimizer"] == "adam"
+                     else torch.optim.SGD)(model.parameters(), lr=spec["lr"])
+        model.train()
+        for _ in range(spec["local_epochs"]):
+            for batch in torch.randperm(len(x)).split(spec["batch_size"]):
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+                loss.backward()
+                optimizer.step()
+        metrics = MetricRecord({"train_loss": float(loss), "num-examples": len(x)})
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                   "metrics": metrics}), reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        model = _stock_mlp(spec)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        x, y = site_data(context, spec["test_size"], 1)
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+        metrics = MetricRecord({
+            "eval_loss": float(torch.nn.functional.cross_entropy(logits, y)),
+            "eval_acc": float((logits.argmax(1) == y).float().mean()), "num-examples": len(x)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    class TimedFedAvg(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            round_started_at.append(time.time())
+            return super().configure_train(server_round, arrays, config, grid)
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        fraction = sites_per_round / num_sites
+        strategy = TimedFedAvg(fraction_train=fraction, fraction_evaluate=fraction,
+                               min_train_nodes=sites_per_round,
+                               min_evaluate_nodes=sites_per_round, min_available_nodes=num_sites)
+        torch.manual_seed(spec["seed"])
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(_stock_mlp(spec).state_dict()),
+                       num_rounds=rounds)
+        round_started_at.append(time.time())  # the end of the last round
+
+    return server_app, client_app
+
+
+def run_flower_stock(arguments: str) -> None:
+    """The stock run's process (``python -c``): one ``run_simulation``, then one line on stderr
+    with each round's wall-clock start and duration."""
+    from flwr.simulation import run_simulation
+
+    job = json.loads(arguments)
+    marks: list[float] = []
+    server_app, client_app = flower_stock_apps(job["spec"], job["num_sites"],
+                                               job["sites_per_round"], job["rounds"], marks)
+    run_simulation(server_app, client_app, num_supernodes=job["num_sites"], backend_config={
+        "client_resources": {"num_cpus": job["spec"]["client_cpus"], "num_gpus": 0.0}})
+    print(STOCK_MARK + json.dumps({"started_at": marks[:-1],
+                                   "duration_s": [b - a for a, b in zip(marks, marks[1:])]}),
+          file=sys.stderr, flush=True)
+
+
+def run_stock(sites: int, args: argparse.Namespace, spec: dict[str, Any], progress: Progress,
+              bar, *, repeat: int = 0) -> dict[str, Any]:
+    row: dict[str, Any] = {"num_hospitals": sites, "sites_per_round": args.sites_per_round,
+                           "rounds": args.rounds, "status": "ok", "repeat": repeat}
+    job = {"spec": spec, "num_sites": sites, "sites_per_round": args.sites_per_round,
+           "rounds": args.rounds}
+    command = [sys.executable, "-c", "import sys\nfrom simulations.benchmarks.many_sites "
+               "import run_flower_stock\nrun_flower_stock(sys.argv[1])", json.dumps(job)]
+
+    def on_line(line: str) -> None:
+        if "[ROUND " in line:
+            progress.update(bar, description=f"N={sites}: Flower stock, {line.split('[')[-1]}")
+
+    progress.update(bar, description=f"N={sites}: Flower stock, repeat {repeat + 1}")
+    returncode, lines, launched_at = _run_watched(command, args, row, on_line)
+    results = [line.split(STOCK_MARK, 1)[1] for _, line in lines if STOCK_MARK in line]
+    if returncode != 0 or not results:
+        if row["status"] == "ok":
+            row["status"] = "failed: no rounds reported"
+        row["stderr_tail"] = [line for _, line in lines[-STDERR_TAIL_LINES:]]
+        return row
+    rounds = json.loads(results[-1])
+    _round_times(row, rounds["started_at"], rounds["duration_s"], launched_at)
+    return row
+
+
+# --- repeats ------------------------------------------------------------------------------------
+
+TIMINGS = ("to_header_s", "time_to_first_round_s", "first_round_s", "to_first_round_end_s",
+           "median_round_s", "last_round_s", "total_wall_s", "run_duration_s")
+MEMORY = ("peak_rss_tree_mb", "peak_private_rss_mb", "peak_object_store_mb", "peak_processes")
+
+
+def combine_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for the repeats of one N: timings are medians over the runs that succeeded (the
+    time to first round also its min), memory the largest; a failed run is named in
+    ``failed_repeats`` (every run failed: the first failure is the row)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return {**runs[0], "runs": runs}
+    row = {**ok[0], "runs": runs, "repeats": len(ok),
+           "failed_repeats": [r["status"] for r in runs if r["status"] != "ok"]}
+    for key in TIMINGS:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        row[key] = round(statistics.median(values), 3) if values else None
+    for key in MEMORY:
+        row[key] = max(r[key] for r in ok)
+    firsts = [r["time_to_first_round_s"] for r in ok if r.get("time_to_first_round_s") is not None]
+    row["time_to_first_round_min_s"] = min(firsts) if firsts else None
+    row["median_covers"] = ok[0].get("median_covers", "")
+    return row
+
+
+def compare_with_stock(ours: dict[str, Any], stock: dict[str, Any]) -> dict[str, Any]:
+    """Our row with Flower stock's beside it and the ratios ours / stock."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 2) if a is not None and b else None
+
+    both = ours["status"] == "ok" and stock["status"] == "ok"
+    return {**ours, "stock": stock,
+            "stock_ratio_first_round": ratio(ours.get("time_to_first_round_s"),
+                                             stock.get("time_to_first_round_s")) if both else None,
+            "stock_ratio_first_round_min": ratio(ours.get("time_to_first_round_min_s"),
+                                                 stock.get("time_to_first_round_min_s"))
+            if both else None,
+            "stock_ratio_first_round_end": ratio(ours.get("to_first_round_end_s"),
+                                                 stock.get("to_first_round_end_s"))
+            if both else None,
+            "stock_ratio_median_round": ratio(ours.get("median_round_s"),
+                                              stock.get("median_round_s")) if both else None}
 
 
 # --- table and verdict --------------------------------------------------------------------------
@@ -318,6 +554,41 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{_fmt(row.get('ratio'), 6)} {_fmt(row['total_wall_s'], 8, '.1f')}")
 
 
+def print_stock_table(rows: list[dict[str, Any]]) -> None:
+    compared = [r for r in rows if "stock" in r]
+    if not compared:
+        return
+    print(f"\n{'N':>5} {'1st rnd ours':>12} {'min':>6} {'stock':>7} {'min':>6} {'ours/stock':>10} "
+          f"{'(min)':>6} | {'round1 ours':>11} {'stock':>6} | {'1st end ours':>12} {'stock':>6} "
+          f"{'ours/stock':>10} | {'median ours':>11} {'stock':>6} "
+          f"{'ours/stock':>10} | {'RSS ours':>8} {'stock':>6}")
+    for row in compared:
+        stock = row["stock"]
+        if stock["status"] != "ok":
+            print(f"{row['num_hospitals']:>5} Flower stock {stock['status']}")
+            continue
+        print(f"{row['num_hospitals']:>5} {_fmt(row.get('time_to_first_round_s'), 12)} "
+              f"{_fmt(row.get('time_to_first_round_min_s'), 6)} "
+              f"{_fmt(stock['time_to_first_round_s'], 7)} "
+              f"{_fmt(stock['time_to_first_round_min_s'], 6)} "
+              f"{_fmt(row['stock_ratio_first_round'], 10)} "
+              f"{_fmt(row['stock_ratio_first_round_min'], 6)} | "
+              f"{_fmt(row.get('first_round_s'), 11)} {_fmt(stock['first_round_s'], 6)} | "
+              f"{_fmt(row.get('to_first_round_end_s'), 12)} "
+              f"{_fmt(stock['to_first_round_end_s'], 6)} "
+              f"{_fmt(row['stock_ratio_first_round_end'], 10)} | "
+              f"{_fmt(row.get('median_round_s'), 11)} {_fmt(stock['median_round_s'], 6)} "
+              f"{_fmt(row['stock_ratio_median_round'], 10)} | "
+              f"{_fmt(row.get('peak_rss_tree_mb'), 8, '.0f')} "
+              f"{_fmt(stock['peak_rss_tree_mb'], 6, '.0f')}")
+    repeats = max(r.get("repeats", 1) for r in compared)
+    print(f"(Flower stock: run_simulation + FedAvg + a ClientApp training the same MLP on random "
+          f"tensors, alternated with ours; 1st rnd: launch to round 1's start, median (min) of "
+          f"{repeats} runs; round1: round 1 with actor start-up; 1st end: launch to round 1's "
+          f"end (stock starts round 1 while Ray starts, ours once Ray is up); median: rounds "
+          f"2..R-1; RSS: largest peak of the tree, MB)")
+
+
 def verdict(rows: list[dict[str, Any]]) -> list[str]:
     ok = [r for r in rows if r["status"] == "ok"]
     lines = []
@@ -343,6 +614,16 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     if unsampled:
         lines.append(f"note: more than sites_per_round sites trained in a round at N={unsampled}"
                      " (sampling not applied)")
+    stock = [r for r in ok if r.get("stock_ratio_first_round") is not None]
+    if stock:
+        worst = max(stock, key=lambda r: r["stock_ratio_first_round"])
+        passed = worst["stock_ratio_first_round"] <= STOCK_RATIO_TARGET
+        lines.append(f"start-up: {'PASS' if passed else 'FAIL'}: time to first round is "
+                     f"{worst['stock_ratio_first_round']:.2f}x Flower stock's at "
+                     f"N={worst['num_hospitals']} (worst N; target <= {STOCK_RATIO_TARGET:g}); "
+                     f"to the end of round 1: {worst.get('stock_ratio_first_round_end')}x")
+    elif any("stock" in r for r in rows):
+        lines.append("start-up: not compared (a run failed; see the stock table)")
     if any(r.get("median_covers", "").startswith("round 1 only") for r in ok):
         lines.append("note: with 2 rounds the median round is round 1, which includes starting "
                      "Ray's actors; use --rounds 3 or more for steady-state rounds")
@@ -400,6 +681,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="look at /dev/shm descriptors every this many samples")
     parser.add_argument("--timeout-s", type=_positive(float), default=7200,
                         help="a run still going after this is killed and marked failed")
+    parser.add_argument("--repeats", type=_positive(int), default=3,
+                        help="runs of ours (and of Flower stock) at each N, alternated")
+    parser.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time Flower stock (run_simulation + FedAvg) at each N")
     args = parser.parse_args(flags)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: the median round leaves out the last one")
@@ -413,8 +698,30 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+def _measure(sites: int, args: argparse.Namespace, overrides: list[str], work: Path,
+             spec: dict[str, Any] | None, progress: Progress, bar) -> dict[str, Any]:
+    """``--repeats`` runs of ours at ``sites`` hospitals, alternated with Flower stock's."""
+    ours, stock = [], []
+    for repeat in range(args.repeats):
+        order = ("ours", "stock") if repeat % 2 == 0 else ("stock", "ours")
+        for who in order:
+            if who == "ours":
+                ours.append(run_sites(sites, args, overrides, work, progress, bar,
+                                      repeat=repeat))
+            elif spec is not None:
+                stock.append(run_stock(sites, args, spec, progress, bar, repeat=repeat))
+    datagen = {k: ours[0][k] for k in ("data_generation_s", "data_generation_error")
+               if k in ours[0]}
+    row = {**combine_repeats(ours), **datagen}
+    return compare_with_stock(row, combine_repeats(stock)) if stock else row
+
+
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    spec = stock_spec(args, overrides) if args.stock else None
+    if isinstance(spec, str):
+        console.print(f"[yellow]Flower stock not measured:[/] {spec}")
+        spec = None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="medsilo-many-sites-") as tmp:
         work = args.keep_dir or Path(tmp)
@@ -424,20 +731,28 @@ def main(argv: list[str] | None = None) -> None:
         with progress:
             for sites in args.sites:
                 bar = progress.add_task(f"N={sites}", total=None)
-                row = run_sites(sites, args, overrides, work, progress, bar)
+                row = _measure(sites, args, overrides, work, spec, progress, bar)
                 progress.remove_task(bar)
                 rows.append(row)
                 if row.get("data_generation_error"):
                     progress.console.print(f"[yellow]N={sites}: data generation alone could not "
                                            "be timed[/] (see data_generation_error in the JSON)")
-                if row["status"] != "ok":
-                    progress.console.print(f"[bold red]N={sites} {row['status']}[/]; last "
+                for who, run in [("ours", r) for r in row["runs"]] + [
+                        ("Flower stock", r) for r in row.get("stock", {}).get("runs", [])]:
+                    if run["status"] == "ok":
+                        continue
+                    progress.console.print(f"[bold red]N={sites} {who}, repeat "
+                                           f"{run['repeat'] + 1}: {run['status']}[/]; last "
                                            "lines of its stderr:")
-                    for line in row.get("stderr_tail", []):
+                    for line in run.get("stderr_tail", []):
                         progress.console.print(f"  {line}", markup=False, highlight=False)
-                else:
+                if row["status"] == "ok":
+                    stock = row.get("stock", {})
                     progress.console.print(
-                        f"N={sites}: median round {row['median_round_s']} s, peak RSS "
+                        f"N={sites}: time to first round {row['time_to_first_round_s']} s"
+                        + (f" (Flower stock {stock['time_to_first_round_s']} s)"
+                           if stock.get("status") == "ok" else "")
+                        + f", median round {row['median_round_s']} s, peak RSS "
                         f"{row['peak_rss_tree_mb']:.0f} MB, total {row['total_wall_s']:.1f} s")
     base = min(rows, key=lambda r: r["num_hospitals"])
     for row in rows:
@@ -450,7 +765,8 @@ def main(argv: list[str] | None = None) -> None:
           f"actor start-up; median: rounds 2..R-1; last: final round, every site evaluates; "
           f"ratio: median / N={base['num_hospitals']}; RSS: sum of VmRSS over the process tree, "
           f"shared pages counted per process; priv: sum of RssAnon; shm: Ray object store in "
-          f"/dev/shm, allocated)")
+          f"/dev/shm, allocated; timings: median of {args.repeats} runs, memory: the largest)")
+    print_stock_table(rows)
     for line in verdict(rows):
         print(line)
     if args.json:
