@@ -29,9 +29,13 @@ Each run is a fresh subprocess. Measured per run:
   content_size``): from each site's egress log for medsilo, from the replies the ServerApp
   pulled for Flower.
 
+Each run's line shows the machine's 1-minute load average before and after it: on shared
+cores the secure variant, with five messages per site per round instead of one, slows more
+under load than the plain one.
+
 Reported per n and variant: the median and min over repeats of the per-run steady round, the
 median start-up and round 1, the upload; ratio = median secure steady / median plain steady of
-the same stack, and the range of the ratios of adjacent (same repeat) pairs. Target (issue 18):
+the same stack, and the ratios of adjacent (same repeat) pairs. Target (issue 18):
 medsilo secure / plain ≤ 1.5 at every n.
 """
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -360,11 +365,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     variants = VARIANTS[:2] if args.no_flower else VARIANTS
     runs = []
     for n, repeat, variant in schedule(args.sites, args.repeats, variants):
+        load = os.getloadavg()[0]
         result = {"n": n, "repeat": repeat, "variant": variant, **RUNNERS[variant](n, args.rounds)}
+        result["load"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         runs.append(result)
         rounds = ", ".join(f"{d:.2f}" for d in result.get("rounds_s", []))
         print(f"n={n:<3} repeat {repeat + 1}/{args.repeats} {variant:<15} {result['status']}"
-              f"  rounds [{rounds}] s", flush=True)
+              f"  rounds [{rounds}] s  load {result['load'][0]} -> {result['load'][1]}",
+              flush=True)
         if result["status"] != "ok" and result.get("stderr"):
             print("    " + result["stderr"].replace("\n", "\n    "), flush=True)
     rows = summarize(runs)
