@@ -110,17 +110,23 @@ def _memoised_epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta:
     return _prv_epsilon(history, delta)
 
 
-def clear_accounting_caches() -> None:
-    """Forget every memoised ε, σ plan and RDP vector of this process (benchmarks, tests)."""
-    for cached in (_memoised_epsilon, _memoised_noise_multiplier, _rdp_of_one_step):
-        cached.cache_clear()
+def _caches() -> dict[str, Any]:
+    return {"epsilon": _memoised_epsilon, "noise_multiplier": _memoised_noise_multiplier,
+            "rdp_of_one_step": _rdp_of_one_step}
 
 
-def accounting_cache_info() -> dict[str, Any]:
-    """Hits, misses, size and bound of each accounting cache in this process."""
-    return {name: cached.cache_info()._asdict() for name, cached in (
-        ("epsilon", _memoised_epsilon), ("noise_multiplier", _memoised_noise_multiplier),
-        ("rdp_of_one_step", _rdp_of_one_step))}
+def clear_accounting_caches(*names: str) -> None:
+    """Forget this process's memoised ε (``"epsilon"``), σ plans (``"noise_multiplier"``) and
+    one-step RDP vectors (``"rdp_of_one_step"``); all of them without ``names`` (benchmarks,
+    tests: the values never depend on what is cached)."""
+    caches = _caches()
+    for name in names or tuple(caches):
+        caches[name].cache_clear()
+
+
+def accounting_cache_info() -> dict[str, dict[str, int]]:
+    """Hits, misses, size and bound (``maxsize``) of each accounting cache in this process."""
+    return {name: cached.cache_info()._asdict() for name, cached in _caches().items()}
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
