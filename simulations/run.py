@@ -132,6 +132,10 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
             baseline_bar = progress.add_task(
                 "baselines (" + ", ".join(kinds) + ")",
                 total=len(folders) * ("local" in kinds) + ("pooled" in kinds))
+        # the first round line comes only after Ray and its worker processes are up
+        progress.console.print(
+            f"starting Flower's simulation engine (Ray) for {len(folders)} hospitals; round 1 "
+            "follows once its workers have loaded torch (10-30 s on a laptop)", soft_wrap=True)
         run_in_process(
             server_app, build_client_app(sites, step_hook_for=step_hook_for,
                                          prepare_site=lazy and lazy.ensure), len(folders),
