@@ -132,3 +132,18 @@ def test_the_secagg_round_benchmark_ratio_is_of_medians_and_its_verdict_follows(
     assert secure["pair_ratios"] == [1.6, 1.1] and secure["failures"] == ["exit 1"]
     assert bench.verdict(list(rows.values())) == [
         "n=5: PASS: secure/plain steady round 1.27x (target <= 1.5x)"]
+
+
+def test_the_many_sites_dp_comparison_divides_dp_by_no_dp_and_skips_failed_runs():
+    from simulations.benchmarks.many_sites import compare_with_dp
+
+    ours = {"status": "ok", "total_wall_s": 100.0, "time_to_first_round_s": 20.0,
+            "median_round_s": 2.0}
+    dp = {"status": "ok", "total_wall_s": 130.0, "time_to_first_round_s": 25.0,
+          "median_round_s": 3.0}
+    row = compare_with_dp(ours, dp)
+    assert (row["dp_ratio_total"], row["dp_ratio_first_round"], row["dp_ratio_median_round"]) \
+        == (1.3, 1.25, 1.5)
+    assert row["dp"] is dp and row["total_wall_s"] == 100.0
+    failed = compare_with_dp(ours, {"status": "timed out after 7200 s"})
+    assert failed["dp_ratio_total"] is None

@@ -685,6 +685,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="runs of ours (and of Flower stock) at each N, alternated")
     parser.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True,
                         help="also time Flower stock (run_simulation + FedAvg) at each N")
+    parser.add_argument("--dp", action="store_true",
+                        help="also time the same run with privacy=dp, alternated, and print "
+                             "the ratio DP / no DP")
     args = parser.parse_args(flags)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: the median round leaves out the last one")
@@ -700,20 +703,39 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def _measure(sites: int, args: argparse.Namespace, overrides: list[str], work: Path,
              spec: dict[str, Any] | None, progress: Progress, bar) -> dict[str, Any]:
-    """``--repeats`` runs of ours at ``sites`` hospitals, alternated with Flower stock's."""
-    ours, stock = [], []
+    """``--repeats`` runs of ours at ``sites`` hospitals, alternated with Flower stock's (and,
+    with ``--dp``, with ours under ``privacy=dp``), the order rotated every repeat."""
+    ours, stock, dp = [], [], []
+    kinds = ["ours", *(["dp"] if args.dp else []), *(["stock"] if spec is not None else [])]
     for repeat in range(args.repeats):
-        order = ("ours", "stock") if repeat % 2 == 0 else ("stock", "ours")
-        for who in order:
+        for who in kinds[repeat % len(kinds):] + kinds[:repeat % len(kinds)]:
             if who == "ours":
                 ours.append(run_sites(sites, args, overrides, work, progress, bar,
                                       repeat=repeat))
-            elif spec is not None:
+            elif who == "dp":
+                dp.append(run_sites(sites, args, [*overrides, "privacy=dp"], work, progress,
+                                    bar, repeat=repeat))
+            else:
                 stock.append(run_stock(sites, args, spec, progress, bar, repeat=repeat))
     datagen = {k: ours[0][k] for k in ("data_generation_s", "data_generation_error")
                if k in ours[0]}
     row = {**combine_repeats(ours), **datagen}
+    if dp:
+        row = compare_with_dp(row, combine_repeats(dp))
     return compare_with_stock(row, combine_repeats(stock)) if stock else row
+
+
+def compare_with_dp(ours: dict[str, Any], dp: dict[str, Any]) -> dict[str, Any]:
+    """Our row with the same run under DP-SGD beside it: the ratios DP / no DP (issue 18's
+    target: the whole run within 1.5x)."""
+    def ratio(key: str) -> float | None:
+        a, b = dp.get(key), ours.get(key)
+        both = ours["status"] == "ok" and dp["status"] == "ok"
+        return round(a / b, 2) if both and a is not None and b else None
+
+    return {**ours, "dp": dp, "dp_ratio_total": ratio("total_wall_s"),
+            "dp_ratio_first_round": ratio("time_to_first_round_s"),
+            "dp_ratio_median_round": ratio("median_round_s")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -767,6 +789,14 @@ def main(argv: list[str] | None = None) -> None:
           f"shared pages counted per process; priv: sum of RssAnon; shm: Ray object store in "
           f"/dev/shm, allocated; timings: median of {args.repeats} runs, memory: the largest)")
     print_stock_table(rows)
+    for row in rows:
+        if "dp" in row:
+            dp = row["dp"]
+            print(f"N={row['num_hospitals']}: privacy=dp / off: whole run "
+                  f"{_fmt(dp.get('total_wall_s'), 1, '.1f')} / "
+                  f"{_fmt(row.get('total_wall_s'), 1, '.1f')} s = {row['dp_ratio_total']}x "
+                  f"(target <= 1.5x); first round {row['dp_ratio_first_round']}x; median round "
+                  f"{row['dp_ratio_median_round']}x")
     for line in verdict(rows):
         print(line)
     if args.json:
