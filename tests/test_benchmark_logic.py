@@ -147,3 +147,28 @@ def test_the_many_sites_dp_comparison_divides_dp_by_no_dp_and_skips_failed_runs(
     assert row["dp"] is dp and row["total_wall_s"] == 100.0
     failed = compare_with_dp(ours, {"status": "timed out after 7200 s"})
     assert failed["dp_ratio_total"] is None
+
+
+def test_the_shamir_comparison_runs_flowers_own_functions_reached_through_compat(monkeypatch):
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    from privacy import compat
+
+    monkeypatch.delattr(compat, "flower_shamir", raising=False)
+    assert "compat has no flower_shamir()" in secagg_benchmark.compare_shamir(5, 1)["flower"]
+    monkeypatch.setattr(compat, "flower_shamir", lambda: (create_shares, combine_shares),
+                        raising=False)
+    times = secagg_benchmark.compare_shamir(5, repeats=1)  # each reconstructs its secrets
+    assert all(t > 0 for t in times["medsilo"]) and all(t > 0 for t in times["flower"])
+
+
+def test_the_secagg_round_benchmark_says_why_flowers_rows_are_not_measured(monkeypatch):
+    from privacy import compat
+    from simulations.benchmarks import secure_aggregation as bench
+
+    monkeypatch.delattr(compat, "flower_legacy_api", raising=False)
+    run = {"n": 3, "repeat": 0, "variant": "flower secagg+", **bench.run_flower(3, 2, True)}
+    assert run["status"].startswith("not measured: ") and "compat" in run["status"]
+    (row,) = bench.summarize([run])
+    assert row["steady_median_s"] is None and row["ok"] == 0
+    assert "not measured: " in bench.table([row])

@@ -14,6 +14,8 @@ A, B, C, D, ...: machine load drifts, and each variant sees the same drift):
   ``SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=n//2 + 1)`` and
   ``secaggplus_mod`` on the ClientApp; a NumPyClient training the same MLP for one epoch (batch
   32, Adam) on 225 random examples per site and evaluating on 75, every site every round.
+  That API is not Flower's public one: it is reached through ``privacy.compat.
+  flower_legacy_api()`` (tests/test_compat.py), and without it these rows say why.
 
 Each run is a fresh subprocess. Measured per run:
 
@@ -187,7 +189,23 @@ def run_medsilo(n: int, rounds: int, secure: bool) -> dict[str, Any]:
                 "upload_bytes": egress_upload(Path(out) / "sites", len(durations))}
 
 
+def flower_legacy() -> Any:
+    """Flower 1.41's legacy API, where its SecAgg+ lives, through ``privacy/compat.py`` (the one
+    module allowed Flower's non-public API, tests/test_compat.py), or why it is not there."""
+    from privacy import compat
+
+    legacy = getattr(compat, "flower_legacy_api", None)
+    if legacy is None:
+        return ("not measured: Flower's SecAgg+ (and its plain run on the same stack) needs "
+                "Flower's legacy API (flwr.server.workflow.SecAggPlusWorkflow, "
+                "flwr.client.mod.secaggplus_mod, flwr.server.LegacyContext), which only "
+                "privacy/compat.py may import, and compat has no flower_legacy_api() yet")
+    return legacy()
+
+
 def run_flower(n: int, rounds: int, secure: bool) -> dict[str, Any]:
+    if isinstance(why_not := flower_legacy(), str):
+        return {"status": why_not}
     launch = time.time()
     try:
         done = subprocess.run(
@@ -219,23 +237,20 @@ def flower_child(n: int, rounds: int, secure: bool) -> dict[str, Any]:
     """Flower 1.41's legacy FedAvg, with or without SecAgg+, timed round by round."""
     import numpy as np
     import torch
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common import ndarrays_to_parameters
-    from flwr.server import LegacyContext, ServerApp, ServerConfig
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.simulation import run_simulation
-    from flwr.superlink.grid import inmemory_grid
     from torch import nn
 
     from models.mlp import TabularMLP
     from privacy.protocol import content_size
 
+    flwr = flower_legacy()
+    if isinstance(flwr, str):
+        raise RuntimeError(flwr)
+
     def build() -> nn.Module:
         return TabularMLP(FLOWER_FEATURES, 2, hidden=(1024, 1024))
 
-    class Site(NumPyClient):
+    class Site(flwr.NumPyClient):
         def __init__(self, partition: int) -> None:
             draw = torch.Generator().manual_seed(partition)
             size = FLOWER_TRAIN + FLOWER_TEST
@@ -267,14 +282,14 @@ def flower_child(n: int, rounds: int, secure: bool) -> dict[str, Any]:
                                                    self.y[FLOWER_TRAIN:]).item()
             return loss, FLOWER_TEST, {}
 
-    client_app = ClientApp(
+    client_app = flwr.ClientApp(
         client_fn=lambda context: Site(int(context.node_config["partition-id"])).to_client(),
-        mods=[secaggplus_mod] if secure else [])
+        mods=[flwr.secaggplus_mod] if secure else [])
     starts: dict[int, float] = {}
     ends: dict[int, float] = {}
     round1_started_at: list[float] = []
 
-    class TimedFedAvg(FedAvg):
+    class TimedFedAvg(flwr.FedAvg):
         def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
             starts[server_round] = time.perf_counter()
             if server_round == 1:
@@ -286,29 +301,43 @@ def flower_child(n: int, rounds: int, secure: bool) -> dict[str, Any]:
             return super().aggregate_evaluate(server_round, results, failures)
 
     uploads: collections.Counter[int] = collections.Counter()
-    pull = inmemory_grid.InMemoryGrid.pull_messages
 
-    def counted_pull(self, message_ids):  # type: ignore[no-untyped-def]
-        replies = pull(self, message_ids)
-        for reply in replies:
-            if reply.metadata.message_type.startswith("train") and not reply.has_error():
-                uploads[reply.metadata.src_node_id] += content_size(reply.content)[0]
-        return replies
+    class CountingGrid:
+        """The ServerApp's grid, counting the bytes of every train reply it hands back."""
 
-    inmemory_grid.InMemoryGrid.pull_messages = counted_pull  # measuring only, in this child
-    server_app = ServerApp()
+        def __init__(self, grid: Any) -> None:
+            self._grid = grid
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._grid, name)
+
+        def _count(self, replies: Iterable[Any]) -> list[Any]:
+            replies = list(replies)
+            for reply in replies:
+                if reply.metadata.message_type.startswith("train") and not reply.has_error():
+                    uploads[reply.metadata.src_node_id] += content_size(reply.content)[0]
+            return replies
+
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+            return self._count(self._grid.pull_messages(message_ids))
+
+        def send_and_receive(self, messages: Iterable[Any], *,
+                             timeout: float | None = None) -> list[Any]:
+            return self._count(self._grid.send_and_receive(messages, timeout=timeout))
+
+    server_app = flwr.ServerApp()
 
     @server_app.main()
     def main(grid, context):  # type: ignore[no-untyped-def]
         initial = [v.detach().numpy() for v in build().state_dict().values()]
         strategy = TimedFedAvg(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n,
                                min_evaluate_clients=n, min_available_clients=n,
-                               initial_parameters=ndarrays_to_parameters(initial))
-        legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds),
-                               strategy=strategy)
-        fit = (SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=n // 2 + 1)
+                               initial_parameters=flwr.ndarrays_to_parameters(initial))
+        legacy = flwr.LegacyContext(context, config=flwr.ServerConfig(num_rounds=rounds),
+                                    strategy=strategy)
+        fit = (flwr.SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=n // 2 + 1)
                if secure else None)
-        DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+        flwr.DefaultWorkflow(fit_workflow=fit)(CountingGrid(grid), legacy)
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
@@ -343,7 +372,8 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{_fmt(row['startup_median_s'], '.1f'):>7} s{_fmt(row['round1_median_s'], '.1f'):>6} s"
             f"{upload_text:>19}")
         if row["failures"]:
-            lines.append(f"     {row['ok']}/{row['runs']} runs ok; failed: {row['failures']}")
+            lines.append(f"     {row['ok']}/{row['runs']} runs ok; "
+                         + "; ".join(row["failures"]))
     return "\n".join(lines)
 
 
