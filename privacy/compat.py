@@ -203,6 +203,35 @@ def bounded_reply_downloads(max_time_s: float) -> Iterator[None]:
         yield
 
 
+def flower_legacy_api() -> Any:
+    """Flower 1.41's legacy stack, for measuring Flower's own SecAgg+ beside ours
+    (simulations/benchmarks/secure_aggregation.py): ``SecAggPlusWorkflow`` runs only on the
+    legacy ServerApp/strategy/``NumPyClient`` API with ``secaggplus_mod`` (/work/shared/NOTES.md).
+    Not used by medsilo itself."""
+    from types import SimpleNamespace
+
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    return SimpleNamespace(
+        ClientApp=ClientApp, NumPyClient=NumPyClient, secaggplus_mod=secaggplus_mod,
+        ndarrays_to_parameters=ndarrays_to_parameters, LegacyContext=LegacyContext,
+        ServerApp=ServerApp, ServerConfig=ServerConfig, FedAvg=FedAvg,
+        DefaultWorkflow=DefaultWorkflow, SecAggPlusWorkflow=SecAggPlusWorkflow)
+
+
+def flower_shamir() -> tuple[Any, Any]:
+    """Flower 1.41's Shamir secret sharing ``(create_shares, combine_shares)``, for measuring it
+    beside ours (privacy/secagg/benchmark.py). Not used by medsilo itself."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    return create_shares, combine_shares
+
+
 @contextlib.contextmanager
 def simulated_link_state(num_sites: int) -> Iterator[SimulatedLinkState]:
     """``num_sites`` virtual SuperNodes registered the way the engine registers them

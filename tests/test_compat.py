@@ -160,6 +160,19 @@ def test_a_reply_whose_objects_never_come_fails_after_the_bound_not_flowers_two_
     assert http_grid.pull_objects is original
 
 
+def test_flowers_own_peers_are_reachable_for_the_benchmarks():
+    """What the SecAgg benchmarks measure beside ours: Flower's Shamir and its SecAgg+ stack."""
+    import os
+
+    create_shares, combine_shares = compat.flower_shamir()
+    secret = os.urandom(32)
+    shares = create_shares(secret, 3, 5)
+    assert combine_shares(shares[:3]) == secret
+    legacy = compat.flower_legacy_api()
+    assert issubclass(legacy.SecAggPlusWorkflow, object) and callable(legacy.secaggplus_mod)
+    assert legacy.FedAvg().__class__.__name__ == "FedAvg"
+
+
 def test_the_simulated_link_state_registers_sites_as_the_engine_does_and_restores_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -256,5 +269,6 @@ def test_the_scan_sees_the_internals_compat_uses():
     hits = _private_imports(ROOT / "privacy" / "compat.py")
     for internal in ("ray._private.services", "ray._raylet", "_check_processed_flag",
                      "flwr.supercore.inflatable", "flwr.server.superlink.fleet.vce",
-                     "flwr.superlink.grid"):
+                     "flwr.superlink.grid", "flwr.server.workflow",
+                     "flwr.common.secure_aggregation"):
         assert any(re.search(re.escape(internal), hit) for hit in hits), internal
