@@ -169,16 +169,22 @@ def stop_on_signals(stop: StopSignal | None,
             signal.signal(signum, old)
 
 
-def _kill_descendants(pid: int) -> None:
-    """SIGKILL every process below ``pid`` (Linux /proc; elsewhere nothing is killed)."""
+def children_by_parent() -> dict[int, list[int]]:
+    """Every running process's children, read from /proc (Linux; elsewhere: none)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            fields = stat.read_text().rpartition(")")[2].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
+            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
             continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
+
+
+def _kill_descendants(pid: int) -> None:
+    """SIGKILL every process below ``pid``."""
+    children = children_by_parent()
     stack = list(children.get(pid, []))
     while stack:
         child = stack.pop()

@@ -70,6 +70,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from simulations.engine import children_by_parent
+
 RSS_TARGET_MB = 4096
 RATIO_TARGET = 2.0
 STOCK_RATIO_TARGET = 1.5  # time to first round, ours / Flower stock's
@@ -84,20 +86,6 @@ console = Console(stderr=True)
 
 
 # --- the process tree, read from /proc ----------------------------------------------------------
-
-def _children_by_parent() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
-
 
 def _start_time(pid: int) -> int | None:
     """Clock ticks since boot at which ``pid`` started: tells a process from a reused pid."""
@@ -155,7 +143,7 @@ class TreeMemory:
 
     def poll(self, *, with_shm: bool) -> None:
         self.polls += 1
-        children = _children_by_parent()
+        children = children_by_parent()
         pending = list(self.members)
         while pending:  # newly born descendants of any member
             for child in children.get(pending.pop(), []):
