@@ -84,12 +84,15 @@ class RunHistory:
         return ledgers
 
 
-def replier(reply: Message, sent: Iterable[Message] = ()) -> int:
+def destinations(sent: Iterable[Message]) -> dict[str, int]:
+    """Message id -> the node it was sent to (ids are set when the grid pushes a message)."""
+    return {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent
+            if msg.metadata.message_id}
+
+
+def replier(reply: Message, sent_to: Mapping[str, int] | None = None) -> int:
     """The node a reply answers for. An error reply made by Flower itself (a node that stopped
     sending heartbeats, a reply whose upload never completed) comes from the SuperLink or the
-    server's own node: it stands for the node the message was sent to."""
-    for msg in sent:
-        if msg.metadata.message_id and msg.metadata.message_id == \
-                reply.metadata.reply_to_message_id:
-            return msg.metadata.dst_node_id
-    return reply.metadata.src_node_id
+    server's own node: it stands for the node the message was sent to (``sent_to``:
+    :func:`destinations` of the messages sent)."""
+    return (sent_to or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from privacy import protocol
 from privacy.secagg import SecAggAborted, SecAggServer, setup
 from privacy.secagg.update import decode_mean, mean_error_bound
-from server.history import node_label, replier
+from server.history import destinations, node_label, replier
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,16 @@ class _Stages:
                for i, content in sorted(payloads.items())]
         received: dict[int, Message] = {}
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(out, timeout=timeout or self.timeout):
-            answered.add(replier(reply, out))
+        replies = list(self.grid.send_and_receive(out, timeout=timeout or self.timeout))
+        sent_to = destinations(out)  # message ids are set once the grid has pushed them
+        for reply in replies:
+            answered.add(replier(reply, sent_to))
             index = self.index_of.get(reply.metadata.src_node_id)
             if index is None:
                 continue
             if reply.has_error():
                 self.result.failures.append(
-                    {"stage": f"train.{action}", "node_id": replier(reply, out),
+                    {"stage": f"train.{action}", "node_id": replier(reply, sent_to),
                      "reason": reply.error.reason})
                 continue
             self._count(index, reply)

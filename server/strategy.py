@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
 )
 
 from privacy import protocol
-from server.history import replier
+from server.history import destinations, replier
 from server.secure_aggregation import SecureAggregate
 from server.validation import UpdateBounds, check_update, reference_arrays
 
@@ -80,11 +80,11 @@ class SiteReplies:
 def read_replies(replies: Iterable[Message], stage: str,
                  sent: Iterable[Message] = ()) -> SiteReplies:
     """``sent``: the messages these replies answer (names the node of Flower's error replies)."""
-    read, sent = SiteReplies(), list(sent)
+    read, sent_to = SiteReplies(), destinations(sent)
     for msg in replies:
         read.count += 1
         if msg.has_error():
-            read.failures.append({"stage": stage, "node_id": replier(msg, sent),
+            read.failures.append({"stage": stage, "node_id": replier(msg, sent_to),
                                   "reason": msg.error.reason})
             continue
         status = msg.content[protocol.SITE]
