@@ -6,7 +6,15 @@ reply leaves, one JSON line is appended to ``<state-dir>/egress.jsonl``::
 
     {"time": "2026-11-22T10:00:00.123+00:00", "site": "hospital_a", "run_id": 42, "round": 3,
      "message_type": "train", "kind": "update", "bytes": 3641, "sha256": "<64 hex>",
-     "records": {"arrays": 3320, "metrics": 151, "site": 95}}
+     "records": {"arrays": 3320, "metrics": 151, "site": 95},
+     "model_update": true, "dp_sgd": true, "noise_multiplier": 1.06, "masked": false}
+
+``model_update``, ``dp_sgd`` and ``masked`` say how the reply's model weights were protected,
+read from the content itself (:func:`protection`): ``dp_sgd`` when the reply carries the site's
+privacy ledger with DP-SGD steps at a noise multiplier σ > 0 (the update was trained with
+Gaussian noise on clipped per-example gradients; σ is logged), ``masked`` when the weights left
+as a secure-aggregation masked input (alone meaningless; the server sees only the sum). A reply
+without model weights (metrics, a ledger, a refusal, a protocol stage) logs all three false.
 
 ``sha256`` is Flower's own object id of the reply's content (``RecordDict.object_id``): a Merkle
 hash over every record, and the id under which Flower ships the content, so the coordinator can
@@ -81,6 +89,24 @@ def _append(path: Path, entry: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
+def protection(content: RecordDict) -> dict[str, Any]:
+    """How the model weights in ``content`` were protected, from what the content carries.
+
+    ``dp_sgd``: the weights come with the site's privacy ledger recording DP-SGD steps at
+    σ > 0 (a DP round always sends its ledger with the update: client/app.py train_with_dp);
+    ``masked``: the weights are a secure-aggregation masked input (protocol.MASKED_UPDATE).
+    """
+    arrays = content.array_records.get(protocol.ARRAYS)
+    if arrays is None:
+        return {"model_update": False, "dp_sgd": False, "noise_multiplier": None,
+                "masked": False}
+    ledger = content.config_records.get(protocol.PRIVACY)
+    sigma = float(ledger.get("noise_multiplier", 0.0)) if ledger is not None else 0.0
+    dp = ledger is not None and int(ledger.get("steps", 0)) > 0 and sigma > 0
+    return {"model_update": True, "dp_sgd": dp, "noise_multiplier": sigma if dp else None,
+            "masked": protocol.MASKED_UPDATE in arrays}
+
+
 def _log_reply(
     msg: Message, *, kind: str, site: SiteSettings, context: Context, server_round: int | None,
     size: int, sha256: str, **details: Any,
@@ -113,7 +139,7 @@ def send(
     """
     size, per_record = protocol.content_size(content)
     _log_reply(msg, kind=kind, site=site, context=context, server_round=server_round,
-               size=size, sha256=content.object_id, records=per_record)
+               size=size, sha256=content.object_id, records=per_record, **protection(content))
     return Message(content=content, reply_to=msg)
 
 
@@ -131,7 +157,8 @@ def send_error(
               msg.metadata.message_type, reason, exc_info=error)
     payload = reason.encode("utf-8")
     _log_reply(msg, kind="error", site=site, context=context, server_round=None,
-               size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), reason=reason)
+               size=len(payload), sha256=hashlib.sha256(payload).hexdigest(), reason=reason,
+               model_update=False, dp_sgd=False, noise_multiplier=None, masked=False)
     return Message(Error(code=compat.client_app_error_code(), reason=reason),
                    reply_to=msg)
 
@@ -164,13 +191,31 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def _update_line(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One model update of the log: its round, protection and content id (None: no model)."""
+    if "model_update" not in entry:  # a line from before protection was logged
+        if entry["kind"] not in ("update", "masked-update"):
+            return None
+        return {"round": entry.get("round"), "message_type": entry.get("message_type"),
+                "sha256": entry.get("sha256"), "dp_sgd": None, "noise_multiplier": None,
+                "masked": entry["kind"] == "masked-update"}  # the kind always said so
+    if not entry["model_update"]:
+        return None
+    return {"round": entry.get("round"), "message_type": entry.get("message_type"),
+            "sha256": entry.get("sha256"), "dp_sgd": bool(entry["dp_sgd"]),
+            "noise_multiplier": entry.get("noise_multiplier"), "masked": bool(entry["masked"])}
+
+
 def summarize(entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Messages, bytes, kinds and rounds per run: what left the site, in numbers."""
+    """Messages, bytes, kinds and rounds per run: what left the site, in numbers; and every
+    model update with whether it was DP-noised and whether it was masked (``updates``)."""
     runs: dict[int, dict[str, Any]] = defaultdict(
         lambda: {"messages": 0, "bytes": 0, "kinds": Counter(), "bytes_by_kind": Counter(),
-                 "rounds": set(), "first": None, "last": None})
+                 "rounds": set(), "first": None, "last": None, "updates": []})
     for entry in entries:
         run = runs[int(entry["run_id"])]
+        if (update := _update_line(entry)) is not None:
+            run["updates"].append(update)
         run["messages"] += 1
         run["bytes"] += int(entry["bytes"])
         run["kinds"][entry["kind"]] += 1
@@ -190,6 +235,37 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+# At most this many model updates are listed one by one per run (--json lists all).
+UPDATES_LISTED = 50
+
+
+def _protection_words(update: Mapping[str, Any]) -> str:
+    dp = {True: f"DP-SGD noised (σ {update['noise_multiplier']:.3g})"
+          if update.get("noise_multiplier") else "DP-SGD noised",
+          False: "NOT DP-noised", None: "DP noise not recorded (older log line)"}[
+        update["dp_sgd"]]
+    masked = {True: "masked by secure aggregation (the server sees only the sum)",
+              False: "not masked (the server sees this update on its own)"}[update["masked"]]
+    return f"{dp}, {masked}"
+
+
+def _updates_lines(updates: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not updates:
+        return ["  model updates: none left this site"]
+    counts = {key: sum(1 for u in updates if u[key]) for key in ("dp_sgd", "masked")}
+    unknown = sum(1 for u in updates if u["dp_sgd"] is None)
+    lines = [f"  model updates: {len(updates)}; DP-SGD noised: {counts['dp_sgd']} of "
+             f"{len(updates)}; masked by secure aggregation: {counts['masked']} of "
+             f"{len(updates)}" + (f"; {unknown} from before protection was logged"
+                                  if unknown else "")]
+    for update in updates[:UPDATES_LISTED]:
+        lines.append(f"    round {update['round']} {update['message_type']}: "
+                     f"{_protection_words(update)}; sha256 {str(update['sha256'])[:16]}…")
+    if len(updates) > UPDATES_LISTED:
+        lines.append(f"    and {len(updates) - UPDATES_LISTED} more (--json lists every one)")
+    return lines
+
+
 def render_summary(summary: Mapping[str, Any], source: str) -> str:
     lines = [f"Egress log {source}: {summary['messages']} message(s), {summary['bytes']:,} bytes "
              f"left this site in {len(summary['runs'])} run(s)."]
@@ -201,6 +277,7 @@ def render_summary(summary: Mapping[str, Any], source: str) -> str:
         for kind, count in sorted(run["kinds"].items()):
             lines.append(f"  {kind:<15} {count:>5} message(s) {run['bytes_by_kind'][kind]:>12,} "
                          f"bytes  ({EGRESS_KINDS.get(kind, 'unknown kind')})")
+        lines += _updates_lines(run["updates"])
     return "\n".join(lines)
 
 

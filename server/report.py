@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import numpy as np
 
 from privacy.files import write_atomically
 from server import site_summary
-from server.history import RunHistory
+from server.history import RoundRecord, RunHistory
 from server.site_summary import HEADLINE_METRICS, MANY_SITES, shorten
 
 
@@ -129,6 +129,8 @@ def build_report(
                 "timed_out": list(record.timed_out),
                 "skipped": record.skipped_round,  # why the global model did not change
                 "update_norms": dict(sorted(record.update_norms.items())),
+                # site -> how the model update it sent this round was protected
+                "updates": updates_sent(record),
                 # secagg=on: sites aggregated / dropped, abort reason, bytes each site uploaded
                 "secure_aggregation": record.secure_aggregation,
                 "asked": record.asked,  # sites sent the training message (sampling)
@@ -177,6 +179,29 @@ def build_report(
         "baselines": baselines,
     }
     return _clean(report)
+
+
+def updates_sent(record: RoundRecord) -> dict[str, dict[str, Any]]:
+    """report.json ``rounds[].updates``: site -> how the model update it sent was protected.
+
+    A site sent an update when the server received its training reply and the site neither
+    declined nor refused (a rejected update still left the site). ``dp_sgd``: the reply carried
+    the site's privacy ledger with DP-SGD steps at a noise multiplier σ > 0, the evidence the
+    server holds that the update was trained with noise; ``masked``: it came as a secure-
+    aggregation masked input, so the server saw only the sum. The site's own egress log
+    (client/egress.py) records the same two facts for the same content id (``received``).
+    """
+    secure = record.secure_aggregation is not None
+    out: dict[str, dict[str, Any]] = {}
+    for site, stages in sorted(record.received.items()):
+        if "train" not in stages or site in record.declined or site in record.refused:
+            continue
+        ledger = record.privacy.get(site) or {}
+        sigma = ledger.get("noise_multiplier")
+        dp = bool(ledger.get("steps")) and sigma is not None and float(sigma) > 0
+        out[site] = {"dp_sgd": dp, "noise_multiplier": float(sigma) if dp else None,
+                     "masked": secure}
+    return out
 
 
 def _privacy_section(
@@ -290,6 +315,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# medsilo run: {run['task']} / {run['model']} / {run['strategy']}",
         "",
+        opening_sentence(report),
+        "",
         f"{run['num_hospitals']} hospitals, {run['rounds']} rounds, seed {run['seed']}, "
         f"{run['duration_s']:.1f} s. Secure aggregation: "
         f"{'on' if run['secure_aggregation'] else 'off'}.",
@@ -299,6 +326,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if warnings:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in warnings] + [""]
     lines += _privacy_markdown_section(report, many)
+    lines += _egress_markdown(report, many)
     if run.get("stopped_early"):
         lines += ["", f"**The run stopped early:** {run['stopped_early']}"]
     lines += _final_metrics_section(report, many)
@@ -307,13 +335,113 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += _rounds_section(report)
     lines += ["", "Plots: `plots/global_metrics.png`, `plots/sites_<metric>.png`"
               + (" (median and p10–p90 band over sites)" if many else "")
-              + ", `plots/participation.png`.", ""]
+              + ", `plots/participation.png`"
+              + (", `plots/privacy_epsilon.png`" if _dp_sites(report) else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _secure_words(on: bool) -> str:
+    return ("the server saw only the sum of the hospitals' model updates, never one hospital's "
+            "(secure aggregation)" if on else
+            "the server saw each hospital's model update on its own (no secure aggregation)")
+
+
+def _delta_words(deltas: set[float]) -> str:
+    return (f"δ = {next(iter(deltas)):.0e}" if len(deltas) == 1
+            else f"δ at most {max(deltas):.0e}")
+
+
+def _epsilon_words(values: Iterable[float]) -> str:
+    values = sorted(set(values))
+    return (f"ε = {values[0]:.2f}" if len(values) == 1
+            else f"ε {values[0]:.2f} to {values[-1]:.2f}")
+
+
+def opening_sentence(report: Mapping[str, Any]) -> str:
+    """report.md's first sentence, for a privacy officer: what was protected, at what ε (the
+    sites' own accountants, never a constant; "without differential privacy" when off, never
+    ε = 0), whether a budget held, and whether the server saw single updates."""
+    run = report["run"]
+    what = (f"This run trained one {run['task']} model across {run['num_hospitals']} "
+            "hospitals")
+    secure = _secure_words(bool(run["secure_aggregation"]))
+    if run["privacy"] == "off":
+        return (f"{what} without differential privacy: nothing limits what the model, or the "
+                f"updates the hospitals sent, reveal about any one patient, and {secure}.")
+    table = report.get("sites", {})
+    epsilons = site_summary.epsilon_values(table)
+    trained_without = sorted(s for s, row in table.items()
+                             if row.get("epsilon") is None and row.get("rounds_trained"))
+    if not epsilons:
+        why = (f"{len(trained_without)} hospital(s) trained but none reported its privacy "
+               "accountant's ε, so this report cannot state the protection (see Privacy)"
+               if trained_without else "no hospital trained, so no patient record was used")
+        return f"{what} with differential privacy, but {why}; {secure}."
+    worst = max(epsilons.values())
+    deltas = {float(table[s]["delta"]) for s in epsilons if table[s].get("delta") is not None}
+    sentence = (f"{what} with differential privacy: each patient record in a hospital's "
+                f"training data was protected with a privacy loss of at most ε = {worst:.2f} "
+                f"({_delta_words(deltas) + ', ' if deltas else ''}computed by each hospital's "
+                "own privacy accountant; smaller is stronger)")
+    budgets = {s: float(row["max_epsilon"]) for s, row in table.items()
+               if row.get("max_epsilon") is not None}
+    if budgets:
+        over = sorted(s for s, eps in epsilons.items()
+                      if s in budgets and eps > budgets[s] + 1e-9)
+        whose = ("each hospital's" if set(budgets) >= set(table)
+                 else f"the budget {len(budgets)} hospitals set,")
+        if over:
+            sentence += (f", ABOVE the budget at {len(over)} hospital(s) ({shorten(over)}: "
+                         f"budget {_epsilon_words(budgets[s] for s in over)})")
+        else:
+            sentence += f", within {whose} budget of {_epsilon_words(budgets.values())}"
+        stopped = sorted(s for s, led in report.get("privacy", {}).items()
+                         if (led.get("rounds_declined") or 0) > 0)
+        if stopped:
+            sentence += (f" ({len(stopped)} hospital(s) declined rounds to stay within it: "
+                         f"{shorten(stopped)})")
+    if trained_without:
+        sentence += (f"; {len(trained_without)} hospital(s) that trained reported no ε "
+                     f"({shorten(trained_without)})")
+    return sentence + f"; {secure}."
+
+
+def epsilon_meaning(epsilon: float, delta: float | None) -> str:
+    """ε in one concrete paragraph: the odds bound of (ε, δ)-DP and its hypothesis-test form
+    (Kairouz, Oh, Viswanath 2015: TPR ≤ e^ε·FPR + δ), with the run's own numbers."""
+    factor = math.exp(epsilon)
+    sure = factor / (1.0 + factor)
+    delta_text = f"δ = {delta:.0e}" if delta is not None else "δ"
+    return (
+        f"**What ε = {epsilon:.2f} means.** Take an attacker who sees everything the guarantee "
+        "covers (the updates a hospital sent, the final model) and knows every other patient's "
+        "record. However they use it, their odds that one particular patient's record was in a "
+        f"hospital's training data can rise at most e^ε ≈ {factor:,.3g}-fold over what they "
+        f"believed beforehand, except with a small probability {delta_text} that this bound "
+        f"fails: a 50:50 guess can become at most {sure:.2%} sure. Put as a test: if it "
+        "wrongly names a fraction f of patients who were not used, it can rightly name at most "
+        f"e^ε·f + δ of those who were. This is a worst case, not what a typical attack achieves "
+        "(the privacy audit, `python -m simulations.audit`, measures that); for comparison, "
+        f"ε = 1 would limit the rise to {math.e:.1f}-fold (50:50 to at most "
+        f"{math.e / (1 + math.e):.0%}).")
+
+
+def _worst_epsilon(report: Mapping[str, Any]) -> tuple[float, float | None] | None:
+    table = report.get("sites", {})
+    epsilons = site_summary.epsilon_values(table)
+    if not epsilons:
+        return None
+    site = max(epsilons, key=lambda s: (epsilons[s], s))
+    delta = table[site].get("delta")
+    return epsilons[site], None if delta is None else float(delta)
 
 
 def _privacy_markdown_section(report: Mapping[str, Any], many: bool) -> list[str]:
     run, site_rows = report["run"], report.get("sites", {})
     lines = ["## Privacy", ""]
+    worst = _worst_epsilon(report) if run["privacy"] != "off" else None
+    if worst is not None:
+        lines += [epsilon_meaning(*worst), ""]
     if run["privacy"] == "off":
         lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
                      "what the model reveals about an individual patient record.")
@@ -328,6 +456,61 @@ def _privacy_markdown_section(report: Mapping[str, Any], many: bool) -> list[str
     if run["privacy"] != "off" and report.get("privacy_guarantee"):
         lines += _guarantee_markdown(report["privacy_guarantee"])
     return lines
+
+
+def egress_counts(report: Mapping[str, Any]) -> dict[str, Counter[str]]:
+    """Site -> counts of what the server received from it over the run: ``updates`` (model
+    updates), ``dp_sgd`` (of those, trained with DP-SGD noise), ``masked`` (of those, secure-
+    aggregation masked inputs) and ``evaluations`` (evaluation replies: metrics only)."""
+    counts: dict[str, Counter[str]] = {}
+    for entry in report["rounds"]:
+        for site, stages in (entry.get("received") or {}).items():
+            counts.setdefault(site, Counter())["evaluations"] += "evaluate" in stages
+        for site, update in (entry.get("updates") or {}).items():
+            c = counts.setdefault(site, Counter())
+            c["updates"] += 1
+            c["dp_sgd"] += bool(update["dp_sgd"])
+            c["masked"] += bool(update["masked"])
+    return dict(sorted(counts.items()))
+
+
+def _egress_markdown(report: Mapping[str, Any], many: bool) -> list[str]:
+    """What left each site as the server received it: per site its model updates, how many
+    were DP-noised and how many masked, and the evaluation replies (neither)."""
+    counts = egress_counts(report)
+    if not counts:
+        return []
+    total: Counter[str] = Counter()
+    for c in counts.values():
+        total.update(c)
+    updates, dp, masked = total["updates"], total["dp_sgd"], total["masked"]
+    lines = ["", "## What left each site", "",
+             f"{updates} model update(s) reached the server from {len(counts)} site(s): "
+             + _of(dp, updates, "trained with DP-SGD noise") + "; "
+             + _of(masked, updates, "masked by secure aggregation")
+             + (" (the server saw only their sum)" if masked else
+                ", so the server saw each update on its own" if updates else "") + ". "
+             f"The {total['evaluations']} evaluation repl"
+             + ("y" if total["evaluations"] == 1 else "ies")
+             + " carried metrics on the sites' test splits, neither noised nor masked.", "",
+             "Each site logs every reply before it leaves (`<state-dir>/egress.jsonl`, with the "
+             "same two facts per message; `python -m client.egress summarize LOG` reads it) "
+             "under the content id (SHA-256) the server lists in report.json "
+             "`rounds[].received`; report.json `rounds[].updates` holds each update's."]
+    if many:
+        return lines
+    lines += ["", "| site | model updates sent | DP-SGD noised | secure-aggregation masked | "
+              "evaluation replies |", "|---|---:|---:|---:|---:|"]
+    for site, c in counts.items():
+        lines.append(f"| {site} | {c['updates']} | {c['dp_sgd']} of {c['updates']} | "
+                     f"{c['masked']} of {c['updates']} | {c['evaluations']} |")
+    return lines
+
+
+def _of(part: int, whole: int, what: str) -> str:
+    if whole and part == whole:
+        return f"all {what}" if whole > 1 else what
+    return f"{'none' if part == 0 else f'{part} of {whole}'} {what}"
 
 
 def _evaluated_on(run: Mapping[str, Any]) -> str:
@@ -354,21 +537,42 @@ def _final_metrics_section(report: Mapping[str, Any], many: bool) -> list[str]:
         "that split; n/a = undefined there (AUROC with one class present), never a filled-in "
         "zero.",
         "",
-        "| | examples | rounds trained | " + " | ".join(HEADLINE_METRICS) + " |",
-        "|---|---:|---:|" + "---:|" * len(HEADLINE_METRICS),
+        _EXAMPLES_NOTE,
+        "",
+        "| | train examples | test examples | rounds trained | "
+        + " | ".join(HEADLINE_METRICS) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(HEADLINE_METRICS),
     ]
-    rows = [("**global**", "", "", final["global"]),
-            ("**client mean**", "", "", final["client_mean"])]
+    rows = [("**global**", "", final["global"].get("num_examples", ""), "", final["global"]),
+            ("**client mean**", "", "", "", final["client_mean"])]
     if not many:
-        rows += [(site, m.get("num_examples", ""),
-                  site_rows.get(site, {}).get("rounds_trained", ""), m)
+        rows += [(site, _count(site_rows.get(site, {}).get("num_examples")),
+                  m.get("num_examples", ""), site_rows.get(site, {}).get("rounds_trained", ""),
+                  m)
                  for site, m in final["sites"].items()]
-    for name, n, trained, metrics in rows:
+    for name, train_n, test_n, trained, metrics in rows:
         values = " | ".join(_fmt(metrics.get(k)) for k in HEADLINE_METRICS)
-        lines.append(f"| {name} | {n} | {trained} | {values} |")
+        lines.append(f"| {name} | {_count(train_n)} | {_count(test_n)} | {trained} | "
+                     f"{values} |")
     if many:
         lines += _sites_summary_markdown(report)
     return lines
+
+
+# The two example counts, named the same in report.md and sites.csv.
+_EXAMPLES_NOTE = (
+    "*Train examples*: the training-split size a site sent with its last update (under DP the "
+    "noisy count ñ it released, not its exact size; blank where none was sent: under secure "
+    "aggregation it stays inside the masked sum; `train_examples` in sites.csv); *test "
+    "examples*: the records of its own test split its final metrics were computed on "
+    "(`test_examples` in sites.csv).")
+
+
+def _count(value: Any) -> str:
+    """An example count as a whole number; blank where there is none."""
+    if value is None or value == "":
+        return ""
+    return str(int(round(float(value))))
 
 
 def _skipped_records_markdown(report: Mapping[str, Any], many: bool) -> list[str]:
@@ -617,13 +821,15 @@ def _sites_summary_markdown(report: Mapping[str, Any]) -> list[str]:
                   "(lowest, final round)"
                   + (f"; {undefined} evaluated sites have it undefined" if undefined else "")
                   + ":", "",
-                  "| site | " + metric + " | accuracy | examples | rounds trained |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| site | " + metric + " | accuracy | train examples | test examples | "
+                  "rounds trained |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for site, value in site_summary.extremes(values, highest=False):
             row = table[site]
             final = row["final"]
             lines.append(f"| {site} | {_fmt(value)} | {_fmt(final.get('accuracy'))} | "
-                         f"{final.get('num_examples', '')} | {row['rounds_trained']} |")
+                         f"{_count(row.get('num_examples'))} | "
+                         f"{_count(final.get('num_examples'))} | {row['rounds_trained']} |")
     lines += ["", "Every site's participation, final metrics and privacy: `sites.csv` "
               "(one row per site) and report.json `sites`."]
     return lines
@@ -693,72 +899,87 @@ def _privacy_markdown(privacy: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
+# What each headline metric is, for axis labels: the unit or the range and its meaning.
+METRIC_AXIS = {
+    "loss": "mean cross-entropy (nats per example)",
+    "accuracy": "accuracy (fraction correct, 0–1)",
+    "auroc": "AUROC (0.5 = chance, 1 = perfect)",
+}
+
+
+def _dp_sites(report: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {s: led for s, led in report.get("privacy", {}).items() if led.get("dp")}
+
+
+def build_figures(report: Mapping[str, Any]) -> dict[str, Any]:
+    """File name -> matplotlib figure of every plot the report has (each titled, both axes
+    labelled with their units); :func:`plot_report` saves them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+
+    rounds = report["rounds"]
+    many = len(report.get("sites", {})) > MANY_SITES
+    figures = {"global_metrics.png": _global_figure(plt, report)}
+    for name in ("accuracy", "auroc", "loss"):
+        figures[f"sites_{name}.png"] = (_site_distribution_figure(plt, rounds, name) if many
+                                        else _site_lines_figure(plt, rounds, name))
+    dp_sites = _dp_sites(report)
+    if dp_sites:
+        figures["privacy_epsilon.png"] = (_epsilon_histogram_figure(plt, report["sites"])
+                                          if many else _epsilon_lines_figure(plt, dp_sites))
+    figures["participation.png"] = _participation_figure(plt, report)
+    return figures
+
+
+def plot_report(report: Mapping[str, Any], plots_dir: Path) -> list[Path]:
+    figures = build_figures(report)  # selects the file-only backend before pyplot loads
+    import matplotlib.pyplot as plt
 
     plots_dir.mkdir(parents=True, exist_ok=True)
+    return [_save(plt, fig, plots_dir / name) for name, fig in figures.items()]
+
+
+def _global_figure(plt: Any, report: Mapping[str, Any]) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
     rounds = report["rounds"]
     xs = [0] + [r["round"] for r in rounds]
     series = [report["initial"]["global"]] + [r["global"] for r in rounds]
-    written = []
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, name in zip(axes, ("loss", "accuracy", "auroc"), strict=True):
         ax.plot(xs, [s.get(name) if s.get(name) is not None else np.nan for s in series],
                 marker="o")
-        ax.set_title(f"global {name}")
-        ax.set_xlabel("round")
+        ax.set_title(f"global model: {name}")
+        ax.set_xlabel("round (0 = initial model)")
+        ax.set_ylabel(METRIC_AXIS[name])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    written.append(_save(plt, fig, plots_dir / "global_metrics.png"))
+    fig.suptitle(f"Global model on {_evaluated_on(report['run'])}"[:110], fontsize=10)
+    return fig
+
+
+def _site_lines_figure(plt: Any, rounds: list[Mapping[str, Any]], name: str) -> Any:
+    from matplotlib.ticker import MaxNLocator
 
     sites = sorted({s for r in rounds for s in r["sites"]})
-    many = len(report.get("sites", {})) > MANY_SITES
-    for name in ("accuracy", "auroc", "loss"):
-        if many:
-            written.append(_plot_site_distribution(plt, rounds, name, plots_dir))
-            continue
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for site in sites:
-            ys = [r["sites"].get(site, {}).get(name) for r in rounds]
-            ax.plot([r["round"] for r in rounds], [np.nan if y is None else y for y in ys],
-                    marker=".", label=site)
-        ax.set_title(f"{name} per site (own test split)")
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if len(sites) <= 12:
-            ax.legend(fontsize=8)
-        written.append(_save(plt, fig, plots_dir / f"sites_{name}.png"))
-
-    dp_sites = {s: led for s, led in report["privacy"].items() if led.get("dp")}
-    if dp_sites and many:
-        written.append(_plot_epsilon_histogram(plt, report["sites"], plots_dir))
-    elif dp_sites:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for site, led in dp_sites.items():
-            eps = led.get("epsilon_per_round") or []
-            ax.plot(range(1, len(eps) + 1), eps, marker=".", label=site)
-            if led.get("max_epsilon"):
-                ax.axhline(led["max_epsilon"], linestyle=":", color="gray")
-        ax.set_title("cumulative ε per site (dotted: budget)")
-        ax.set_xlabel("rounds trained")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("ε")
-        ax.grid(alpha=0.3)
-        if len(dp_sites) <= 12:
-            ax.legend(fontsize=8)
-        written.append(_save(plt, fig, plots_dir / "privacy_epsilon.png"))
-    written.append(_plot_participation(plt, report, plots_dir))
-    return written
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for site in sites:
+        ys = [r["sites"].get(site, {}).get(name) for r in rounds]
+        ax.plot([r["round"] for r in rounds], [np.nan if y is None else y for y in ys],
+                marker=".", label=site)
+    ax.set_title(f"{name} per site (each on its own test split)")
+    ax.set_xlabel("round")
+    ax.set_ylabel(METRIC_AXIS[name])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if 0 < len(sites) <= 12:
+        ax.legend(fontsize=8)
+    return fig
 
 
-def _plot_site_distribution(plt: Any, rounds: list[Mapping[str, Any]], name: str,
-                            plots_dir: Path) -> Path:
+def _site_distribution_figure(plt: Any, rounds: list[Mapping[str, Any]], name: str) -> Any:
     """Median and p10–p90 band over the sites evaluated each round, with how many there were.
 
     With sampling each round evaluates different sites, so the count matters for reading the
@@ -779,39 +1000,78 @@ def _plot_site_distribution(plt: Any, rounds: list[Mapping[str, Any]], name: str
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.fill_between(xs, low, high, alpha=0.3, label="p10–p90 over sites")
     ax.plot(xs, mid, marker=".", label="median over sites")
-    ax.set_title(f"{name} across sites (own test split)")
+    ax.set_title(f"{name} across sites (each on its own test split)")
     ax.set_xlabel("round")
+    ax.set_ylabel(METRIC_AXIS[name])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     count_ax = ax.twinx()
     count_ax.plot(xs, counts, color="gray", linestyle=":", marker="x", label="sites evaluated")
-    count_ax.set_ylabel("sites evaluated")
+    count_ax.set_ylabel("sites evaluated (count)")
     count_ax.set_ylim(bottom=0)
     count_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     count_ax.legend(fontsize=8, loc="upper right")
-    return _save(plt, fig, plots_dir / f"sites_{name}.png")
+    return fig
 
 
-def _plot_epsilon_histogram(plt: Any, table: Mapping[str, Mapping[str, Any]],
-                            plots_dir: Path) -> Path:
+def _budgets(ledgers: Iterable[Mapping[str, Any]]) -> list[float]:
+    """The distinct privacy budgets (max ε) the sites enforce; empty when none has one."""
+    return sorted({float(led["max_epsilon"]) for led in ledgers
+                   if led.get("max_epsilon") is not None})
+
+
+def _epsilon_lines_figure(plt: Any, dp_sites: Mapping[str, Mapping[str, Any]]) -> Any:
+    """Each site's cumulative ε after each round it trained, and its budget where it has one
+    (a line is promised in the legend only when one is drawn)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for site, led in dp_sites.items():
+        eps = led.get("epsilon_per_round") or []
+        ax.plot(range(1, len(eps) + 1), eps, marker=".", label=site)
+    budgets = _budgets(dp_sites.values())
+    for budget in budgets:
+        ax.axhline(budget, linestyle=":", color="gray",
+                   label=f"budget (max ε {budget:g})")
+    deltas = {float(led["delta"]) for led in dp_sites.values() if led.get("delta") is not None}
+    ax.set_title("privacy spent per site, cumulative"
+                 + (f" (dotted: budget{'s' if len(budgets) > 1 else ''})" if budgets else ""))
+    ax.set_xlabel("rounds the site trained")
+    ax.set_ylabel("ε spent (privacy loss, unitless"
+                  + (f"; {_delta_words(deltas)}" if deltas else "") + ")")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    longest = max([len(led.get("epsilon_per_round") or []) for led in dp_sites.values()] + [1])
+    ax.set_xlim(0.5, longest + 0.5)
+    top = max([e for led in dp_sites.values() for e in led.get("epsilon_per_round") or []]
+              + budgets + [1.0])
+    ax.set_ylim(0, top * 1.12)  # the budget line stays inside the axes
+    ax.grid(alpha=0.3)
+    if len(dp_sites) + len(budgets) <= 14:
+        ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _epsilon_histogram_figure(plt: Any, table: Mapping[str, Mapping[str, Any]]) -> Any:
     """Final ε across the sites that trained (sites that never trained have no ε)."""
     epsilons = list(site_summary.epsilon_values(table).values())
-    budgets = {row.get("max_epsilon") for row in table.values()} - {None}
+    budgets = _budgets(table.values())
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.hist(epsilons, bins=min(30, max(1, len(set(epsilons)))))
     for budget in budgets:
-        ax.axvline(budget, linestyle=":", color="gray")
+        ax.axvline(budget, linestyle=":", color="gray", label=f"budget (max ε {budget:g})")
     never = len(table) - len(epsilons)
     ax.set_title(f"final ε across {len(epsilons)} sites"
                  + (f" ({never} never trained: no ε)" if never else ""))
-    ax.set_xlabel("ε spent")
-    ax.set_ylabel("sites")
+    ax.set_xlabel("ε spent by the site (privacy loss, unitless)")
+    ax.set_ylabel("sites (count)")
+    if budgets:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(plt, fig, plots_dir / "privacy_epsilon.png")
+    return fig
 
 
-def _plot_participation(plt: Any, report: Mapping[str, Any], plots_dir: Path) -> Path:
+def _participation_figure(plt: Any, report: Mapping[str, Any]) -> Any:
     """How many rounds each site trained: with sampling, not every site contributes equally."""
     from matplotlib.ticker import MaxNLocator
 
@@ -821,12 +1081,12 @@ def _plot_participation(plt: Any, report: Mapping[str, Any], plots_dir: Path) ->
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.hist(trained, bins=np.arange(-0.5, top + 1.5, 1.0), rwidth=0.85)
     ax.set_title(f"rounds trained per site ({len(table)} sites in this run's rounds)")
-    ax.set_xlabel("rounds trained")
-    ax.set_ylabel("sites")
+    ax.set_xlabel("rounds trained (count)")
+    ax.set_ylabel("sites (count)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    return _save(plt, fig, plots_dir / "participation.png")
+    return fig
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:

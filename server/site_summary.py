@@ -33,8 +33,11 @@ NEVER_TRAINED = "never trained: no records used"
 NO_LEDGER = "trained but no privacy ledger received"
 
 
-CSV_COLUMNS = ("site", "rounds_asked", "rounds_trained", "last_round_trained", "num_examples",
-               "final_num_examples", *(f"final_{m}" for m in HEADLINE_METRICS),
+# train_examples: the training-split size the site sent with its last update (under DP the
+# noisy count it released); test_examples: the test records its final metrics were computed on.
+# report.md's final-metrics table names its columns the same way.
+CSV_COLUMNS = ("site", "rounds_asked", "rounds_trained", "last_round_trained", "train_examples",
+               "test_examples", *(f"final_{m}" for m in HEADLINE_METRICS),
                "dp", "epsilon", "delta", "steps", "max_epsilon", "privacy")
 
 
@@ -157,11 +160,17 @@ def sites_csv(table: Mapping[str, Mapping[str, Any]]) -> str:
     for site, row in table.items():
         final = row.get("final") or {}
         flat = {"site": site, **{k: v for k, v in row.items() if k != "final"},
-                "final_num_examples": final.get("num_examples"),
+                "train_examples": _whole(row.get("num_examples")),
+                "test_examples": _whole(final.get("num_examples")),
                 **{f"final_{m}": final.get(m) for m in HEADLINE_METRICS}}
         writer.writerow(["" if flat.get(col) is None else _csv_cell(flat[col])
                          for col in CSV_COLUMNS])
     return buffer.getvalue()
+
+
+def _whole(count: Any) -> int | None:
+    """An example count as a whole number (a DP site's noisy count ñ arrives as a float)."""
+    return int(round(float(count))) if _finite(count) else None
 
 
 def _csv_cell(value: Any) -> Any:

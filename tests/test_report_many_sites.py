@@ -240,10 +240,14 @@ def test_a_few_sites_keep_one_row_each_with_rounds_trained(tmp_path):
                           global_evaluation="pooled")
     write_report(tmp_path, report, None)
     md = (tmp_path / "report.md").read_text()
-    assert "| rounds trained |" in md
-    trained = [_md_table_row(md, s, "## Final metrics")[1]
-               for s in ("hospital_a", "hospital_b", "hospital_c")]
-    assert trained == ["3", "1", "0"]
+    assert "| train examples | test examples | rounds trained |" in md
+    rows = [_md_table_row(md, s, "## Final metrics")
+            for s in ("hospital_a", "hospital_b", "hospital_c")]
+    assert [row[2] for row in rows] == ["3", "1", "0"]  # rounds trained
+    # train examples: what each site sent with its last update; test: its final evaluation's
+    assert [row[0] for row in rows] == ["30", "12", ""]
+    assert [row[1] for row in rows] == [str(int(report["final"]["sites"][s]["num_examples"]))
+                                        for s in ("hospital_a", "hospital_b", "hospital_c")]
     sites = report["sites"]
     assert sites["hospital_a"]["epsilon"] == pytest.approx(1.5)
     assert sites["hospital_b"]["privacy"] == "trained but no privacy ledger received"

@@ -217,6 +217,27 @@ class Parsed:
     labels: np.ndarray  # (n,) int64
 
 
+def _header_hint(table: Table, row: int, task_cfg: Mapping[str, Any]) -> str:
+    """Under task.header=none, a first record with no number in it is most likely the file's
+    header line: say so, with the fix, instead of only "'age' is not a number"."""
+    if row != 0 or str(task_cfg.get("header", "first_line")) != "none":
+        return ""
+    fields = table.rows[0]
+    if any(_is_number(f) for f in fields):
+        return ""
+    shown = ", ".join(fields[:4]) + (", ..." if len(fields) > 4 else "")
+    return (f"; line {table.lines[0]} looks like a header ({shown}): if the file names its "
+            "columns on its first line, set task.header=first_line")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
     missing_tokens = {str(t) for t in task_cfg.get("missing_values", ["?", "", "NaN"])}
     zero_missing = {str(c) for c in task_cfg.get("zero_as_missing") or []}
@@ -243,7 +264,8 @@ def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
                 value = float(text)
             except ValueError:
                 raise DataError(f"{where}, column {col!r}: {text!r} is not a number (missing "
-                                f"values are written as one of {sorted(missing_tokens)})") from None
+                                f"values are written as one of {sorted(missing_tokens)})"
+                                + _header_hint(table, r, task_cfg)) from None
             if math.isnan(value) or (value == 0 and col in zero_missing):
                 continue
             if not math.isfinite(value):
@@ -256,7 +278,8 @@ def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
             k = code_of[j].get(_normalise(text))
             if k is None:
                 raise DataError(f"{where}, column {col!r}: {text!r} is not one of the declared "
-                                f"codes {codes} (task.categorical.{col})")
+                                f"codes {codes} (task.categorical.{col})"
+                                + _header_hint(table, r, task_cfg))
             cats[r, j] = k
         text = fields[index[label_col]]
         if text in missing_tokens:
@@ -268,13 +291,15 @@ def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
                 value = math.nan
             if not math.isfinite(value):
                 raise DataError(f"{where}: label {label_col!r} = {text!r} is not a number "
-                                f"(task.label_threshold={threshold} binarises a numeric label)")
+                                f"(task.label_threshold={threshold} binarises a numeric label)"
+                                + _header_hint(table, r, task_cfg))
             labels[r] = int(value > float(threshold))
         else:
             k = class_of.get(_normalise(text))
             if k is None:
                 raise DataError(f"{where}: label {label_col!r} = {text!r} is outside the declared "
-                                f"classes {list(classes)} (task.label_classes)")
+                                f"classes {list(classes)} (task.label_classes)"
+                                + _header_hint(table, r, task_cfg))
             labels[r] = k
     return Parsed(numeric=numeric, categorical=cats, labels=labels)
 

@@ -63,8 +63,8 @@ class AuditReport:
         for site, attacks in self.membership.items():
             for attack in attacks:
                 out.append({"check": f"membership {attack.attack} · {site}", "verdict": INFO,
-                            "detail": f"AUC {attack.auc:.3f}, TPR@0.1% "
-                                      f"{attack.tpr_at_fpr.get('0.001', math.nan):.3f}, TPR@1% "
+                            "detail": f"AUC {attack.auc:.3f}, TPR@FPR 0.1% "
+                                      f"{attack.tpr_at_fpr.get('0.001', math.nan):.3f}, TPR@FPR 1% "
                                       f"{attack.tpr_at_fpr.get('0.01', math.nan):.3f}"})
         for case, rec in self.inversion.items():
             leaks = rec.beats_baseline
@@ -77,6 +77,19 @@ class AuditReport:
     @property
     def failed(self) -> bool:
         return any(v["verdict"] == FAIL for v in self.verdicts())
+
+    def dp_claim(self) -> tuple[float | None, float | None]:
+        """(ε, δ) the auditing site's accountant claimed; (None, None) for a run without DP."""
+        epsilon = self.run.get("accountant_epsilon")
+        if epsilon is None:
+            epsilon = next((c.accountant_epsilon for c in self.canaries
+                            if c.accountant_epsilon is not None), None)
+        if epsilon is None:
+            return None, None
+        delta = self.run.get("delta")
+        if delta is None:
+            delta = next((c.audit.delta for c in self.canaries), None)
+        return float(epsilon), None if delta is None else float(delta)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,11 +118,11 @@ def write_audit_report(report: AuditReport, out_dir: Path) -> dict[str, Any]:
                                                    allow_nan=False))
     written = []
     if report.canaries:
-        written.append(_plot_epsilons(report.canaries, plots / "audit_epsilon.png"))
+        written.append(_save(epsilon_figure(report.canaries), plots / "audit_epsilon.png"))
     if report.membership:
-        written.append(_plot_roc(report.membership, plots / "membership_roc.png"))
+        written.append(_save(roc_figure(report.membership), plots / "membership_roc.png"))
     if report.inversion:
-        written.append(_plot_inversion(report, plots / "inversion.png"))
+        written.append(_save(inversion_figure(report), plots / "inversion.png"))
     (out_dir / "audit.md").write_text(_markdown(report, content, written, out_dir))
     return content
 
@@ -125,8 +138,55 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def opening_sentence(report: AuditReport) -> str:
+    """audit.md's first sentence, for a privacy officer: what the run protected, at which ε
+    (the auditing site's accountant; "without differential privacy" when off, never ε = 0), and
+    whether the audit found a problem. No test names or statistics: those follow below."""
+    run = report.run
+    task = f" {run['task']}" if run.get("task") else ""
+    site = run.get("auditing_site") or next((c.site for c in report.canaries), None)
+    whose = f"{site}'s" if site else "the auditing hospital's"
+    epsilon, delta = report.dp_claim()
+    verdicts = report.verdicts()
+    leaks = [v["check"].split("·")[-1].strip() for v in verdicts if v["verdict"] == WARN]
+    if epsilon is None:
+        found = []
+        bounds = [c.audit.epsilon_lb for c in report.canaries]
+        if bounds:
+            found.append(f"the planted test records showed a privacy loss of at least "
+                         f"ε = {max(bounds):.2f}")
+        aucs = [a.auc for attacks in report.membership.values() for a in attacks]
+        if aucs:
+            found.append("the best attempt to tell training patients from other patients "
+                         f"scored {max(aucs):.2f} (0.5 is a coin flip, 1 is certain)")
+        if leaks:
+            found.append("a protected update still gave away a recognisable image "
+                         f"({', '.join(leaks)})")
+        return (f"This audit attacked a federated{task} run without differential privacy, so "
+                f"nothing protected the patient records in {whose} training data; what the "
+                "attacks found is a measurement, not a limit: "
+                + ("; ".join(found) if found else "no attack was run") + ".")
+    claim = (f"This audit attacked a federated{task} run with differential privacy, in which "
+             f"each patient record in {whose} training data is protected at ε = {epsilon:.2f}"
+             + (f" (δ = {delta:.0e})" if delta is not None else "")
+             + " according to that hospital's privacy accountant")
+    if report.failed:
+        return (claim + ", and it FOUND A PROBLEM: the attacks showed more leakage than that ε "
+                "allows, so the privacy code does not do what it claims; do not rely on this "
+                "protection.")
+    if not report.canaries:
+        return claim + ", but ran no check of that claim (the planted test records were off)" \
+            + (f"; a protected update still gave away a recognisable image ({', '.join(leaks)})"
+               if leaks else "") + "."
+    if leaks:
+        return (claim + ", and found no leakage beyond that ε, but a WARNING: a protected "
+                f"update still gave away a recognisable image ({', '.join(leaks)}).")
+    return (claim + ", and found no sign that the protection is weaker than claimed (which "
+            "does not show it is as strong as claimed: see below).")
+
+
 def _markdown(report: AuditReport, content: dict, plots: list[Path], out_dir: Path) -> str:
-    lines = ["# Privacy audit", ""]
+    lines = ["# Privacy audit", "", opening_sentence(report), ""]
     if report.failed:
         lines += ["> **FAILED: an empirical ε lower bound exceeds the accountant's ε. The DP path "
                   "does not implement what is accounted; do not rely on the stated guarantee.**",
@@ -144,15 +204,22 @@ def _markdown(report: AuditReport, content: dict, plots: list[Path], out_dir: Pa
             lines.append(f"| {c.site} | {c.variant} | {claimed} | {a.epsilon_lb:.2f} | {a.m} | "
                          f"{a.guesses} | {a.correct} | {a.confidence:.0%} | "
                          f"{a.epsilon_lb_best_uncorrected:.2f} |")
-        lines += ["", "The lower bound holds with the stated confidence (Bonferroni over the "
-                  "guess counts tried). A bound far below the accountant's ε does not show the "
-                  "accountant is loose: one-run audits are weak for few canaries."]
+        lines += ["", "The ε lower bound is the least privacy loss the guesses prove, at the "
+                  "stated confidence; it stays valid although several guess counts were tried "
+                  "(a Bonferroni correction: each is tested at confidence raised to cover all). "
+                  "A bound far below the accountant's ε does not show the accountant is loose: "
+                  "one-run audits are weak for few canaries."]
         if any(c.accountant_epsilon is None for c in report.canaries):
             lines += ["", "**Without DP a small lower bound is not privacy.** It is what these "
                       "attacks found at these sizes (a larger model, more canaries or another "
                       "optimizer may find more); nothing bounds what a stronger attack learns."]
     if report.membership:
         lines += ["", "## Membership inference (final global model)", "",
+                  "AUC: how well the attack's score separates a site's training patients "
+                  "(members) from its held-out ones (0.5 = coin flip, 1 = perfect). TPR @ FPR "
+                  "0.1 %: the share of members the attack names correctly when it may wrongly "
+                  "name only 0.1 % of non-members; the number that matters for naming "
+                  "individual patients.", "",
                   "| site | attack | AUC | TPR @ FPR 0.1% | TPR @ FPR 1% | members | non-members |",
                   "|---|---|---|---|---|---|---|"]
         for site, attacks in report.membership.items():
@@ -174,52 +241,67 @@ def _markdown(report: AuditReport, content: dict, plots: list[Path], out_dir: Pa
     return "\n".join(lines) + "\n"
 
 
-def _plot_epsilons(checks: list[CanaryCheck], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(checks)), 3.2))
+def epsilon_figure(checks: list[CanaryCheck]) -> Any:
+    """Accountant ε beside the measured lower bound per canary check. Every bar carries its
+    value (a bound of 0.00 is a real result, not a missing bar) and the legend sits outside
+    the axes, so it hides no bar; a run without DP shows "no DP" where the claim would be."""
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(checks) + 2.5), 3.8))
     labels = [f"{c.site}\n{c.variant}" for c in checks]
-    xs = range(len(checks))
+    xs = list(range(len(checks)))
     claimed = [c.accountant_epsilon if c.accountant_epsilon is not None else math.nan
                for c in checks]
-    ax.bar([x - 0.2 for x in xs], claimed, width=0.4, label="accountant ε")
-    ax.bar([x + 0.2 for x in xs], [c.audit.epsilon_lb for c in checks], width=0.4,
-           label="empirical ε lower bound")
-    ax.set_xticks(list(xs), labels)
-    ax.set_ylabel("ε")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    bounds = [c.audit.epsilon_lb for c in checks]
+    claim_bars = ax.bar([x - 0.2 for x in xs], claimed, width=0.4,
+                        label="accountant ε (claimed)")
+    bound_bars = ax.bar([x + 0.2 for x in xs], bounds, width=0.4,
+                        label="ε lower bound (measured)")
+    ax.bar_label(claim_bars, labels=["no DP" if math.isnan(v) else f"{v:.2f}" for v in claimed],
+                 fontsize=8, padding=2)
+    ax.bar_label(bound_bars, labels=[f"{v:.2f}" for v in bounds], fontsize=8, padding=2)
+    finite = [v for v in claimed + bounds if math.isfinite(v)]
+    ax.set_ylim(0, max([*finite, 0.5]) * 1.25)  # room for the labels above the bars
+    ax.set_xticks(xs, labels)
+    ax.set_xlabel("auditing site / canary variant")
+    ax.set_ylabel("ε (privacy loss, unitless)")
+    ax.set_title("Canary audit: claimed ε vs measured lower bound\n"
+                 "(measured above claimed = the DP code is broken)", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
 
 
-def _plot_roc(membership: dict[str, list[MembershipResult]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+def roc_figure(membership: dict[str, list[MembershipResult]]) -> Any:
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for site, attacks in membership.items():
         for a in attacks:
             ax.plot(a.fpr, a.tpr, label=f"{site} {a.attack} (AUC {a.auc:.2f})")
-    ax.plot([1e-4, 1], [1e-4, 1], "k:", linewidth=0.8)
+    ax.plot([1e-4, 1], [1e-4, 1], "k:", linewidth=0.8, label="chance (coin flip)")
     ax.set_xscale("log")  # the low-FPR regime is what matters (Carlini et al. 2022)
     ax.set_yscale("log")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    ax.set_xlabel("false positive rate (non-members named, fraction; log scale)")
+    ax.set_ylabel("true positive rate\n(members named, fraction; log scale)")
+    ax.set_title("Membership inference on the final global model", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _plot_inversion(report: AuditReport, path: Path) -> Path:
+def inversion_figure(report: AuditReport) -> Any:
     panels = ([("truth", report.inversion_truth, None)] if report.inversion_truth is not None
               else []) + [(case, r.image, r.psnr) for case, r in report.inversion.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2 * len(panels), 2.3))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5, 2 * len(panels)), 2.8))
     for ax, (name, image, value) in zip(list(axes) if len(panels) > 1 else [axes], panels):
         shown = image.detach().cpu()
         shown = shown[0] if shown.shape[0] == 1 else shown.permute(1, 2, 0)
         ax.imshow(shown.numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(name if value is None else f"{name}\n{value:.1f} dB", fontsize=8)
-        ax.axis("off")
+        ax.set_title(name if value is None else f"{name}\nPSNR {value:.1f} dB", fontsize=8)
+        ax.axis("off")  # pixels, not a measured quantity: no axes to label
+    fig.suptitle("Gradient inversion: the image rebuilt from one update, per view the server "
+                 "could get\n(PSNR vs the true image, in dB: higher = closer)", fontsize=9)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend placed outside the axes
     plt.close(fig)
     return path
