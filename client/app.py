@@ -39,7 +39,14 @@ from client.privacy_budget import (
     train_private_round,
 )
 from client.secure_aggregation import register_secure_aggregation
-from client.site import PARTITION_ID, SITE_CONFIG, SiteSettings, simulated_site_from_root
+from client.site import (
+    PARTITION_ID,
+    SITE_CONFIG,
+    SiteSettings,
+    import_plugins,
+    plugin_refusal,
+    simulated_site_from_root,
+)
 from client.training import (
     LocalTrainingConfig,
     StepHook,
@@ -86,6 +93,9 @@ def _prepare(
 
     if site.threads > 0:
         torch.set_num_threads(site.threads)
+    # the run's own model/task register on import, in this process (a Ray worker or a
+    # deployed ClientApp process does not share the driver's imports); allowed by _refusal
+    import_plugins(settings.plugins)
     task_cfg = settings.task
     data = load_site_data(site, task_cfg)
     model = build_model(settings.model, get_task(task_cfg["name"]).input_spec(task_cfg))
@@ -142,6 +152,12 @@ def _reply(
     if secagg is not None:
         content[protocol.SECAGG] = ConfigRecord(dict(secagg))
     return egress.send(msg, content, kind=kind, site=site, context=context)
+
+
+def _refusal(site: SiteSettings, settings: RunSettings) -> str | None:
+    """The site's policy (client/policy.py), then its plugins: checked before any data is read
+    and before any plugin is imported."""
+    return refusal_reason(site, settings) or plugin_refusal(site, settings.plugins)
 
 
 def refuse(msg: Message, context: Context, site: SiteSettings, reason: str) -> Message:
@@ -210,7 +226,7 @@ def train_round(
     """One local round on the global model in ``msg``: refused, declined, or trained (plain or
     DP-SGD). Shared by the plain ``train`` handler and secure aggregation's masked-input stage."""
     settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
-    if (reason := refusal_reason(site, settings)) is not None:
+    if (reason := _refusal(site, settings)) is not None:
         return TrainOutcome(None, {protocol.NUM_EXAMPLES: 0}, refused=reason)
     data, model, device = _prepare(msg, site, settings)
     step_hook = (step_hook_for(site.site_id, settings.server_round)
@@ -237,6 +253,8 @@ def site_handler(
             site = site_of(context)
             try:
                 if prepare_site is not None:
+                    # simulation: the site's synthetic generator may come from a plugin
+                    import_plugins(site.plugins)
                     prepare_site(site.site_id)
                 return handler(msg, context, site)
             except Exception as err:  # any failure becomes a logged error reply
@@ -287,13 +305,13 @@ def build_client_app(
     register_secure_aggregation(
         app, site_handler(site_of, prepare_site),
         lambda msg, context, site: train_round(msg, context, site, step_hook_for), _reply,
-        refusal_reason)
+        _refusal)
 
     @app.evaluate()
     @site_handler(site_of, prepare_site)
     def evaluate_global(msg: Message, context: Context, site: SiteSettings) -> Message:
         settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
-        if (reason := refusal_reason(site, settings)) is not None:
+        if (reason := _refusal(site, settings)) is not None:
             return refuse(msg, context, site, reason)
         data, model, device = _prepare(msg, site, settings)
         metrics = evaluate(model.to(device), data.test, data.num_classes, device=device)

@@ -25,6 +25,7 @@ config: ``--node-config 'site-config="/etc/medsilo/site.toml"'``::
     identity_key = "supernode.key"       # this site's provisioned P-384 key (signs SecAgg keys)
     roster = "roster.json"               # the federation roster signed by the CA
     ca_cert = "ca.crt"                   # the federation CA (verifies the roster)
+    plugins = ["my_package.medsilo_plugin"]  # this site's own installed code (docs/extending.md)
 
 The same keys also work directly as node config with dashes (``data-path``, ``state-dir``,
 ``max-epsilon``, ``approved-app-hashes="h1,h2"``, ...), as before the file existed; a node config
@@ -35,12 +36,17 @@ and approval is off unless a site asks for it.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
+import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from privacy.run_settings import is_module_name
 
 PARTITION_ID = "partition-id"
 SITE_CONFIG = "site-config"  # node config key naming the site configuration file
@@ -48,7 +54,9 @@ SITE_KEYS = ("site-id", "data-path", "device", "threads", "state-dir", "max-epsi
              "task", "require-approval", "approved-app-hashes",
              # the site's privacy policy (client/policy.py) and its identity for SecAgg
              "require-dp", "min-noise-multiplier", "max-grad-norm-range", "allowed-tasks",
-             "allowed-models", "secagg-min-threshold", "identity-key", "roster", "ca-cert")
+             "allowed-models", "secagg-min-threshold", "identity-key", "roster", "ca-cert",
+             # modules of the site's own installed code (models, tasks) it lets a run use
+             "plugins")
 APP_HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -83,6 +91,10 @@ class SiteSettings:
     identity_key: Path | None = None
     roster: Path | None = None
     ca_cert: Path | None = None
+    # Modules of code this site installed and reviewed (a model or task outside medsilo,
+    # docs/extending.md). The site imports only these, never a module the server names: a run
+    # needing another one is refused (plugin_refusal).
+    plugins: tuple[str, ...] = ()
     simulated: bool = False  # a virtual SuperNode of a simulation on this machine
 
     @classmethod
@@ -194,6 +206,7 @@ class SiteSettings:
             identity_key=path("identity-key"),
             roster=path("roster"),
             ca_cert=path("ca-cert"),
+            plugins=_module_names(values.get("plugins", ()), source),
             simulated=simulation,
         )
 
@@ -221,6 +234,52 @@ def _names(value: Any, key: str, source: str) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise SiteConfigError(f"{source}: {key} must be a list of names, got {value!r}")
     return tuple(i for i in items if i)
+
+
+def _module_names(value: Any, source: str) -> tuple[str, ...]:
+    """``plugins``: importable module names (a TOML list, or in node config one string)."""
+    names = _names(value, "plugins", source)
+    for name in names:
+        if not is_module_name(name):
+            raise SiteConfigError(f"{source}: plugins holds {name!r}; expected dotted module "
+                                  "names such as 'my_package.medsilo_plugin'")
+    return names
+
+
+def plugin_refusal(site: SiteSettings, wanted: Sequence[str]) -> str | None:
+    """Why this site will not run code from the plugins ``wanted`` (the run's ``plugins``), or
+    None. Checked before anything is imported: a site imports only what its own configuration
+    lists, and says so when one of those is not installed here."""
+    missing = [name for name in wanted if name not in site.plugins]
+    if missing:
+        return (f"this run needs plugin(s) {missing} (a model or task outside medsilo), which "
+                f"this site does not list in its plugins {list(site.plugins)}: a site runs only "
+                "code it installed and reviewed; install the package here and add it to "
+                "plugins in site.toml (docs/extending.md)")
+    for name in wanted:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # a parent package missing
+            found = False
+        if not found:
+            return (f"plugin {name!r} is in this site's plugins but not installed in its "
+                    f"Python environment ({sys.executable}): pip install the reviewed package "
+                    "here (docs/extending.md)")
+    return None
+
+
+def import_plugins(names: Sequence[str]) -> None:
+    """Import the plugin modules ``names`` in this process: their models, tasks (and in
+    simulation synthetic generators) register on import. Ray workers and deployed ClientApp
+    processes do not share the driver's imports, so each imports them itself (cached by
+    ``sys.modules`` after the first message)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise SiteConfigError(f"plugin {name!r} cannot be imported at this site ({err}); "
+                                  "install the reviewed package here (docs/extending.md)"
+                                  ) from err
 
 
 def _number_range(value: Any, key: str, source: str) -> tuple[float, float] | None:

@@ -5,11 +5,14 @@ one typed definition for both sides.
 protocol.py`` flattens it into the message's ConfigRecord and decodes it at the site, checking
 every value against its field's type (a wrong or missing value names the key). ``task`` and
 ``model`` stay mappings: each task and model reads its own keys (client/tasks, models/).
+``plugins`` names the modules of the run's own code (a model or task outside medsilo,
+docs/extending.md): a site imports one only if its own site configuration lists it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from collections.abc import Mapping
@@ -69,12 +72,18 @@ class RunSettings:
     seed: int = 0
     rounds: int = 1  # planned rounds: a DP site plans σ for all of them
     server_round: int = 0  # set by Flower's strategies in every message
+    # modules registering the run's model/task (``plugins`` in config); a site refuses a run
+    # needing one its own configuration does not list (client/site.py), never imports it
+    plugins: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain values (privacy/protocol.py flattens them into the ConfigRecord)."""
-        return {"task": dict(self.task), "model": dict(self.model),
-                "train": dataclasses.asdict(self.train), "privacy": self.privacy.as_dict(),
-                "seed": self.seed, "rounds": self.rounds}
+        values = {"task": dict(self.task), "model": dict(self.model),
+                  "train": dataclasses.asdict(self.train), "privacy": self.privacy.as_dict(),
+                  "seed": self.seed, "rounds": self.rounds}
+        if self.plugins:  # absent without plugins: the wire format of a run without them
+            values["plugins"] = list(self.plugins)
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], server_round: int = 0) -> RunSettings:
@@ -85,11 +94,34 @@ class RunSettings:
             privacy=PrivacySettings.from_dict(_mapping(values, "privacy")),
             seed=_value(int, values.get("seed", 0), "seed"),
             rounds=_value(int, values.get("rounds", 1), "rounds"),
-            server_round=server_round)
+            server_round=server_round,
+            plugins=module_names(values.get("plugins", ()), "plugins"))
 
 
 class RunSettingsError(ValueError):
     """A run setting of the wrong type or missing; the message names the key."""
+
+
+def is_module_name(name: Any) -> bool:
+    """``name`` is a dotted Python module name (``my_package.medsilo_plugin``): something
+    ``import`` can name, never a path or code."""
+    return isinstance(name, str) and all(part.isidentifier() and not keyword.iskeyword(part)
+                                         for part in name.split("."))
+
+
+def module_names(value: Any, key: str) -> tuple[str, ...]:
+    """A list of distinct module names (``plugins``), or :class:`RunSettingsError` naming
+    ``key`` and the first entry that is not one."""
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise RunSettingsError(f"run setting '{key}' must be a list of module names, got "
+                               f"{value!r}")
+    for index, name in enumerate(value):
+        if not is_module_name(name):
+            raise RunSettingsError(f"run setting '{key}[{index}]' must be a dotted module name "
+                                   f"such as 'my_package.medsilo_plugin', got {name!r}")
+    if len(set(value)) != len(value):
+        raise RunSettingsError(f"run setting '{key}' names a module twice: {list(value)}")
+    return tuple(value)
 
 
 def _mapping(values: Mapping[str, Any], key: str) -> Mapping[str, Any]:

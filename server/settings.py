@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import math
+import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from privacy.run_settings import PrivacySettings, RunSettings, TrainSettings
+from privacy.run_settings import (
+    PrivacySettings,
+    RunSettings,
+    RunSettingsError,
+    TrainSettings,
+    module_names,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -27,10 +36,12 @@ BASELINES = ("local", "pooled")
 STANDARDIZE = ("site", "reference", "auto")
 
 
-# Two lists of names validate() checks against are read from our source, not imported: models/
-# loads torch and Opacus as it registers its builders (2-5 s), privacy/protocol.py loads Flower,
-# and `--help` or a typo must be answered before either (issue 18). tests/test_startup.py
-# checks that both equal what the imported modules hold.
+# Three lists of names validate() checks against are read from our source, not imported:
+# models/ and client/tasks/ load torch and Opacus as they register (2-5 s), privacy/protocol.py
+# loads Flower, and `--help` or a typo must be answered before either (issue 18).
+# tests/test_startup.py and tests/test_extending.py check that they equal what the imported
+# modules hold. Names registered by a run's own plugins are known only by importing them
+# (load_plugins): a run that names plugins pays that import, a run without them does not.
 @functools.cache
 def registered_model_names() -> list[str]:
     """``models.registered_models()`` without importing models/: the literal names of its
@@ -43,6 +54,97 @@ def registered_model_names() -> list[str]:
                     and isinstance(node.args[0], ast.Constant)):
                 names.add(node.args[0].value)
     return sorted(names)
+
+
+@functools.cache
+def registered_task_names() -> list[str]:
+    """``client.tasks.registered_tasks()`` without importing client/tasks/: the ``name = "..."``
+    of each class decorated ``@register_task`` there."""
+    return _task_names_in(sorted((ROOT / "client" / "tasks").glob("*.py")))
+
+
+def _task_names_in(paths: list[Path]) -> list[str]:
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(d, ast.Name | ast.Attribute)
+                    and (getattr(d, "id", None) or getattr(d, "attr", None)) == "register_task"
+                    for d in node.decorator_list):
+                names.update(
+                    item.value.value for item in node.body
+                    if isinstance(item, ast.Assign) and isinstance(item.value, ast.Constant)
+                    and [getattr(t, "id", None) for t in item.targets] == ["name"])
+    return sorted(names)
+
+
+# Modules of a run's own code (docs/extending.md): ``plugins`` register models and tasks (the
+# server imports them here; every site imports them before it builds the model, if its own
+# configuration lists them: client/site.py); ``simulation.plugins`` register what only a
+# simulation needs (synthetic site generators), imported by the driver and the simulated sites
+# and never sent to a site. Both are lists of importable module names, empty by default.
+PLUGIN_KEYS = ("plugins", "simulation.plugins")
+
+
+def _plugins_value(cfg: Mapping[str, Any], key: str) -> Any:
+    group = (cfg.get("simulation") or {}) if key == "simulation.plugins" else cfg
+    value = group.get("plugins")
+    return list(value) if isinstance(value, ListConfig) else value
+
+
+def plugin_modules(cfg: Mapping[str, Any], key: str = "plugins") -> tuple[str, ...]:
+    """The module names under ``key`` (one of PLUGIN_KEYS): () when the key is absent."""
+    value = _plugins_value(cfg, key)
+    return () if value is None else tuple(value)
+
+
+def _validate_plugins(cfg: DictConfig | Mapping[str, Any]) -> None:
+    for key in PLUGIN_KEYS:
+        value = _plugins_value(cfg, key)
+        try:
+            module_names([] if value is None else value, key)
+        except RunSettingsError as err:
+            raise ConfigError(f"{str(err).removeprefix('run setting ')} (importable modules "
+                              "that register your own models and tasks, docs/extending.md)"
+                              ) from None
+
+
+def load_plugins(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Import ``plugins`` and ``simulation.plugins`` in this process (registration happens on
+    import); a module that cannot be imported, or whose registration fails, is a ConfigError
+    naming the key. Nothing is imported when both lists are empty."""
+    for key in PLUGIN_KEYS:
+        for index, name in enumerate(plugin_modules(cfg, key)):
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                raise ConfigError(
+                    f"{key}[{index}]={name!r} cannot be imported ({err}); expected a module "
+                    "installed in this Python environment (pip install your package, or put "
+                    "its folder on PYTHONPATH; docs/extending.md)") from err
+            except Exception as err:  # e.g. a model name registered twice
+                raise ConfigError(f"{key}[{index}]={name!r} failed while registering: "
+                                  f"{type(err).__name__}: {err}") from err
+
+
+def known_model_names(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
+    """Our models, plus those the run's plugins registered (load_plugins first)."""
+    if not any(plugin_modules(cfg, key) for key in PLUGIN_KEYS):
+        return registered_model_names()
+    from models import registered_models
+
+    return sorted({*registered_model_names(), *registered_models()})
+
+
+def known_task_names(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
+    """Our tasks, plus the ``@register_task`` classes in the loaded modules of the run's plugin
+    packages (load_plugins first). Read from their source like ours: the server never imports
+    client/, whose registry holds them (tests/test_layering.py)."""
+    packages = {name.split(".")[0] for key in PLUGIN_KEYS for name in plugin_modules(cfg, key)}
+    paths = sorted({Path(module.__file__) for name, module in list(sys.modules.items())
+                    if name.split(".")[0] in packages
+                    and str(getattr(module, "__file__", None) or "").endswith(".py")})
+    return sorted({*registered_task_names(), *_task_names_in(paths)})
 
 
 @functools.cache
@@ -129,8 +231,16 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
             _check(value == 1.0, f"strategy.{key}", "1.0 when sites_per_round is set (both "
                    "would choose the sites of a round; set one)", value)
     _check(cfg["device"] in DEVICES, "device", f"one of {list(DEVICES)}", cfg["device"])
-    _check(cfg["model"]["name"] in registered_model_names(), "model.name",
-           f"one of {registered_model_names()}", cfg["model"]["name"])
+    _validate_plugins(cfg)
+    load_plugins(cfg)  # before the names: a plugin's model or task is known once imported
+    own_code = ("; a model of your own: name the module registering it in plugins, "
+                "docs/extending.md")
+    models = known_model_names(cfg)
+    _check(cfg["model"]["name"] in models, "model.name", f"one of {models}{own_code}",
+           cfg["model"]["name"])
+    tasks = known_task_names(cfg)
+    _check(cfg["task"]["name"] in tasks, "task.name",
+           f"one of {tasks}{own_code.replace('model', 'task')}", cfg["task"]["name"])
     for key in ("fraction_train", "fraction_evaluate"):
         value = cfg["strategy"].get(key, 1.0)
         _check(_is_number(value) and 0 < value <= 1, f"strategy.{key}", "a number in (0, 1]",
@@ -308,12 +418,17 @@ def _validate_site_policy(cfg: DictConfig | Mapping[str, Any]) -> None:
 
 
 def site_node_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``site.<key>`` as the node-config entries (dashed keys) of every simulated site."""
+    """``site.<key>`` as the node-config entries (dashed keys) of every simulated site, and the
+    plugins a simulated site has installed: the run's ``plugins`` and ``simulation.plugins``
+    (its synthetic generator runs at the site, on a Ray worker)."""
     entries = {}
     for key, value in (cfg.get("site") or {}).items():
         if value is not None:
             entries[key.replace("_", "-")] = list(value) if isinstance(value, list | tuple) \
                 else value
+    installed = [*plugin_modules(cfg), *plugin_modules(cfg, "simulation.plugins")]
+    if installed:
+        entries["plugins"] = list(dict.fromkeys(installed))
     return entries
 
 
@@ -350,7 +465,12 @@ def site_settings(cfg: Mapping[str, Any]) -> RunSettings:
     privacy = PrivacySettings.from_dict(cfg["privacy"])
     return RunSettings(task=dict(cfg["task"]), model=dict(cfg["model"]), train=train,
                        privacy=privacy, seed=int(cfg["seed"]),
-                       rounds=int(cfg["rounds"]))  # a DP site plans σ for the whole run
+                       rounds=int(cfg["rounds"]),  # a DP site plans σ for the whole run
+                       plugins=plugin_modules(cfg))  # never simulation.plugins
+
+
+# ``flwr run --run-config`` keys whose value is a list, given as names separated by commas
+LIST_RUN_CONFIG_KEYS = ("plugins", "hydra.searchpath")
 
 
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
@@ -359,6 +479,11 @@ def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
     for key, value in sorted(run_config.items()):
         if value == "":
             value = "null"
+        elif key in LIST_RUN_CONFIG_KEYS and isinstance(value, str):
+            # run config values cannot be lists: 'plugins="pkg_a.plugin,pkg_b"' -> a list
+            value = "[" + ",".join(v for v in re.split(r"[,\s\[\]]+", value) if v) + "]"
+            if key == "plugins":  # ++: set whether or not conf/config.yaml declares the key
+                key = "++plugins"
         elif isinstance(value, str) and any(c in value for c in " ,=[]{}'\"/\\:"):
             value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         overrides.append(f"{key}={value}")
