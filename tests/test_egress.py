@@ -195,3 +195,71 @@ def test_a_damaged_log_is_named_with_its_line(tmp_path):
                            str(Path(tmp_path) / "missing.jsonl")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_each_logged_update_says_whether_it_was_dp_noised_and_whether_masked(
+        cfg, site_folder, tmp_path):
+    app = build_client_app()
+    for folder, privacy in ((tmp_path / "dp", True), (tmp_path / "plain", False)):
+        context = _context(_deployed(site_folder, folder, **{"require-approval": False}))
+        train = app(message=_incoming(cfg, "train", privacy=privacy), context=context)
+        app(message=_incoming(cfg, "evaluate", privacy=privacy), context=context)
+        update, metrics = read_log(folder / EGRESS_LOG)
+        assert update["kind"] == "update" and update["model_update"] is True
+        assert update["masked"] is False
+        assert update["dp_sgd"] is privacy
+        assert update["noise_multiplier"] == (
+            train.content[protocol.PRIVACY]["noise_multiplier"] if privacy else None)
+        assert privacy is False or update["noise_multiplier"] > 0
+        # an evaluation reply carries no model: nothing to noise or mask
+        assert (metrics["model_update"], metrics["dp_sgd"], metrics["masked"]) == (
+            False, False, False)
+
+
+def test_a_masked_upload_is_logged_as_masked():
+    import numpy as np
+    from flwr.app import Array
+
+    masked = RecordDict({protocol.ARRAYS: ArrayRecord(
+        {protocol.MASKED_UPDATE: Array(np.zeros(8, dtype=np.uint32))})})
+    assert egress.protection(masked) == {"model_update": True, "dp_sgd": False,
+                                         "noise_multiplier": None, "masked": True}
+    ledger = protocol.encode_ledger({"accountant": "rdp", "delta": 1e-5, "epsilon": 1.0,
+                                     "noise_multiplier": 0.9, "sample_rate": 0.1, "steps": 10,
+                                     "rounds_trained": 1, "rounds_declined": 0,
+                                     "epsilon_per_round": [1.0]})
+    masked[protocol.PRIVACY] = ledger
+    assert egress.protection(masked) == {"model_update": True, "dp_sgd": True,
+                                         "noise_multiplier": 0.9, "masked": True}
+    # a ledger that records no noise, or no DP-SGD step, does not make an update DP-noised
+    for key, value in (("noise_multiplier", 0.0), ("steps", 0)):
+        masked[protocol.PRIVACY] = ConfigRecord({**ledger, key: value})
+        assert egress.protection(masked)["dp_sgd"] is False
+    # a ledger alone (a declined round) protects no model: there is none
+    assert egress.protection(RecordDict({protocol.PRIVACY: ledger}))["model_update"] is False
+
+
+def test_the_summary_lists_each_update_with_its_protection(tmp_path):
+    def line(rnd, kind, **protection):
+        entry = json.loads(_line(7, rnd, kind, 100))
+        return json.dumps({**entry, "sha256": f"{rnd}" * 64, **protection})
+
+    log = tmp_path / EGRESS_LOG
+    log.write_text("\n".join([
+        line(1, "update", model_update=True, dp_sgd=True, noise_multiplier=1.25, masked=False),
+        line(1, "metrics", model_update=False, dp_sgd=False, noise_multiplier=None,
+             masked=False),
+        line(2, "masked-update", model_update=True, dp_sgd=True, noise_multiplier=1.25,
+             masked=True),
+        _line(7, 3, "update", 100),  # a line written before protection was logged
+    ]) + "\n")
+    summary = summarize(read_log(log))
+    assert [(u["round"], u["dp_sgd"], u["masked"]) for u in summary["runs"][7]["updates"]] == [
+        (1, True, False), (2, True, True), (3, None, False)]
+    text = egress.render_summary(summary, str(log))
+    assert ("model updates: 3; DP-SGD noised: 2 of 3; masked by secure aggregation: 1 of 3; "
+            "1 from before protection was logged") in text
+    assert ("round 1 train: DP-SGD noised (σ 1.25), not masked (the server sees this update "
+            "on its own); sha256 1111111111111111…") in text
+    assert "round 2 train: DP-SGD noised (σ 1.25), masked by secure aggregation" in text
+    assert "round 3 train: DP noise not recorded (older log line), not masked" in text

@@ -255,11 +255,15 @@ def epsilon_figure(checks: list[CanaryCheck]) -> Any:
                         label="accountant ε (claimed)")
     bound_bars = ax.bar([x + 0.2 for x in xs], bounds, width=0.4,
                         label="ε lower bound (measured)")
-    ax.bar_label(claim_bars, labels=["no DP" if math.isnan(v) else f"{v:.2f}" for v in claimed],
-                 fontsize=8, padding=2)
+    ax.bar_label(claim_bars, labels=[f"{v:.2f}" for v in claimed], fontsize=8, padding=2)
+    for x, value in zip(xs, claimed, strict=True):
+        if math.isnan(value):  # no bar to label: say why there is none
+            ax.annotate("no DP", (x - 0.2, 0), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8)
     ax.bar_label(bound_bars, labels=[f"{v:.2f}" for v in bounds], fontsize=8, padding=2)
     finite = [v for v in claimed + bounds if math.isfinite(v)]
     ax.set_ylim(0, max([*finite, 0.5]) * 1.25)  # room for the labels above the bars
+    ax.set_xlim(-0.6, len(checks) - 0.4)  # a NaN bar (no claim) adds no extent of its own
     ax.set_xticks(xs, labels)
     ax.set_xlabel("auditing site / canary variant")
     ax.set_ylabel("ε (privacy loss, unitless)")
