@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -94,6 +95,9 @@ def client_app_error_code() -> int:
 
 # ---- Flower: the in-process simulation engine ------------------------------------------------
 
+# the longest a wait of the engine's (delivery, replies) goes without looking (Flower's: 0.1 s)
+POLL_S = 0.1
+
 @contextlib.contextmanager
 def seeded_node_ids(seed: int) -> Iterator[None]:
     """Simulated SuperNodes get node ids drawn from ``seed`` instead of ``os.urandom``.
@@ -118,6 +122,58 @@ def seeded_node_ids(seed: int) -> Iterator[None]:
         yield
 
 
+class _LinkStateSignals:
+    """Events set each time Flower's in-memory link state stores a message for a site
+    (``message_stored``) or a site's reply (``reply_stored``), so that whoever waits for one
+    wakes when it comes instead of at its next 0.1 s poll. One waiter per event: it clears the
+    event, looks, and waits on it (a store between the look and the wait leaves it set)."""
+
+    def __init__(self, state: Any) -> None:
+        self.message_stored, self.reply_stored = threading.Event(), threading.Event()
+        store_ins, store_res = state.store_message_ins, state.store_message_res
+
+        def store_message_ins(message: Any) -> Any:
+            try:
+                return store_ins(message)
+            finally:
+                self.message_stored.set()
+
+        def store_message_res(message: Any) -> Any:
+            try:
+                return store_res(message)
+            finally:
+                self.reply_stored.set()
+
+        # on this state object only (the run's one in-memory state), for its lifetime
+        state.store_message_ins, state.store_message_res = store_message_ins, store_message_res
+
+
+_SIGNALS_LOCK = threading.Lock()
+
+
+def _link_state_signals(state: Any) -> _LinkStateSignals | None:
+    """The signals of ``state``, installed on first use; None for a state that is not Flower
+    1.41's in-memory link state (a deployed SuperLink's, a test double)."""
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    if not isinstance(state, InMemoryLinkState):
+        return None
+    with _SIGNALS_LOCK:
+        signals = state.__dict__.get("_medsilo_signals")
+        if signals is None:
+            signals = state.__dict__["_medsilo_signals"] = _LinkStateSignals(state)
+    return signals
+
+
+def reply_signal(grid: Any) -> threading.Event | None:
+    """An event set whenever a reply is stored where ``grid`` pulls from, when that is the
+    simulation engine's in-memory link state (``InMemoryGrid.state``); None for any other grid
+    (deployed, a test's). A wait for replies clears it, pulls, and waits on it with its poll
+    interval as the bound: a reply is pulled as soon as it is stored (server/stopping.py)."""
+    return (signals.reply_stored
+            if (signals := _link_state_signals(getattr(grid, "state", None))) else None)
+
+
 @contextlib.contextmanager
 def polled_by_pending_messages() -> Iterator[None]:
     """Flower's engine hands messages to simulated SuperNodes from one loop that, every 0.1 s,
@@ -126,9 +182,17 @@ def polled_by_pending_messages() -> Iterator[None]:
     (half a core taken from the sites), seconds per poll when the last round asks all 1000
     sites. This loop asks only for the nodes that have an undelivered message, in partition
     order: the same messages, delivered the same way (``get_message_ins``, one per node per
-    poll). Flower 1.41's loop is ``vce_api.add_messages_to_queue``; it is replaced for the run.
+    poll). It looks again as soon as the ServerApp stores a message (at the latest after
+    0.1 s, as Flower's): a secure round sends five messages per site one after the other, and
+    each waited 50 ms on average for the next poll. Flower 1.41's loop is
+    ``vce_api.add_messages_to_queue``; it is replaced for the run.
+
+    The ServerApp's wait for replies, when it is Flower's own (``InMemoryGrid.send_and_receive``:
+    ``simulations.simulate`` without a stop signal), likewise pulls as soon as a reply is stored
+    (:func:`reply_signal`) instead of every 0.1 s.
     """
     from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     original = vce_api.add_messages_to_queue
 
@@ -136,16 +200,41 @@ def polled_by_pending_messages() -> Iterator[None]:
         if not hasattr(state, "message_ins_store"):  # not the in-memory state: Flower's loop
             original(state, queue, nodes_mapping, f_stop)
             return
+        stored = _link_state_signals(state).message_stored  # type: ignore[union-attr]
         while not f_stop.is_set():
+            stored.clear()  # before looking: a message stored from now on wakes the wait
             with state.lock:
                 waiting = {msg.metadata.dst_node_id for msg in state.message_ins_store.values()
                            if msg.metadata.delivered_at == ""}
             for node_id in sorted(waiting & nodes_mapping.keys(), key=nodes_mapping.__getitem__):
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(msg)
-            f_stop.wait(0.1)
+            stored.wait(POLL_S)
 
-    with mock.patch.object(vce_api, "add_messages_to_queue", add_messages_to_queue):
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        """Flower 1.41's ``InMemoryGrid.send_and_receive``, woken by each stored reply."""
+        arrived = reply_signal(self)
+        pending = set(self.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies: list[Any] = []
+        while timeout is None or time.monotonic() < end:
+            if arrived is not None:
+                arrived.clear()
+            pulled = list(self.pull_messages(pending))
+            replies.extend(pulled)
+            pending.difference_update(msg.metadata.reply_to_message_id for msg in pulled)
+            if not pending:
+                break
+            wait = (self.pull_interval if timeout is None
+                    else max(0.0, min(self.pull_interval, end - time.monotonic())))
+            if arrived is not None:
+                arrived.wait(wait)
+            else:
+                time.sleep(wait)
+        return replies
+
+    with mock.patch.object(vce_api, "add_messages_to_queue", add_messages_to_queue), \
+            mock.patch.object(InMemoryGrid, "send_and_receive", send_and_receive):
         yield
 
 
@@ -166,6 +255,18 @@ class SimulatedLinkState:
         return list(self.grid.push_messages(
             Message(RecordDict(), node_id, message_type, group_id="1") for node_id in node_ids))
 
+    def reply(self, message: Any) -> None:
+        """Store an empty reply to ``message`` (a delivered one), as the engine's worker does
+        with a ClientApp's reply (``vce_api.worker``, ``put_message_into_state``)."""
+        from uuid import uuid4
+
+        from flwr.app import Message, RecordDict
+
+        answer = Message(RecordDict(), reply_to=message)
+        answer.metadata.__dict__["_message_id"] = str(uuid4())
+        if self.state.store_message_res(answer) is None:
+            raise RuntimeError(f"the link state refused a reply to {message.metadata.message_id}")
+
     def deliver(self, count: int, timeout: float = 10.0) -> list[int]:
         """Run the engine's delivery loop (Flower's, or the patched one where it is in place)
         until ``count`` messages came out; their destination node ids in delivery order."""
@@ -183,6 +284,8 @@ class SimulatedLinkState:
                 delivered.append(extra.metadata.dst_node_id)
         finally:
             stop.set()
+            if (signals := self.state.__dict__.get("_medsilo_signals")) is not None:
+                signals.message_stored.set()  # the patched loop sees the stop at once
             loop.join(timeout=timeout)
         return delivered
 
@@ -249,8 +352,10 @@ def simulated_link_state(num_sites: int) -> Iterator[SimulatedLinkState]:
     nodes = _register_nodes(num_sites, factory)
     state = factory.state()
     run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, None, "serverapp")
+    grid = InMemoryGrid(factory)
+    grid.set_run(state.get_run_info(run_ids=[run_id])[0])  # as run_simulation sets it
     with server_task_identity(run_id, SUPERLINK_NODE_ID):  # what the ServerApp thread sets
-        yield SimulatedLinkState(state, nodes, run_id, InMemoryGrid(factory))
+        yield SimulatedLinkState(state, nodes, run_id, grid)
 
 
 @contextlib.contextmanager

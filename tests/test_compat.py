@@ -141,6 +141,50 @@ def test_the_engine_patches_are_applied_for_the_block_and_restored():
         assert sorted(link.nodes) == seeded
 
 
+def test_a_stored_message_is_handed_out_at_once_not_at_the_next_poll(monkeypatch):
+    """A secure round sends each site five messages one after the other; each used to wait for
+    the delivery loop's next 0.1 s poll. With polls 30 s apart, only the wake-up can deliver."""
+    import threading
+    import time
+
+    monkeypatch.setattr(compat, "POLL_S", 30.0)
+    with compat.polled_by_pending_messages(), compat.simulated_link_state(3) as link:
+        node = min(link.nodes, key=link.nodes.get)
+        threading.Timer(0.3, link.push, args=([node],)).start()  # stored while the loop waits
+        started = time.monotonic()
+        assert link.deliver(1, timeout=20) == [node]
+        assert time.monotonic() - started < 10
+
+
+def test_a_stored_reply_wakes_the_servers_wait_not_its_next_poll(monkeypatch):
+    """``reply_signal`` is set by every reply the in-memory link state stores; Flower's own
+    ``InMemoryGrid.send_and_receive`` (patched for the run) returns once the last reply is
+    stored, though it would pull only every 30 s here."""
+    import threading
+    import time
+
+    from flwr.app import Message, RecordDict
+
+    assert compat.reply_signal(object()) is None  # not the simulation's grid: polls only
+    with compat.polled_by_pending_messages(), compat.simulated_link_state(3) as link:
+        arrived = compat.reply_signal(link.grid)
+        assert arrived is not None and compat.reply_signal(link.grid) is arrived
+        link.grid.pull_interval = 30.0
+        node = min(link.nodes, key=link.nodes.get)
+
+        def answer() -> None:  # a site's reply, 0.3 s after the message is stored
+            time.sleep(0.3)
+            (message,) = link.state.get_message_ins(node_id=node, limit=1)
+            link.reply(message)
+
+        threading.Thread(target=answer, daemon=True).start()
+        started = time.monotonic()
+        replies = list(link.grid.send_and_receive(
+            [Message(RecordDict(), node, "train", group_id="1")], timeout=60))
+        assert time.monotonic() - started < 10
+        assert [r.metadata.src_node_id for r in replies] == [node]
+
+
 def test_a_reply_whose_objects_never_come_fails_after_the_bound_not_flowers_two_hours():
     """What HttpGrid.pull_messages calls for each reply, for an object a dead site never sent."""
     import time

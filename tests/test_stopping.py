@@ -75,3 +75,26 @@ def test_a_stop_ends_a_wait_at_once_and_every_later_call():
         grid.get_node_ids()
     stop.request("SIGTERM")  # a second request keeps the first reason
     assert stop.reason == "SIGINT"
+
+
+def test_a_simulated_wait_ends_when_the_last_reply_is_stored_not_at_the_next_poll():
+    """Simulated, the grid pulls as soon as a site's reply is stored (a secure round's five
+    stages each waited half a poll for it): with polls 30 s apart, only the wake-up returns."""
+    import threading
+
+    from privacy import compat
+
+    with compat.simulated_link_state(3) as link:
+        node = min(link.nodes, key=link.nodes.get)
+
+        def answer() -> None:  # the site replies 0.3 s after the message is stored
+            time.sleep(0.3)
+            (message,) = link.state.get_message_ins(node_id=node, limit=1)
+            link.reply(message)
+
+        threading.Thread(target=answer, daemon=True).start()
+        started = time.monotonic()
+        replies = StoppableGrid(link.grid, StopSignal(), poll_s=30.0).send_and_receive(
+            [Message(RecordDict(), node, "train", group_id="1")], timeout=60)
+        assert time.monotonic() - started < 10
+        assert [r.metadata.src_node_id for r in replies] == [node]
