@@ -3,7 +3,8 @@
 ``report.json`` is the contract other tools and tests read::
 
     {"run": {...}, "rounds": [{"round", "global", "sites", "train", "failures", "declined",
-     "refused", "asked", "started_at", "duration_s", ...}], "initial": {"global"},
+     "refused", "asked", "received", "updates": {site: {"dp_sgd", "noise_multiplier",
+     "masked"}}, "started_at", "duration_s", ...}], "initial": {"global"},
      "final": {"global", "sites", "client_mean"}, "privacy": {site: {...}},
      "privacy_guarantee": {"dp", "unit", "covered": [...], "not_covered": [...], ...},
      "sites": {site: {"rounds_asked", "rounds_trained", "last_round_trained", "num_examples",
@@ -11,7 +12,8 @@
      "baselines": null | {"local": {"sites", "client_mean", "privacy"},
                           "pooled": {"global", "sites", "client_mean", "privacy"}, "epochs", ...}}
 
-``sites.csv`` holds the ``sites`` table as one row per site. Above ``MANY_SITES`` sites,
+``sites.csv`` holds the ``sites`` table as one row per site (``num_examples`` there is
+``train_examples``; the final evaluation's count is ``test_examples``). Above ``MANY_SITES`` sites,
 report.md and the plots summarize sites (quantiles, worst sites, distributions) instead of
 listing each one (server/site_summary.py).
 """
@@ -477,6 +479,8 @@ def egress_counts(report: Mapping[str, Any]) -> dict[str, Counter[str]]:
 def _egress_markdown(report: Mapping[str, Any], many: bool) -> list[str]:
     """What left each site as the server received it: per site its model updates, how many
     were DP-noised and how many masked, and the evaluation replies (neither)."""
+    if not any("updates" in entry for entry in report["rounds"]):
+        return []  # a report.json from before updates were recorded: no numbers to show
     counts = egress_counts(report)
     if not counts:
         return []
@@ -901,7 +905,7 @@ def _privacy_markdown(privacy: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 # What each headline metric is, for axis labels: the unit or the range and its meaning.
 METRIC_AXIS = {
-    "loss": "mean cross-entropy (nats per example)",
+    "loss": "loss: mean cross-entropy (nats per example)",
     "accuracy": "accuracy (fraction correct, 0–1)",
     "auroc": "AUROC (0.5 = chance, 1 = perfect)",
 }

@@ -24,7 +24,7 @@ from rich.markup import escape
 from client.tasks import DataError
 from server.settings import ConfigError, to_dict, validate
 from simulations.audit.federated import AuditAborted, run_audit
-from simulations.audit.report import FAIL, PASS, WARN, write_audit_report
+from simulations.audit.report import FAIL, PASS, WARN, opening_sentence, write_audit_report
 
 EXIT_AUDIT_FAILED = 3
 EXIT_NOTHING_AUDITED = 4
@@ -51,6 +51,8 @@ def main(hydra_cfg: DictConfig) -> None:
                       f"{escape(verdict['detail'])}", soft_wrap=True)
     for check, note in report.run["notes"].items():
         console.print(f"[dim]   note {escape(check)}: {escape(note)}[/]", soft_wrap=True)
+    # the sentence audit.md opens with: what was protected, at what ε, and what was found
+    console.print(escape(opening_sentence(report)), soft_wrap=True)
     console.print(f"audit done in {report.run['timings_s']['total_s']:.1f} s · "
                   f"report: {out_dir / 'audit.md'}")
     if report.failed:
