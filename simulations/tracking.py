@@ -269,18 +269,7 @@ def log_report(out_dir: Path | str, *, uri: str, experiment: str) -> str:
     """Log one run folder (its report.json and artifacts) as one MLflow run; the MLflow run
     id. A report already logged to this experiment (same SHA-256) is not logged again."""
     out_dir = Path(out_dir).resolve()
-    report_path = out_dir / "report.json"
-    if not report_path.is_file():
-        raise TrackingError(f"{out_dir} holds no report.json: not a finished medsilo run "
-                            "(the report is written last, once the run's outputs are complete)")
-    raw = report_path.read_bytes()
-    try:
-        report = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise TrackingError(f"{report_path} is not valid JSON ({err})") from err
-    if not isinstance(report, dict) or not isinstance(report.get("rounds"), list):
-        raise TrackingError(f"{report_path} is not a medsilo report: expected an object with "
-                            "a 'rounds' list")
+    report, raw = read_report(out_dir)
     if importlib.util.find_spec("mlflow") is None:
         raise TrackingError(INSTALL_HINT)
     try:
@@ -293,6 +282,23 @@ def log_report(out_dir: Path | str, *, uri: str, experiment: str) -> str:
             f"logging {out_dir} to MLflow at {uri} failed: {type(err).__name__}: {err}. The "
             f"run's folder is complete; log it later with: python -m simulations.tracking "
             f"{out_dir} --uri {uri} --experiment {experiment}") from err
+
+
+def read_report(out_dir: Path) -> tuple[dict[str, Any], bytes]:
+    """The run folder's report.json, parsed, and its bytes (hashed to log a report once)."""
+    report_path = out_dir / "report.json"
+    if not report_path.is_file():
+        raise TrackingError(f"{out_dir} holds no report.json: not a finished medsilo run "
+                            "(the report is written last, once the run's outputs are complete)")
+    raw = report_path.read_bytes()
+    try:
+        report = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TrackingError(f"{report_path} is not valid JSON ({err})") from err
+    if not isinstance(report, dict) or not isinstance(report.get("rounds"), list):
+        raise TrackingError(f"{report_path} is not a medsilo report: expected an object with "
+                            "a 'rounds' list")
+    return report, raw
 
 
 def _log(report: Mapping[str, Any], out_dir: Path, digest: str, *, uri: str,
@@ -403,14 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     stores = []
     try:
         for folder in run_folders(args.dirs):
-            report = json.loads((folder / "report.json").read_text())
+            report, _ = read_report(folder)
             defaults = default_settings(str((report.get("run") or {}).get("task", "run")))
             uri = tracking_uri(args.uri or defaults["uri"])
             experiment = args.experiment or defaults["experiment"]
             run_id = log_report(folder, uri=uri, experiment=experiment)
             print(f"{folder} -> {uri} · experiment {experiment} · run {run_id}")
             stores += [uri] * (uri not in stores)
-    except (TrackingError, json.JSONDecodeError) as err:
+    except TrackingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for uri in stores:
