@@ -201,30 +201,12 @@ def train_local(
     hooks = None
     criterion = nn.CrossEntropyLoss()
     if dp is not None:
-        from opacus import PrivacyEngine
-
         if config.proximal_mu > 0:
             raise ValueError("FedProx's proximal term is not clipped per sample; it cannot be "
                              "combined with DP-SGD")
-        engine = PrivacyEngine(accountant="rdp")  # the site's ledger does the accounting
-        noise = torch.Generator(device=device).manual_seed(seed + 1)
-        mode = grad_sample_mode_for(model, dp)
-        private = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, noise_generator=noise, wrap_model=False,
-            grad_sample_mode=mode, **({"criterion": criterion} if mode == "ghost" else {}),
-        )
-        # Ghost clipping returns a criterion whose backward() runs both passes (norms, then
-        # the clipped sum); the others return (hooks, optimizer, loader).
-        if mode == "ghost":
-            hooks, optimizer, criterion, loader = private
-        else:
-            hooks, optimizer, loader = private
-        if dp.secure_noise:
-            from privacy.secure_noise import use_secure_noise
-
-            optimizer = use_secure_noise(optimizer)
+        hooks, optimizer, criterion, loader = make_private(
+            model, optimizer, loader, criterion, dp, seed=seed, device=device,
+            dense_per_sample=step_hook is not None)
     anchor = _proximal_anchor(model) if config.proximal_mu > 0 else None
     adjustment = None
     if config.class_prior is not None:
@@ -257,12 +239,55 @@ def train_local(
                 steps += 1
     finally:
         if hooks is not None:
+            from models.dp_embedding import release_sparse_embeddings
+
             hooks.cleanup()
+            release_sparse_embeddings(model)
     if dp is not None:
         # steps = epochs / q: nothing the ledger sent with the update (its sample rate q) does
         # not already say
         return {"steps": float(steps)}
     return {"train_loss": total_loss / max(total_examples, 1), "steps": float(steps)}
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
+                 criterion: Any, dp: DPConfig, *, seed: int, device: str,
+                 dense_per_sample: bool = False) -> tuple[Any, Any, Any, Any]:
+    """Opacus DP-SGD around ``model`` and ``optimizer``: (hooks, DP optimizer, criterion, Poisson
+    loader). The model is not wrapped (state_dict keys unchanged); ``hooks.cleanup()`` and
+    ``release_sparse_embeddings(model)`` undo it.
+
+    With hooks, embedding tables keep their per-sample gradients sparse (the rows each record
+    touched, models/dp_embedding.py) unless ``dense_per_sample``: the privacy audit's gradient
+    canaries are appended to Opacus's dense ``p.grad_sample``.
+    """
+    import torch
+    from opacus import PrivacyEngine
+
+    from models.dp_embedding import use_sparse_embeddings
+
+    engine = PrivacyEngine(accountant="rdp")  # the site's ledger does the accounting
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    mode = grad_sample_mode_for(model, dp)
+    private = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True, noise_generator=noise, wrap_model=False,
+        grad_sample_mode=mode, **({"criterion": criterion} if mode == "ghost" else {}),
+    )
+    # Ghost clipping returns a criterion whose backward() runs both passes (norms, then
+    # the clipped sum); the others return (hooks, optimizer, loader).
+    if mode == "ghost":
+        hooks, optimizer, criterion, loader = private
+    else:
+        hooks, optimizer, loader = private
+        if not dense_per_sample:
+            optimizer = use_sparse_embeddings(optimizer, model)
+    if dp.secure_noise:
+        from privacy.secure_noise import use_secure_noise
+
+        optimizer = use_secure_noise(optimizer)
+    return hooks, optimizer, criterion, loader
 
 
 OPTIMIZERS = ("sgd", "adam")

@@ -1,31 +1,33 @@
-"""LSTM and GRU layers: ``nn.LSTM``'s fused kernel when training is not private, their own
-vectorised per-sample gradients under Opacus DP-SGD.
+"""LSTM and GRU layers: ``nn.LSTM``'s fused kernel when training is not private, the same
+kernel forward plus their own backward through time, giving exact per-sample gradients, under
+Opacus DP-SGD.
 
 Opacus's ``DPLSTM`` / ``DPGRU`` unroll the recurrence in Python with one ``nn.Linear`` call per
 hour so that its generic Linear hooks see every step: 3-4× slower than ``nn.LSTM`` even without
-DP. Here one layer is
+DP. Here a layer holds ``nn.LSTM``'s four weights (W_ih, W_hh, b_ih, b_hh) and:
 
-- ``input_projection``: an ``nn.Linear`` from the hour's features to the gate pre-activations
-  (W_ih, b_ih), applied to all hours at once; its per-sample gradient is Opacus's own Linear
-  sampler, because the gradient reaching its output is exactly dL/d(gates) at every hour;
-- ``recurrence``: W_hh, b_hh. Its forward runs ``torch.lstm`` / ``torch.gru`` (the kernel behind
-  ``nn.LSTM`` / ``nn.GRU``) on the projected gates with an identity input weight, so autograd's
-  backward through time is torch's own, and the gradient at the kernel's input is dL/d(gates).
-  A tap records that gradient; the per-sample gradients of W_hh and b_hh are then one einsum
-  each: ∂L_b/∂W_hh = Σ_t dgates[b, t]ᵀ h[b, t-1] (for the GRU the candidate gate's hidden part
-  is scaled by the reset gate r, recomputed from the stored states).
+- without DP (no Opacus hooks on the layer) runs ``torch.lstm`` / ``torch.gru``, the kernel
+  behind ``nn.LSTM`` / ``nn.GRU`` (oneDNN's fused LSTM on CPU), forward and backward;
+- under DP (Opacus's hooks-mode ``GradSampleModule`` has put forward hooks on the layer, and
+  the model trains with gradients on) runs the same kernel forward without a graph, and its own
+  backward (:class:`_RecurrentFunction`): every hour's gate pre-activations are recomputed
+  from the kernel's outputs in one matrix product (h_{t-1} is output t-1, so nothing in them
+  is sequential), the LSTM cell state in one cheap loop of ``addcmul``, and the gradient at the
+  gates, dL/d(gates)[b, t], flows back through the hours with about four small ops per hour.
+  The per-sample gradients are then two batched matrix products,
+  ∂L_b/∂W_ih = Σ_t dgates[b, t]ᵀ x[b, t] and ∂L_b/∂W_hh = Σ_t dgates[b, t]ᵀ h[b, t-1] (for the
+  GRU the candidate gate's hidden part is scaled by the reset gate r), and the biases'
+  Σ_t dgates[b, t]; the usual gradients are their sums over the batch.
 
-Which path runs: the fused one (all four weights in one ``torch.lstm`` call, exactly what
-``nn.LSTM`` computes) unless the ``recurrence`` module carries forward hooks while training
-with gradients on, which is how Opacus's hooks-mode ``GradSampleModule`` observes a layer. Both
-paths compute the same function of the same parameters (same state_dict), so the global model
-does not depend on which sites trained privately. One forward per backward (what a training
-step does): the recorded tensors belong to the last forward.
+Both paths compute the same function of the same parameters (same state_dict), so the global
+model does not depend on which sites trained privately; exactness against one backward pass
+per record is tested in tests/test_dp_layers.py (float64, both cells, two layers). One forward
+per backward (what a training step does): the recorded tensors belong to the last forward.
 
-Cost (simulations/benchmarks/training.py, vitals defaults, 1 thread): the identity input weight
-makes the kernel 128 wide instead of 48, about +2 ms per step of 32 stays × 48 hours; with
-Opacus's per-parameter clipping and noise a DP epoch is about 2.5-2.7× the fused ``nn.LSTM``
-epoch, against about 10× for Opacus's ``DPLSTM``.
+Before, the DP path ran the kernel on precomputed gates with an identity input weight (a 128
+wide input: about twice the fused kernel's time) and took the per-sample gradients through an
+``nn.Linear`` hook and a second sampler; simulations/benchmarks/training.py ``--per-step``
+measures both steps side by side.
 """
 
 from __future__ import annotations
@@ -35,20 +37,6 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 CELLS = {"lstm": 4, "gru": 3}  # gate blocks per cell, in torch's order (i f g o / r z n)
-
-
-class _GradientTap(torch.autograd.Function):
-    """Identity; on the way back it records the incoming gradient on ``owner.<slot>``."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, owner: nn.Module, slot: str) -> torch.Tensor:
-        ctx.owner, ctx.slot = owner, slot
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        setattr(ctx.owner, ctx.slot, grad.detach())
-        return grad, None, None
 
 
 def _run_kernel(cell: str, x: torch.Tensor, weights: list[torch.Tensor], hidden_size: int,
@@ -64,87 +52,174 @@ def _run_kernel(cell: str, x: torch.Tensor, weights: list[torch.Tensor], hidden_
     return out
 
 
-class Recurrence(nn.Module):
-    """The hidden-to-hidden half of a cell (W_hh, b_hh) applied to precomputed input gates."""
-
-    def __init__(self, cell: str, hidden_size: int) -> None:
-        super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
-        self.cell, self.hidden_size = cell, hidden_size
-        width = CELLS[cell] * hidden_size
-        self.weight_hh = nn.Parameter(torch.empty(width, hidden_size))
-        self.bias_hh = nn.Parameter(torch.empty(width))
-        bound = hidden_size ** -0.5  # nn.LSTM / nn.GRU initialisation
-        nn.init.uniform_(self.weight_hh, -bound, bound)
-        nn.init.uniform_(self.bias_hh, -bound, bound)
-
-    def forward(self, gates: torch.Tensor) -> torch.Tensor:
-        """``gates``: B × T × (gates·H) input pre-activations W_ih x_t + b_ih."""
-        width = gates.shape[-1]
-        gates = _GradientTap.apply(gates, self, "_gate_grads")
-        # Identity input weight and zero input bias: the kernel's own input projection passes
-        # the gates through, so its input gradient is dL/d(gates) (what the tap records).
-        identity = torch.eye(width, dtype=gates.dtype, device=gates.device)
-        weights = [identity, self.weight_hh, gates.new_zeros(width), self.bias_hh]
-        hidden = _run_kernel(self.cell, gates, weights, self.hidden_size, self.training)
-        self._hidden = hidden.detach()
-        return _GradientTap.apply(hidden, self, "_hidden_grads")
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) = 2·sigmoid(2x) − 1: torch's CPU tanh is not vectorised in this build (4-5 ns
+    per element against 0.5 for sigmoid), and these tensors are B × T × H."""
+    return torch.sigmoid(2 * x).mul_(2).sub_(1)
 
 
-@register_grad_sampler(Recurrence)
-def recurrence_grad_sample(layer: Recurrence, activations: list[torch.Tensor],
-                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of W_hh and b_hh from what the forward and backward recorded.
+def _lstm_gate_grads(x, previous, grad_out, w_ih, w_hh, b_ih, b_hh):
+    """dL/d(gates) of an LSTM, from its inputs and every hour's output. Time-major: every
+    tensor here is T × B × ..., so that hour t is one contiguous block."""
+    steps, batch, size = grad_out.shape[0], grad_out.shape[1], w_hh.shape[1]
+    pre = torch.addmm(b_ih + b_hh, x.reshape(-1, x.shape[-1]), w_ih.t())
+    pre = pre.addmm_(previous.reshape(-1, size), w_hh.t()).view(steps, batch, 4 * size)
+    pre[..., 2 * size:3 * size] *= 2  # g = tanh(pre_g) = 2·sigmoid(2·pre_g) − 1 (see _tanh)
+    act = pre.sigmoid_()
+    gate_i, gate_f, gate_o = act[..., :size], act[..., size:2 * size], act[..., 3 * size:]
+    gate_g = act[..., 2 * size:3 * size].mul_(2).sub_(1)
+    # the cell state c_t = f_t c_{t-1} + i_t g_t: the one sequential recomputation
+    cell = gate_i * gate_g
+    cells, forgets = cell.unbind(0), gate_f.unbind(0)
+    for t in range(1, steps):
+        torch.addcmul(cells[t], forgets[t], cells[t - 1], out=cells[t])
+    tanh_c = _tanh(cell)
+    cell_prev = torch.cat([torch.zeros_like(cell[:1]), cell[:-1]])
+    # dgates_t = [dc·g·i(1-i), dc·c_{t-1}·f(1-f), dc·i·(1-g²), dh·tanh(c)·o(1-o)] with
+    # dh_t = dL/dh_t + dgates_{t+1} W_hh and dc_t = dh_t·o(1-tanh²c) + dc_{t+1}·f_{t+1}
+    coeff_c = torch.stack([gate_g * gate_i * (1 - gate_i), cell_prev * gate_f * (1 - gate_f),
+                           gate_i * (1 - gate_g * gate_g)], dim=2).unbind(0)
+    coeff_o = (tanh_c * gate_o * (1 - gate_o)).unbind(0)
+    dh_to_dc = (gate_o * (1 - tanh_c * tanh_c)).unbind(0)
+    gates = torch.empty_like(act)
+    rows = gates.unbind(0)
+    rows_c = gates[..., :3 * size].unflatten(-1, (3, size)).unbind(0)
+    rows_o = gates[..., 3 * size:].unbind(0)
+    grads = grad_out.unbind(0)
+    dh = grads[-1]
+    dc = dh * dh_to_dc[-1]
+    for t in range(steps - 1, -1, -1):
+        if t < steps - 1:
+            dh = torch.addmm(grads[t], rows[t + 1], w_hh)
+            dc = torch.addcmul(dc * forgets[t + 1], dh, dh_to_dc[t])
+        torch.mul(coeff_c[t], dc.unsqueeze(1), out=rows_c[t])
+        torch.mul(coeff_o[t], dh, out=rows_o[t])
+    return gates, gates
 
-    Opacus hands ``backprops`` already scaled for its loss reduction (× batch size for a mean
-    loss); the recorded gradients are unscaled, so the same factor is applied to them.
-    """
-    if not all(hasattr(layer, k) for k in ("_gate_grads", "_hidden_grads", "_hidden")):
-        raise RuntimeError("Recurrence: Opacus asked for per-sample gradients before the "
-                           "backward pass went through this layer's recurrence (one forward "
-                           "per backward, and the layer's input must require grad)")
-    gate_grads, raw, hidden = layer._gate_grads, layer._hidden_grads, layer._hidden
-    del layer._gate_grads, layer._hidden_grads, layer._hidden
-    norm = (raw * raw).sum()
-    scale = (backprops * raw).sum() / norm if norm > 0 else norm.new_ones(())
-    previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
-    if layer.cell == "gru":
-        # n_t = tanh(gi_n + r_t * (W_hn h + b_hn)): the hidden part of the candidate gate gets
-        # the gradient of the input part times the reset gate r_t.
-        gates_in = activations[0]
-        size = layer.hidden_size
-        hidden_r = previous @ layer.weight_hh[:size].t() + layer.bias_hh[:size]
-        reset = torch.sigmoid(gates_in[..., :size] + hidden_r)
-        gate_grads = torch.cat([gate_grads[..., :2 * size],
-                                gate_grads[..., 2 * size:] * reset], dim=-1)
-    gate_grads = gate_grads * scale
-    return {
-        layer.weight_hh: torch.einsum("btg,bth->bgh", gate_grads, previous),
-        layer.bias_hh: gate_grads.sum(dim=1),
-    }
+
+def _gru_gate_grads(x, previous, grad_out, w_ih, w_hh, b_ih, b_hh):
+    """dL/d(input gates), dL/d(hidden gates) of a GRU; time-major like ``_lstm_gate_grads``."""
+    steps, batch, size = grad_out.shape[0], grad_out.shape[1], w_hh.shape[1]
+    gi = torch.addmm(b_ih, x.reshape(-1, x.shape[-1]), w_ih.t()).view(steps, batch, 3 * size)
+    gh = torch.addmm(b_hh, previous.reshape(-1, size), w_hh.t()).view(steps, batch, 3 * size)
+    rz = (gi[..., :2 * size] + gh[..., :2 * size]).sigmoid()
+    reset, update = rz[..., :size], rz[..., size:]
+    new = _tanh(gi[..., 2 * size:] + reset * gh[..., 2 * size:])
+    # h_t = (1 - z) n + z h_{t-1}: with dn = dh (1-z)(1-n²), the input gates' gradient is
+    # dh·[dn/dh · gh_n · r(1-r), (h_{t-1} - n) z(1-z), (1-z)(1-n²)], the hidden gates' the same
+    # with the candidate block times r; dh_{t-1} gets dh_t·z_t + dgh_t W_hh
+    k_new = (1 - update) * (1 - new * new)
+    coeff_in = torch.stack([k_new * gh[..., 2 * size:] * reset * (1 - reset),
+                            (previous - new) * update * (1 - update), k_new], dim=2)
+    coeff_hidden = coeff_in.clone()
+    coeff_hidden[:, :, 2] *= reset
+    coeff_in, coeff_hidden = coeff_in.unbind(0), coeff_hidden.unbind(0)
+    grads_in, grads_hidden = torch.empty_like(gi), torch.empty_like(gh)
+    rows_in = grads_in.unflatten(-1, (3, size)).unbind(0)
+    rows_hidden = grads_hidden.unflatten(-1, (3, size)).unbind(0)
+    flat_hidden, updates, grads = grads_hidden.unbind(0), update.unbind(0), grad_out.unbind(0)
+    dh = grads[-1]
+    for t in range(steps - 1, -1, -1):
+        if t < steps - 1:
+            dh = torch.addmm(torch.addcmul(grads[t], updates[t + 1], dh),
+                             flat_hidden[t + 1], w_hh)
+        torch.mul(coeff_in[t], dh.unsqueeze(1), out=rows_in[t])
+        torch.mul(coeff_hidden[t], dh.unsqueeze(1), out=rows_hidden[t])
+    return grads_in, grads_hidden
+
+
+_GATE_GRADS = {"lstm": _lstm_gate_grads, "gru": _gru_gate_grads}
+
+
+class _RecurrentFunction(torch.autograd.Function):
+    """The kernel's forward without a graph; backward through time by hand, recording every
+    record's gradients of the layer's four weights on ``layer._per_sample``."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, layer, input_grad):
+        with torch.no_grad():
+            hidden = _run_kernel(layer.cell, x, [w_ih, w_hh, b_ih, b_hh], layer.hidden_size,
+                                 True)
+        ctx.layer, ctx.input_grad = layer, input_grad
+        ctx.save_for_backward(x, hidden, w_ih, w_hh, b_ih, b_hh)
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, hidden, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+        layer = ctx.layer
+        previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        time_major = [t.transpose(0, 1).contiguous() for t in (x, previous, grad_out)]
+        grads_in, grads_hidden = _GATE_GRADS[layer.cell](*time_major, w_ih, w_hh, b_ih, b_hh)
+        # per record b: Σ_t dgates[t, b]ᵀ [x, h_{t-1}] (one batched product, B × gates × T)
+        if grads_hidden is grads_in:  # LSTM: both weights see the same gate gradients
+            both = torch.bmm(grads_in.permute(1, 2, 0), torch.cat([x, previous], dim=2))
+            weight_ih, weight_hh = both.split([x.shape[2], previous.shape[2]], dim=2)
+        else:
+            weight_ih = torch.bmm(grads_in.permute(1, 2, 0), x)
+            weight_hh = torch.bmm(grads_hidden.permute(1, 2, 0), previous)
+        bias_ih = grads_in.sum(dim=0)
+        bias_hh = bias_ih if grads_hidden is grads_in else grads_hidden.sum(dim=0)
+        per_sample = {layer.weight_ih: weight_ih, layer.weight_hh: weight_hh,
+                      layer.bias_ih: bias_ih, layer.bias_hh: bias_hh}
+        layer._per_sample = (per_sample, grad_out)
+        grad_x = None
+        if ctx.needs_input_grad[0] and ctx.input_grad:
+            grad_x = (grads_in @ w_ih).transpose(0, 1)
+        return (grad_x, weight_ih.sum(dim=0), weight_hh.sum(dim=0), bias_ih.sum(dim=0),
+                bias_hh.sum(dim=0), None, None)
 
 
 class RecurrentLayer(nn.Module):
-    """One LSTM or GRU layer (batch first, zero initial state) returning every hour's state."""
+    """One LSTM or GRU layer (batch first, zero initial state) returning every hour's state;
+    its parameters are ``nn.LSTM``'s ``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``,
+    ``bias_hh_l0`` under the names ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int) -> None:
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
-        self.cell, self.hidden_size = cell, hidden_size
-        self.input_projection = nn.Linear(input_size, CELLS[cell] * hidden_size)
-        bound = hidden_size ** -0.5  # as nn.LSTM / nn.GRU initialise W_ih and b_ih
-        nn.init.uniform_(self.input_projection.weight, -bound, bound)
-        nn.init.uniform_(self.input_projection.bias, -bound, bound)
-        self.recurrence = Recurrence(cell, hidden_size)
+        self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
+        width = CELLS[cell] * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(width, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(width, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(width))
+        self.bias_hh = nn.Parameter(torch.empty(width))
+        bound = hidden_size ** -0.5  # nn.LSTM / nn.GRU initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and self.recurrence._forward_hooks:
-            return self.recurrence(self.input_projection(x))
-        weights = [self.input_projection.weight, self.recurrence.weight_hh,
-                   self.input_projection.bias, self.recurrence.bias_hh]
+    def records_per_sample_gradients(self) -> bool:
+        """Whether the next forward takes the DP path: Opacus's hooks-mode GradSampleModule
+        observes the layer (forward hooks) and the model trains with gradients on."""
+        return self.training and torch.is_grad_enabled() and bool(self._forward_hooks)
+
+    def forward(self, x: torch.Tensor, probe: bool = False) -> torch.Tensor:
+        """``probe``: ``x`` is a leaf made to require grad only so that Opacus's full backward
+        hook fires after this layer's backward (see ``FastRNN.forward``); its gradient is not
+        computed."""
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        if self.records_per_sample_gradients():
+            return _RecurrentFunction.apply(x, *weights, self, not probe)
         return _run_kernel(self.cell, x, weights, self.hidden_size, self.training)
+
+
+@register_grad_sampler(RecurrentLayer)
+def recurrent_grad_sample(layer: RecurrentLayer, activations: list[torch.Tensor],
+                          backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """The per-sample gradients the layer's backward recorded.
+
+    Opacus hands ``backprops`` already scaled for its loss reduction (× batch size for a mean
+    loss); the recorded gradients are unscaled, so the same factor is applied to them.
+    """
+    if not hasattr(layer, "_per_sample"):
+        raise RuntimeError("RecurrentLayer: Opacus asked for per-sample gradients before the "
+                           "backward pass went through this layer (one forward per backward)")
+    per_sample, raw = layer._per_sample
+    del layer._per_sample
+    norm = (raw * raw).sum()
+    scale = (backprops * raw).sum() / norm if norm > 0 else norm.new_ones(())
+    return {p: g * scale for p, g in per_sample.items() if p.requires_grad}
 
 
 class FastRNN(nn.Module):
@@ -166,5 +241,10 @@ class FastRNN(nn.Module):
         for i, layer in enumerate(self.layers):
             if i:
                 x = self.dropout(x)
-            x = layer(x)
+            probe = not x.requires_grad and layer.records_per_sample_gradients()
+            if probe:
+                # A full backward hook (how Opacus sees a layer's output gradient) fires before
+                # the layer's own backward when no input needs a gradient: give it one.
+                x = x.detach().requires_grad_()
+            x = layer(x, probe=probe)
         return x

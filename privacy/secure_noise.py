@@ -211,13 +211,34 @@ class SecureNoiseDPOptimizerFastGradientClipping(SecureNoiseMixin, DPOptimizerFa
     """``DPOptimizerFastGradientClipping`` (ghost clipping) with CSPRNG noise."""
 
 
-# Exact classes only: a subclass may override add_noise (AdaClip, DDP, FSDP do), and silently
-# replacing its noise step could change what it adds or on which rank.
+# Exact classes; a subclass may override add_noise (AdaClip, DDP, FSDP do), and silently
+# replacing its noise step could change what it adds or on which rank: ``secure_class`` adds
+# only subclasses that keep DPOptimizer's noise path untouched.
 SECURE_VARIANTS: dict[type, type] = {
     DPOptimizer: SecureNoiseDPOptimizer,
     DPPerLayerOptimizer: SecureNoiseDPPerLayerOptimizer,
     DPOptimizerFastGradientClipping: SecureNoiseDPOptimizerFastGradientClipping,
 }
+
+
+def secure_class(optimizer_class: type) -> type | None:
+    """The secure-noise variant of a DP optimizer class, or None when it has none.
+
+    Besides the exact classes in ``SECURE_VARIANTS``, a ``DPOptimizer`` subclass that keeps
+    ``DPOptimizer``'s whole noise path (``pre_step``, ``add_noise``, ``scale_grad``, ``step``)
+    and changes only how per-sample gradients are clipped (models/dp_embedding.py's sparse
+    embedding tables) gets the same mixin: what it adds noise to is still ``p.summed_grad``.
+    """
+    secure = SECURE_VARIANTS.get(optimizer_class)
+    if secure is not None or not issubclass(optimizer_class, DPOptimizer):
+        return secure
+    if any(getattr(optimizer_class, name) is not getattr(DPOptimizer, name)
+           for name in ("pre_step", "add_noise", "scale_grad", "step")):
+        return None
+    secure = type(f"SecureNoise{optimizer_class.__name__}", (SecureNoiseMixin, optimizer_class),
+                  {"__doc__": f"``{optimizer_class.__name__}`` with CSPRNG noise.",
+                   "__module__": __name__})
+    return SECURE_VARIANTS.setdefault(optimizer_class, secure)
 
 
 def use_secure_noise(dp_optimizer: DPOptimizer, *, key: bytes | None = None) -> DPOptimizer:
@@ -231,16 +252,17 @@ def use_secure_noise(dp_optimizer: DPOptimizer, *, key: bytes | None = None) -> 
     """
     if type(dp_optimizer) in SECURE_VARIANTS.values():
         return dp_optimizer
-    secure_class = SECURE_VARIANTS.get(type(dp_optimizer))
-    if secure_class is None:
+    secure = secure_class(type(dp_optimizer))
+    if secure is None:
         raise TypeError(
-            f"secure noise supports {sorted(c.__name__ for c in SECURE_VARIANTS)}, "
+            f"secure noise supports {sorted(c.__name__ for c in SECURE_VARIANTS)} and "
+            "DPOptimizer subclasses that keep its noise step, "
             f"not {type(dp_optimizer).__name__}"
         )
     if getattr(dp_optimizer, "generator", None) is not None:
         warnings.warn("secure noise ignores the torch noise_generator given to make_private",
                       stacklevel=2)
-    dp_optimizer.__class__ = secure_class
+    dp_optimizer.__class__ = secure
     dp_optimizer.secure_noise_source = ChaCha20Gaussian(key)
     return dp_optimizer
 

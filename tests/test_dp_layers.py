@@ -63,17 +63,14 @@ def test_fast_path_is_torch_rnn_and_the_dp_path_computes_the_same(cell, fused):
     reference = fused(6, 5, num_layers=2, batch_first=True).double()
     weights = {}
     for i, layer in enumerate(model.rnn.layers):
-        weights |= {f"weight_ih_l{i}": layer.input_projection.weight,
-                    f"bias_ih_l{i}": layer.input_projection.bias,
-                    f"weight_hh_l{i}": layer.recurrence.weight_hh,
-                    f"bias_hh_l{i}": layer.recurrence.bias_hh}
+        weights |= {f"{name}_l{i}": p for name, p in layer.named_parameters()}
     reference.load_state_dict(weights)
     fast = model.rnn(series)
     assert torch.equal(fast, reference(series)[0])
     hooked = GradSampleModule(model)  # hooks on the recurrence switch to the DP path
     assert torch.allclose(model.rnn(series), fast, atol=1e-12)
     hooked._close()
-    assert not model.rnn.layers[0].recurrence._forward_hooks  # back to the fused kernel
+    assert not model.rnn.layers[0]._forward_hooks  # back to the fused kernel
 
 
 @pytest.mark.slow

@@ -16,6 +16,14 @@ vitals model is also timed with Opacus's ``DPLSTM`` (what it used before), non-p
 ``--demo`` also times ``python -m simulations.run task=<task>`` end to end for each task.
 ``--device`` (default auto: cuda when present, else cpu) is where both runs train, and the
 demo's ``device``.
+
+``--per-step`` times single optimizer steps instead (the figure issue 18 sets targets on): per
+model, one fixed batch of ``--batch`` records of its task's synthetic data, the model as
+``privacy=dp`` configures it (conf/training/<model>_dp.yaml), a plain step (forward, backward,
+SGD step) and a DP-SGD step exactly as a site takes it (``client.training.make_private``:
+hooks, clipping, noise, accounting), alternated ``--steps`` times after ``--warmup`` pairs.
+Prints median and min per step and the DP/plain ratios of both; the first DP step (engine set
+up, first backward) is reported apart from the steady state.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from client.training import (
     DPConfig,
     LocalTrainingConfig,
     grad_sample_mode_for,
+    make_optimizer,
+    make_private,
     resolve_device,
     train_local,
 )
@@ -46,6 +56,9 @@ from server.settings import compose
 from simulations.synthetic import get_generator
 
 TASKS = ("images", "vitals", "notes", "tabular")
+# the task each model is measured on by --per-step
+MODEL_TASKS = {"cnn": "images", "lstm": "vitals", "gru": "vitals", "attention": "notes",
+               "bow": "notes", "mlp": "tabular", "logreg": "tabular"}
 
 
 class _OpacusRecurrent(nn.Module):
@@ -64,7 +77,7 @@ class _OpacusRecurrent(nn.Module):
 
 def _with_opacus_recurrent(model: nn.Module) -> nn.Module:
     first = model.rnn.layers[0]
-    model.rnn = _OpacusRecurrent(first.cell, first.input_projection.in_features,
+    model.rnn = _OpacusRecurrent(first.cell, first.input_size,
                                  first.hidden_size, len(model.rnn.layers))
     return model
 
@@ -114,6 +127,97 @@ def epoch_times(task_name: str, repeats: int,
                                                                       strict=True)]}
 
 
+def _site_data(task_name: str, cfg: dict):
+    with tempfile.TemporaryDirectory() as tmp:
+        generator = get_generator(task_name)
+        profile = generator.site_profiles(cfg["task"], 1, seed=0)[0]
+        generator.generate_site(Path(tmp) / "site", cfg["task"], profile, seed=0)
+        return get_task(task_name).load_site(Path(tmp) / "site", cfg["task"], "site")
+
+
+def step_times(model_name: str, steps: int, warmup: int = 5, batch: int = 64,
+               device: str = "cpu") -> dict:
+    """Plain and DP-SGD steps on one fixed batch, alternated; median and min of each."""
+    if model_name not in MODEL_TASKS:
+        raise ValueError(f"--per-step model must be one of {sorted(MODEL_TASKS)}, "
+                         f"got {model_name!r}")
+    if steps < 1 or warmup < 0 or batch < 1:
+        raise ValueError(f"need steps >= 1, warmup >= 0 and batch >= 1; got steps={steps}, "
+                         f"warmup={warmup}, batch={batch}")
+    task_name = MODEL_TASKS[model_name]
+    cfg = compose([f"task={task_name}", f"model={model_name}", "privacy=dp"])
+    task = get_task(task_name)
+    data = _site_data(task_name, cfg)
+    *inputs, labels = next(iter(torch.utils.data.DataLoader(data.train, batch_size=batch)))
+    inputs, labels = [t.to(device) for t in inputs], labels.to(device)
+    config = LocalTrainingConfig(batch_size=batch, lr=0.01, optimizer="sgd")
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    criterion = nn.CrossEntropyLoss()
+
+    def clock() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()  # kernels are asynchronous: time them all
+        return time.perf_counter()
+
+    def build():
+        torch.manual_seed(0)
+        model = build_model(cfg["model"], task.input_spec(cfg["task"])).to(device).train()
+        return model, make_optimizer(model, config)
+
+    def step(model, optimizer, loss_fn) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(*inputs), labels).backward()
+        optimizer.step()
+
+    plain_model, plain_optimizer = build()
+    private_model, private_optimizer = build()
+    started = clock()
+    loader = torch.utils.data.DataLoader(data.train, batch_size=batch)
+    hooks, private_optimizer, private_loss, _ = make_private(
+        private_model, private_optimizer, loader, criterion, dp, seed=0, device=device)
+    step(private_model, private_optimizer, private_loss)
+    first_dp = clock() - started
+    times: dict[str, list[float]] = {"plain": [], "dp": []}
+    try:
+        for i in range(warmup + steps):
+            for mode, model, optimizer, loss_fn in (
+                    ("plain", plain_model, plain_optimizer, criterion),
+                    ("dp", private_model, private_optimizer, private_loss)):
+                started = clock()
+                step(model, optimizer, loss_fn)
+                if i >= warmup:
+                    times[mode].append(clock() - started)
+    finally:
+        from models.dp_embedding import release_sparse_embeddings
+
+        hooks.cleanup()
+        release_sparse_embeddings(private_model)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    low = {m: min(t) for m, t in times.items()}
+    return {"model": model_name, "task": task_name, "device": device, "batch": batch,
+            "steps": steps, "plain_median_ms": round(1e3 * med["plain"], 3),
+            "dp_median_ms": round(1e3 * med["dp"], 3),
+            "plain_min_ms": round(1e3 * low["plain"], 3), "dp_min_ms": round(1e3 * low["dp"], 3),
+            "ratio_median": round(med["dp"] / med["plain"], 2),
+            "ratio_min": round(low["dp"] / low["plain"], 2),
+            "first_dp_step_ms": round(1e3 * first_dp, 1)}
+
+
+def per_step_main(models: list[str], steps: int, warmup: int, batch: int, device: str) -> None:
+    print(f"{'model':10} {'task':8} {'plain med':>9} {'DP med':>8} {'ratio':>6} "
+          f"{'plain min':>9} {'DP min':>8} {'ratio':>6} {'1st DP':>8}   "
+          f"[ms per step, batch {batch}, {steps} alternated steps, device {device}]")
+    rows = []
+    for name in models:
+        row = step_times(name, steps, warmup, batch, device)
+        rows.append(row)
+        print(f"{name:10} {row['task']:8} {row['plain_median_ms']:>9.2f} "
+              f"{row['dp_median_ms']:>8.2f} {row['ratio_median']:>6.2f} "
+              f"{row['plain_min_ms']:>9.2f} {row['dp_min_ms']:>8.2f} {row['ratio_min']:>6.2f} "
+              f"{row['first_dp_step_ms']:>8.1f}", flush=True)
+    print(json.dumps(rows))
+
+
 def demo_time(task_name: str, device: str) -> float:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
@@ -139,11 +243,21 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (auto: cuda when present, else cpu)")
+    parser.add_argument("--per-step", action="store_true",
+                        help="time single plain and DP steps per model instead of epochs")
+    parser.add_argument("--models", nargs="*", default=["lstm", "gru", "attention", "cnn"],
+                        help=f"--per-step: models to time, of {sorted(MODEL_TASKS)}")
+    parser.add_argument("--steps", type=int, default=40, help="--per-step: timed step pairs")
+    parser.add_argument("--warmup", type=int, default=5, help="--per-step: untimed pairs")
+    parser.add_argument("--batch", type=int, default=64, help="--per-step: records per step")
     args = parser.parse_args()
     device = resolve_device(args.device)
     if device == "mps":  # auto on a Mac: this benchmark is for CPU and CUDA
         device = "cpu"
     torch.set_num_threads(1)  # a simulated site gets one core
+    if args.per_step:
+        per_step_main(args.models, args.steps, args.warmup, args.batch, device)
+        return
     rows = []
     print(f"{'task':17} {'model':10} {'mode':6} {'n':>5} {'epoch s':>8} {'DP s':>8} "
           f"{'DP/plain':>8} {'cpu ratio':>8}" + ("  demo s" if args.demo else "")
