@@ -333,5 +333,7 @@ def simulated_site_from_root(
     key = hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:16]
     identities = write_ephemeral_federation(
         Path(tempfile.gettempdir()) / f"medsilo-secagg-{key}", [f.name for f in folders])
+    # the run's plugins are installed on this machine, which runs every virtual SuperNode
+    plugins = str(run_config.get("plugins") or "").strip("[] ")
     return {"site-id": folders[index].name, "data-path": str(folders[index]), "threads": 1,
-            **identities[folders[index].name]}
+            **({"plugins": plugins} if plugins else {}), **identities[folders[index].name]}

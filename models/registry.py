@@ -48,4 +48,10 @@ def build_model(model_cfg: Mapping[str, Any], input_spec: Mapping[str, Any]) -> 
         raise ValueError(f"unknown model {name!r}; expected one of {registered_models()} (a "
                          "model of your own registers when its module is imported: name it in "
                          "plugins, docs/extending.md)")
-    return _MODELS[name](**params, **dict(input_spec))
+    builder = _MODELS[name]
+    try:
+        return builder(**params, **dict(input_spec))
+    except TypeError as err:  # e.g. another model's keys under model.*: name what was passed
+        raise TypeError(f"model {name!r} ({_origin(builder)}) cannot be built with model "
+                        f"settings {params} and task spec {dict(input_spec)}: {err} (the keys "
+                        f"of conf/model/{name}.yaml and task.spec)") from err

@@ -19,13 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from privacy.run_settings import (
-    PrivacySettings,
-    RunSettings,
-    RunSettingsError,
-    TrainSettings,
-    module_names,
-)
+from privacy.run_settings import PrivacySettings, RunSettings, TrainSettings, is_module_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -99,14 +93,16 @@ def plugin_modules(cfg: Mapping[str, Any], key: str = "plugins") -> tuple[str, .
 
 
 def _validate_plugins(cfg: DictConfig | Mapping[str, Any]) -> None:
+    what = "(importable modules that register your own models and tasks, docs/extending.md)"
     for key in PLUGIN_KEYS:
         value = _plugins_value(cfg, key)
-        try:
-            module_names([] if value is None else value, key)
-        except RunSettingsError as err:
-            raise ConfigError(f"{str(err).removeprefix('run setting ')} (importable modules "
-                              "that register your own models and tasks, docs/extending.md)"
-                              ) from None
+        _check(value is None or isinstance(value, list | tuple), key,
+               f"a list of module names {what}", value)
+        names = list(value or ())
+        for index, name in enumerate(names):
+            _check(is_module_name(name), f"{key}[{index}]",
+                   f"a dotted module name such as 'my_package.medsilo_plugin' {what}", name)
+        _check(len(set(names)) == len(names), key, f"a list without repeats {what}", names)
 
 
 def load_plugins(cfg: DictConfig | Mapping[str, Any]) -> None:
