@@ -143,9 +143,8 @@ class _Stages:
         self.nodes = [msg.metadata.dst_node_id for msg in messages]
         self.index_of = {node: i for i, node in enumerate(self.nodes)}
         self.site_of: dict[int, str] = {}
-        plaintext = RecordDict({protocol.ARRAYS: self.global_arrays})
         self.record = SecureRoundRecord(
-            plaintext_update_bytes=protocol.content_size(plaintext)[0])
+            plaintext_update_bytes=_plaintext_size(self.global_arrays))
         self.result = SecureRound(record=self.record)
 
     def run(self, seed: int) -> np.ndarray:
@@ -290,6 +289,16 @@ class _Stages:
             for (key, array), delta in zip(self.global_arrays.items(), mean_delta)})
         self.result.aggregate = SecureAggregate(
             arrays, int(round(weight_sum * self.settings.max_site_examples)))
+
+
+def _plaintext_size(arrays: ArrayRecord) -> int:
+    """Bytes a plain round's upload of ``arrays`` would take, measured on new Array objects
+    over the same bytes: measuring makes Flower cache each Array's chunks (copies of its data)
+    on the object, and the global arrays are then shipped to every site in the masked-input
+    message, chunks and all (8.7 MB instead of 4.4 MB for a 1M-parameter model)."""
+    fresh = ArrayRecord({key: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data)
+                         for key, a in arrays.items()})
+    return protocol.content_size(RecordDict({protocol.ARRAYS: fresh}))[0]
 
 
 def _secagg_payloads(messages: Mapping[int, dict[str, Any]]) -> dict[int, RecordDict]:

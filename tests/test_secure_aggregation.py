@@ -253,3 +253,29 @@ def test_a_secure_mean_that_fails_the_update_checks_is_not_applied(monkeypatch):
     assert "NaN or Inf" in record.secure_aggregation["rejected"]
     assert "secure aggregate rejected" in record.skipped_round
     assert outcome.stopped is None  # the sites could train again next round
+
+
+def test_measuring_what_a_plain_upload_would_cost_leaves_the_global_model_shipping_once():
+    """The round record says what a plain round would have uploaded per site. Measuring it
+    must not make Flower cache chunk copies on the global arrays: they go to every site in the
+    masked-input message, and the engine would ship them twice (8.7 MB for a 4.4 MB model)."""
+    import ray.cloudpickle as cloudpickle  # how Flower's engine ships a message to a site
+
+    from privacy.compat import server_task_identity
+    from server.secure_aggregation import SecAggSettings, _Stages
+
+    arrays = ArrayRecord({"w": Array(np.random.default_rng(0).random(50_000, dtype=np.float32)),
+                          "b": Array(np.zeros(8, dtype=np.float32))})
+    shipped = len(cloudpickle.dumps(arrays))
+    settings = SecAggSettings(threshold=None, neighbours=None, clip=0.5,
+                              max_site_examples=100, stage_timeout_s=1.0)
+    with server_task_identity(1, 0):
+        messages = [Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord(
+            {protocol.SERVER_ROUND: 1})}), dst_node_id=node, message_type="train", group_id="1")
+            for node in (5, 6, 7)]
+        stages = _Stages(settings, None, messages, timeout=1.0, train_timeout=1.0)
+    plain_upload = RecordDict({protocol.ARRAYS: ArrayRecord(
+        {k: Array(a.numpy()) for k, a in arrays.items()})})
+    assert stages.record.plaintext_update_bytes == protocol.content_size(plain_upload)[0]
+    assert len(cloudpickle.dumps(arrays)) == shipped  # not 2x: no cached chunk copies
+    assert shipped < 50_000 * 4 * 1.05
