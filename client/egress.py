@@ -275,7 +275,7 @@ def render_summary(summary: Mapping[str, Any], source: str) -> str:
         lines += ["", f"run {run_id}: {run['messages']} message(s), {run['bytes']:,} bytes, "
                       f"{span}, {run['first']} .. {run['last']}"]
         for kind, count in sorted(run["kinds"].items()):
-            lines.append(f"  {kind:<15} {count:>5} message(s) {run['bytes_by_kind'][kind]:>12,} "
+            lines.append(f"  {kind:<18} {count:>5} message(s) {run['bytes_by_kind'][kind]:>12,} "
                          f"bytes  ({EGRESS_KINDS.get(kind, 'unknown kind')})")
         lines += _updates_lines(run["updates"])
     return "\n".join(lines)

@@ -390,13 +390,14 @@ def opening_sentence(report: Mapping[str, Any]) -> str:
     if budgets:
         over = sorted(s for s, eps in epsilons.items()
                       if s in budgets and eps > budgets[s] + 1e-9)
-        whose = ("each hospital's" if set(budgets) >= set(table)
-                 else f"the budget {len(budgets)} hospitals set,")
         if over:
             sentence += (f", ABOVE the budget at {len(over)} hospital(s) ({shorten(over)}: "
                          f"budget {_epsilon_words(budgets[s] for s in over)})")
+        elif set(budgets) >= set(table):
+            sentence += f", within each hospital's budget of {_epsilon_words(budgets.values())}"
         else:
-            sentence += f", within {whose} budget of {_epsilon_words(budgets.values())}"
+            sentence += (f", within the budget of {_epsilon_words(budgets.values())} that "
+                         f"{len(budgets)} of the hospitals set")
         stopped = sorted(s for s, led in report.get("privacy", {}).items()
                          if (led.get("rounds_declined") or 0) > 0)
         if stopped:

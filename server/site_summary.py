@@ -83,7 +83,10 @@ def site_table(
             row = table[site]
             row["rounds_trained"] += 1
             row["last_round_trained"] = entry["round"]
-            row["num_examples"] = metrics.get("num_examples", row["num_examples"])
+            # under secure aggregation the count stays inside the masked sum: the 0 the round
+            # records is no count the site sent, so the row says none (null, a blank cell)
+            row["num_examples"] = (None if entry.get("secure_aggregation") is not None
+                                   else metrics.get("num_examples", row["num_examples"]))
     for site, row in table.items():
         final = final_sites.get(site)
         row["final"] = dict(final) if final is not None else None

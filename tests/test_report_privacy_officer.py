@@ -194,3 +194,22 @@ def _close_figures():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_a_budget_only_some_sites_set_is_said_to_be_theirs():
+    report = _report(["privacy=dp"], _history({"hospital_01": _ledger([1.0, 2.0], budget=3.0),
+                                              "hospital_02": _ledger([1.0, 2.5])}))
+    first = opening_sentence(report)
+    assert "within the budget of ε = 3.00 that 1 of the hospitals set" in first
+
+
+def test_under_secure_aggregation_no_train_count_is_shown_as_zero():
+    history = _history(None, secure=True)
+    for record in history.rounds.values():  # the count stays inside the masked sum
+        record.train = {s: {} for s in SITES}
+    report = _report(["secagg=on"], history)
+    assert report["sites"]["hospital_01"]["num_examples"] is None
+    assert "| hospital_01 |  | 16 | 2 |" in render_markdown(report)
+    rows = {row["site"]: row for row in csv.DictReader(sites_csv(report["sites"]).splitlines())}
+    assert rows["hospital_01"]["train_examples"] == "" and rows["hospital_01"]["test_examples"] \
+        == "16"
