@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -77,14 +76,15 @@ def run_in_process(
         "init_args": {"include_dashboard": False, "log_to_driver": verbose,
                       "logging_level": logging.INFO if verbose else logging.ERROR, **init_args},
     }
-    # Ray is started here rather than by Flower's backend (which skips ray.init when Ray is up)
-    # so that the signal handlers installed after it are ours: ray.init installs its own
-    # SIGTERM handler, which would end the driver without a report
-    _start_ray(backend_config["init_args"])
-    try:
-        with warnings.catch_warnings(), seeded_node_ids(seed), polled_by_pending_messages(), \
-                stop_on_signals(stop, on_stop):
-            warnings.simplefilter("ignore", DeprecationWarning)
+    # Flower's engine runs on a thread of its own, as Flower's stock run_simulation would on the
+    # main one: its ServerApp starts round 1 while Ray starts (the time to first round of stock
+    # Flower, issue 18), and Ray, started off the main thread, installs no SIGTERM handler of its
+    # own (ray.init does so only on the main thread; it would end the driver without a report).
+    # The main thread keeps the signal handlers installed here and waits for the engine.
+    failure: list[BaseException] = []
+
+    def engine() -> None:
+        try:
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -92,22 +92,24 @@ def run_in_process(
                 backend_config=backend_config,
                 verbose_logging=verbose,
             )
+        except BaseException as err:  # handed to the main thread, raised there
+            failure.append(err)
+
+    try:
+        with warnings.catch_warnings(), seeded_node_ids(seed), polled_by_pending_messages(), \
+                stop_on_signals(stop, on_stop):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            thread = threading.Thread(target=engine, name="flower-simulation-engine", daemon=True)
+            thread.start()
+            while thread.is_alive():  # short waits: a signal's handler runs between them
+                thread.join(0.2)
     finally:
         if ray.is_initialized():  # Flower shuts Ray down at the end; not if it failed to start
             ray.shutdown()
-
-
-def _start_ray(init_args: dict[str, Any]) -> None:
-    """``ray.init`` exactly as Flower's RayBackend.init_ray calls it (its workers import the
-    apps through the driver's sys.path)."""
-    import ray
-
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             **{"include_dashboard": False, **init_args})
+    # after a stop, an engine error is the signal's doing (the same Ctrl-C reached Ray's
+    # workers): the report written by the ServerApp says how the run ended
+    if failure and not (stop is not None and stop.requested):
+        raise failure[0]
 
 
 # after a stop, once the ServerApp has written its report, Flower's engine and Ray get this long

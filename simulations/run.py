@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
 
 console = Console(stderr=True)
 _job_started = False  # set once Hydra has composed the config and called main()
+_existing_run_dirs: set[Path] = set()  # hydra.run.dir folders that existed before the run
 
 
 def simulate(cfg: dict[str, Any], out_dir: Path, *,
@@ -54,6 +54,8 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
     from simulations.sites import lazy_synthetic_sites, site_folders
 
     lazy = lazy_synthetic_sites(cfg)  # synthetic sites written when first needed, or None
+    if lazy is None and not cfg["data"].get("root"):  # every site written before the header
+        console.print(_preparing_line(cfg), soft_wrap=True)
     folders = lazy.folders() if lazy is not None else site_folders(cfg)
     cfg = {**cfg, "num_hospitals": len(folders)}  # data.root decides the number of sites
     first_round = 1
@@ -147,9 +149,21 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
             stop=stop, on_stop=on_stop,
         )
     report_path = out_dir / "report.json"
+    if not report_path.is_file() and stop is not None and stop.requested:
+        return {}  # stopped before the ServerApp wrote its report: the caller says so
     if not report_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {report_path}; see the log above")
     return json.loads(report_path.read_text())
+
+
+def _preparing_line(cfg: dict[str, Any]) -> str:
+    """What runs before the header when every site's folder is written first (it can take a
+    while: the user sees that something happens, also in a log file)."""
+    if cfg["data"].get("path"):
+        return (f"splitting data.path={escape(str(cfg['data']['path']))} into "
+                f"{cfg['num_hospitals']} hospitals ({cfg['data']['partition']}) ...")
+    return (f"writing {cfg['num_hospitals']} synthetic {cfg['task']['name']} hospitals "
+            "(data.generate=upfront; reused by later runs) ...")
 
 
 def run_in_process(*args: Any, **kwargs: Any) -> None:
@@ -164,32 +178,44 @@ def run_in_process(*args: Any, **kwargs: Any) -> None:
 def main(hydra_cfg: DictConfig) -> None:
     global _job_started
     _job_started = True
+    run_dir = Path(HydraConfig.get().runtime.output_dir)  # made by Hydra, holding .hydra/
     try:
         validate(hydra_cfg)
     except ConfigError as err:
-        _exit_bad_input(err)
+        _exit_bad_input(err, run_dir)
+    cfg = to_dict(hydra_cfg)
+    # resume: the interrupted run's folder (its checkpoint and its sites' privacy ledgers)
+    out_dir = Path(cfg["resume"]) if cfg.get("resume") else run_dir
+    report = _run(cfg, out_dir, run_dir, list(HydraConfig.get().overrides.task))
+    _print_summary(report, out_dir)
+
+
+def _run(cfg: dict[str, Any], out_dir: Path, run_dir: Path,
+         overrides: list[str]) -> dict[str, Any]:
+    """``simulate`` from the command line: a bad input exits 2 with one line (no folder left),
+    Ctrl-C / SIGTERM with the shell's status for the signal after saying how to continue."""
     # the config is valid: now what runs it (client.tasks loads torch, server.stopping Flower)
     from client.tasks import DataError
     from server.checkpoint import CheckpointError
-    from server.report import collapse_warnings
     from server.stopping import StopSignal
 
+    stop = StopSignal()
+    stop.before_exit = lambda: _report_stop(out_dir, overrides)
     try:
-        cfg = to_dict(hydra_cfg)
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        if cfg.get("resume"):
-            # the interrupted run's folder: its checkpoint and its sites' privacy ledgers
-            out_dir = Path(cfg["resume"])
-        started = time.perf_counter()
-        stop = StopSignal()
-        overrides = list(HydraConfig.get().overrides.task)
-        stop.before_exit = lambda: _report_stop(out_dir, started, overrides)
         report = simulate(cfg, out_dir, stop=stop)
     except (ConfigError, DataError, CheckpointError) as err:
-        _exit_bad_input(err)
-    if stop.requested:  # Ctrl-C / SIGTERM: the shell's exit status for the signal
-        _report_stop(out_dir, started, overrides)
+        _exit_bad_input(err, run_dir)
+    if stop.requested:
+        _report_stop(out_dir, overrides)
         sys.exit(128 + signal.Signals[stop.reason or "SIGINT"].value)
+    return report
+
+
+def _print_summary(report: dict[str, Any], out_dir: Path) -> None:
+    """Warnings, refusals and the last line: the final scores and the run's duration, the
+    figure report.json and report.md hold (``run.duration_s``)."""
+    from server.report import collapse_warnings
+
     final = report["final"]["global"] or {}
     for warning in collapse_warnings(report):
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -199,28 +225,57 @@ def main(hydra_cfg: DictConfig) -> None:
     scores = " · ".join(f"{k} {final[k]:.3f}" for k in ("accuracy", "auroc")
                         if final.get(k) is not None)
     console.print(
-        f"[bold green]done[/] in {time.perf_counter() - started:.1f} s · "
+        f"[bold green]done[/] in {report['run']['duration_s']:.1f} s · "
         + (f"final global {scores}" if scores else "no model was trained")
         + f"\nreport: {out_dir / 'report.md'}"
     )
 
 
-def _exit_bad_input(err: Exception) -> NoReturn:
+def _exit_bad_input(err: Exception, run_dir: Path | None = None) -> NoReturn:
+    """One line naming what is wrong, exit 2. A run refused before it did anything leaves no
+    output folder behind: Hydra made ``run_dir`` (``outputs/<date>/<time>``) and wrote only
+    its ``.hydra/`` there; they are removed (a folder holding anything else is kept)."""
+    if run_dir is not None:
+        _remove_unused_run_dir(run_dir)
     # escape: a path or list in the message ("[a, b]") is not rich markup; soft_wrap: the
     # message stays on one line, so a file name is never broken across lines
     console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
     sys.exit(2)
 
 
-def _report_stop(out_dir: Path, started: float, overrides: list[str]) -> None:
+def _remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove Hydra's ``.hydra/`` in ``run_dir``, then ``run_dir`` and its parents while they
+    are empty (``outputs/<date>/<time>``), never the working directory, a folder above it, or
+    a ``hydra.run.dir`` that existed before the run (``cli`` notes those)."""
+    import shutil
+
+    run_dir = run_dir.resolve()
+    if not run_dir.is_dir() or any(p.name != ".hydra" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    if run_dir in _existing_run_dirs or run_dir == Path.cwd().resolve():
+        return
+    folder = run_dir
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another run's, or the user's
+            return
+        folder = folder.parent
+        if Path.cwd().resolve() not in folder.parents:  # only folders below the working one
+            return
+
+
+def _report_stop(out_dir: Path, overrides: list[str]) -> None:
     """What stopped, and the command that continues the run (the same overrides + resume)."""
     import shlex
 
     path = out_dir / "report.json"
     report = json.loads(path.read_text()) if path.is_file() else None
     reason = report["run"]["stopped_early"] if report else "stopped before the report was written"
-    console.print(f"[bold yellow]stopped[/] after {time.perf_counter() - started:.1f} s: "
-                  f"{escape(reason or 'stop requested')}", soft_wrap=True)
+    after = f" after {report['run']['duration_s']:.1f} s" if report else ""
+    console.print(f"[bold yellow]stopped[/]{after}: {escape(reason or 'stop requested')}",
+                  soft_wrap=True)
     if (out_dir / "checkpoint.npz").is_file():
         again = [o for o in overrides if not o.startswith("resume=")] + [f"resume={out_dir}"]
         console.print("continue with: " + escape(shlex.join(
@@ -229,21 +284,32 @@ def _report_stop(out_dir: Path, started: float, overrides: list[str]) -> None:
 
 
 def cli() -> None:
-    """``main`` with one exit code for every bad configuration value: 2.
+    """``main`` with one exit code and one line for every bad configuration value: 2.
 
-    Hydra itself rejects an unknown group value (``task=nope``), an unknown key
-    (``privacy.accountant=...`` while ``privacy=off``) or a malformed override before ``main``
-    runs: it prints what is wrong, naming the key, and exits with 1, the code of a crash.
+    The overrides are checked first (simulations/overrides.py): a typo gets a did-you-mean
+    (``unknown config key 'roudns'; did you mean 'rounds'?``) instead of Hydra's dump, and a
+    refused value leaves no output folder, since Hydra has not made one yet. With Hydra's own
+    flags (``--help``, ``--cfg``, ``--multirun`` ...) Hydra answers alone; should it still
+    reject the line, it prints why and exits 1, the code of a crash, made 2 here.
     """
+    from simulations.overrides import check_overrides
+
+    arguments = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in arguments):
+        try:
+            check_overrides(arguments)
+        except ConfigError as err:
+            _exit_bad_input(err)
+    for arg in arguments:  # a run directory the user made is never removed (_exit_bad_input)
+        if arg.startswith("hydra.run.dir=") and Path(arg.split("=", 1)[1]).is_dir():
+            _existing_run_dirs.add(Path(arg.split("=", 1)[1]).resolve())
     try:
         main()
     except SystemExit as stop:
         if stop.code == 1 and not _job_started:
             console.print("[bold red]error:[/] the configuration could not be composed (the "
                           "message above names the key); `python -m simulations.run --help` "
-                          "lists the config groups and their choices; a group's keys exist only "
-                          "when that group is chosen (privacy.accountant needs privacy=dp)",
-                          soft_wrap=True)
+                          "lists the config groups and their choices", soft_wrap=True)
             sys.exit(2)
         raise
 

@@ -39,7 +39,13 @@ def test_importing_the_main_job_and_the_config_checks_loads_no_heavy_package():
 @pytest.mark.parametrize(("overrides", "exit_code", "named"), [
     pytest.param(["--help"], 0, "task: images, notes, tabular, vitals", id="help"),
     pytest.param(["task=nope"], 2, "task", id="unknown-group-value"),
-    pytest.param(["privacy.accountant=rdp"], 2, "privacy.accountant", id="key-of-another-group"),
+    pytest.param(["task=tabluar"], 2, "error: unknown task 'tabluar'; did you mean 'tabular'?",
+                 id="group-value-typo"),
+    pytest.param(["roudns=3"], 2, "error: unknown config key 'roudns'; did you mean 'rounds'?",
+                 id="key-typo"),
+    pytest.param(["privacy.accountant=rdp"], 2,
+                 "unknown config key 'privacy.accountant': it exists only with privacy=dp",
+                 id="key-of-another-group"),
     pytest.param(["privacy=dp", "privacy.target_epsilon=abc"], 2,
                  "privacy.target_epsilon must be a number > 0, got 'abc'",
                  id="value-our-validation-rejects"),
@@ -57,6 +63,8 @@ def test_help_and_config_errors_answer_before_any_heavy_package_loads(
     assert proc.returncode == exit_code, proc.stderr[-5000:]
     assert named in proc.stdout + proc.stderr
     assert loaded == []
+    if exit_code:  # one line: no Hydra dump (search path, HYDRA_FULL_ERROR) around it
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_the_names_validation_reads_from_source_are_those_the_modules_define():

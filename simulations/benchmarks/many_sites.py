@@ -37,17 +37,18 @@ It is timed the same way: launch of its subprocess until round 1 starts (when Fe
 round 1's training), then each round until the next starts. Our runs and stock's alternate
 (ours first in even repeats, stock first in odd ones), ``--repeats`` times at each N; timings are
 the median (and min) over the repeats, memory the largest. What ours pays before round 1 and
-stock does not: Hydra, writing the synthetic sites, the pooled test set's initial evaluation,
-our own Ray start; stock's ClientApp imports only torch in its actors. Flower's run_simulation
-starts the ServerApp while Ray starts, so stock's round 1 carries its Ray and actor start-up;
-ours starts Ray before the ServerApp (simulations/engine.py). Launch to the end of round 1 is
-therefore shown too. A steady round of ours also evaluates the global model on the pooled test
-set, which stock does not.
+stock does not: Hydra, writing the synthetic sites, the pooled test set's initial evaluation;
+stock's ClientApp imports only torch in its actors. Both start the ServerApp while Ray starts
+(Flower's run_simulation; ours runs it on a thread, simulations/engine.py), so round 1 carries
+Ray's and the actors' start-up in both: launch to the end of round 1 is shown beside launch to
+its start. A steady round of ours also evaluates the global model on the pooled test set, which
+stock does not.
 
-Ratio: median round at N divided by the median round at the smallest N. Targets (issue 9): peak
-RSS of the tree at the largest N <= 4096 MB, and ratio <= 2 at every N. The sites trained per
-round (from report.json) are printed so that a run in which every site trains (no sampling) is
-visible as such. Target (issue 18): time to first round <= 1.5x Flower stock's at every N.
+Ratio: median round at N divided by the median round at the smallest N. Targets: peak RSS of
+the tree at the largest N <= 2560 MB (issue 18's 2.5 GB at 1000 hospitals; issue 9 had 4 GB),
+and ratio <= 2 at every N (issue 9). The sites trained per round (from report.json) are printed
+so that a run in which every site trains (no sampling) is visible as such. Target (issue 18):
+time to first round <= 1.5x Flower stock's at every N, to round 1's start and to its end.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from simulations.engine import children_by_parent
 
-RSS_TARGET_MB = 4096
+RSS_TARGET_MB = 2560  # issue 18: 2.5 GB at 1000 hospitals
 RATIO_TARGET = 2.0
 STOCK_RATIO_TARGET = 1.5  # time to first round, ours / Flower stock's
 # keys this script sets itself, and the flag a user gives instead
@@ -573,7 +574,7 @@ def print_stock_table(rows: list[dict[str, Any]]) -> None:
     print(f"(Flower stock: run_simulation + FedAvg + a ClientApp training the same MLP on random "
           f"tensors, alternated with ours; 1st rnd: launch to round 1's start, median (min) of "
           f"{repeats} runs; round1: round 1 with actor start-up; 1st end: launch to round 1's "
-          f"end (stock starts round 1 while Ray starts, ours once Ray is up); median: rounds "
+          f"end (both start round 1 while Ray starts); median: rounds "
           f"2..R-1; RSS: largest peak of the tree, MB)")
 
 
@@ -605,11 +606,15 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     stock = [r for r in ok if r.get("stock_ratio_first_round") is not None]
     if stock:
         worst = max(stock, key=lambda r: r["stock_ratio_first_round"])
-        passed = worst["stock_ratio_first_round"] <= STOCK_RATIO_TARGET
+        ends = [r for r in stock if r.get("stock_ratio_first_round_end") is not None]
+        worst_end = max(ends, key=lambda r: r["stock_ratio_first_round_end"]) if ends else None
+        passed = worst["stock_ratio_first_round"] <= STOCK_RATIO_TARGET and (
+            worst_end is None or worst_end["stock_ratio_first_round_end"] <= STOCK_RATIO_TARGET)
         lines.append(f"start-up: {'PASS' if passed else 'FAIL'}: time to first round is "
                      f"{worst['stock_ratio_first_round']:.2f}x Flower stock's at "
-                     f"N={worst['num_hospitals']} (worst N; target <= {STOCK_RATIO_TARGET:g}); "
-                     f"to the end of round 1: {worst.get('stock_ratio_first_round_end')}x")
+                     f"N={worst['num_hospitals']} (worst N; target <= {STOCK_RATIO_TARGET:g})"
+                     + (f"; to the end of round 1: {worst_end['stock_ratio_first_round_end']:.2f}x"
+                        f" at N={worst_end['num_hospitals']} (worst N)" if worst_end else ""))
     elif any("stock" in r for r in rows):
         lines.append("start-up: not compared (a run failed; see the stock table)")
     if any(r.get("median_covers", "").startswith("round 1 only") for r in ok):
