@@ -228,15 +228,6 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
                    "would choose the sites of a round; set one)", value)
     _check(cfg["device"] in DEVICES, "device", f"one of {list(DEVICES)}", cfg["device"])
     _validate_plugins(cfg)
-    load_plugins(cfg)  # before the names: a plugin's model or task is known once imported
-    own_code = ("; a model of your own: name the module registering it in plugins, "
-                "docs/extending.md")
-    models = known_model_names(cfg)
-    _check(cfg["model"]["name"] in models, "model.name", f"one of {models}{own_code}",
-           cfg["model"]["name"])
-    tasks = known_task_names(cfg)
-    _check(cfg["task"]["name"] in tasks, "task.name",
-           f"one of {tasks}{own_code.replace('model', 'task')}", cfg["task"]["name"])
     for key in ("fraction_train", "fraction_evaluate"):
         value = cfg["strategy"].get(key, 1.0)
         _check(_is_number(value) and 0 < value <= 1, f"strategy.{key}", "a number in (0, 1]",
@@ -259,6 +250,17 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
     _validate_privacy(cfg)
     _validate_site_policy(cfg)
     _validate_secagg(cfg)
+    # last: with plugins this imports them (torch and all, seconds), so every other mistake is
+    # answered first; a plugin's model or task is known once its module is imported
+    load_plugins(cfg)
+    own_code = ("; a model of your own: name the module registering it in plugins, "
+                "docs/extending.md")
+    models = known_model_names(cfg)
+    _check(cfg["model"]["name"] in models, "model.name", f"one of {models}{own_code}",
+           cfg["model"]["name"])
+    tasks = known_task_names(cfg)
+    _check(cfg["task"]["name"] in tasks, "task.name",
+           f"one of {tasks}{own_code.replace('model', 'task')}", cfg["task"]["name"])
 
 
 def _validate_simulation(simulation: DictConfig | Mapping[str, Any]) -> None:

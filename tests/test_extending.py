@@ -105,6 +105,9 @@ def test_the_run_settings_carry_plugins_typed_and_only_when_there_are_some():
                  "plugins[0]='no_such_package.plugin' cannot be imported", id="not-installed"),
     pytest.param(["+plugins=[medsilo_toy/plugin.py]"], "plugins[0] must be a dotted module",
                  id="a-path"),
+    # plugins are imported last (seconds: torch): any other mistake is answered before
+    pytest.param(["+plugins=[no_such_package.plugin]", "rounds=0"], "rounds must be",
+                 id="other-mistakes-first"),
     pytest.param(["+simulation.plugins=[medsilo_toy.nope]"],
                  "simulation.plugins[0]='medsilo_toy.nope' cannot be imported", id="simulation"),
     pytest.param(["model=tiny_mlp"], "model.name must be one of", id="model-without-plugins"),
@@ -122,15 +125,28 @@ def test_the_config_check_names_what_is_wrong_with_plugins(plugin_on_path, overr
         return
     with pytest.raises(ConfigError, match=re.escape(named)) as err:
         compose(overrides)
-    assert "docs/extending.md" in str(err.value)
+    assert "docs/extending.md" in str(err.value) or "rounds" in named
 
 
-def test_run_config_values_name_plugins_separated_by_commas():
-    from server.settings import overrides_from_run_config
+def test_a_deployed_run_names_plugins_in_its_run_config(plugin_on_path, tmp_path):
+    """``flwr run --run-config`` values cannot be lists: plugins and hydra.searchpath take names
+    separated by commas, and the ServerApp composes them into lists; virtual SuperNodes of
+    ``flwr run``'s simulation engine take the run's plugins as their own."""
+    from client.site import SiteSettings, simulated_site_from_root
+    from server.settings import ConfigError, compose, overrides_from_run_config
 
-    assert overrides_from_run_config({"plugins": f"{PLUGIN}, other.plugin",
-                                      "hydra.searchpath": "pkg://medsilo_toy.conf"}) == [
-        "hydra.searchpath=[pkg://medsilo_toy.conf]", f"++plugins=[{PLUGIN},other.plugin]"]
+    run_config = {"plugins": f"{PLUGIN}, other.plugin", "task": "toy_csv",
+                  "hydra.searchpath": "pkg://medsilo_toy.conf", "data.root": str(tmp_path)}
+    overrides = overrides_from_run_config(run_config)
+    assert f"++plugins=[{PLUGIN},other.plugin]" in overrides
+    with pytest.raises(ConfigError, match=r"plugins\[1\]='other.plugin' cannot be"):
+        compose(overrides)
+    cfg = compose(overrides_from_run_config({**run_config, "plugins": PLUGIN}))
+    assert cfg["plugins"] == [PLUGIN] and cfg["model"]["name"] == "tiny_mlp"
+    (tmp_path / "hospital_a").mkdir()
+    node_config = simulated_site_from_root({**run_config, "plugins": PLUGIN},
+                                           {"partition-id": 0})
+    assert SiteSettings.from_node_config(node_config, simulation=True).plugins == (PLUGIN,)
 
 
 def test_the_task_names_validation_reads_from_source_are_those_registered():
