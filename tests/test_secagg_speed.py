@@ -92,14 +92,25 @@ def test_one_process_serving_every_site_checks_each_signature_once():
     assert counts["remembered"] == n * (n - 1) + n * n - 2 * n
 
 
-def test_the_verification_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(ident, "_VERIFIED_MAX", 3)
-    forget_verified_signatures()
-    key = generate_key()
-    for k in range(5):
-        statement = b"statement %d" % k
-        assert verify(key.public_key(), sign(key, statement), statement)
-    assert len(ident._VERIFIED) == 3
+def test_the_verification_cache_is_bounded_and_drops_the_least_recently_used():
+    previous = ident.remember_verified_signatures(3)
+    try:
+        key = generate_key()
+        signed = [(b"statement %d" % k, sign(key, b"statement %d" % k)) for k in range(5)]
+        for statement, signature in signed:
+            assert verify(key.public_key(), signature, statement)
+        assert ident._verified.cache_info().currsize == 3
+        before = verification_counts()
+        assert verify(key.public_key(), signed[4][1], signed[4][0])  # kept
+        assert verify(key.public_key(), signed[0][1], signed[0][0])  # dropped: checked again
+        assert _delta(verification_counts(), before) == {"verified": 1, "remembered": 1,
+                                                         "refused": 0}
+        ident.remember_verified_signatures(0)  # as a deployed site: every check is made
+        for _ in range(2):
+            assert verify(key.public_key(), signed[1][1], signed[1][0])
+        assert verification_counts() == {"verified": 2, "remembered": 0, "refused": 0}
+    finally:
+        ident.remember_verified_signatures(previous)
 
 
 @pytest.mark.parametrize(("weight", "num_sites"), [(0.37, 5), (1.0, 20), (0.0, 3), (1.5, 7)])

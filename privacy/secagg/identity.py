@@ -30,11 +30,11 @@ import base64
 import json
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -87,66 +87,71 @@ def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
     return key.sign(message, ec.ECDSA(hashes.SHA384()))
 
 
-# Signatures that verified, as (public key DER, signature, message) -> None, least recently used
-# first. Every site of a round checks the same signatures (each peer's signed keys, then every
-# survivor's signature on U3): 2n(n-1) P-384 verifications per round (~0.3 ms each) where a
-# simulation actor serves many sites in one process. ECDSA verification is a deterministic
-# function of these three byte strings, so a hit answers exactly what verifying again would;
-# only successes are kept (a bad signature is checked, and refused, every time), and a changed
-# key, signature, session, index, n, t or survivor set is another entry. Public values only.
+# Signatures that verified, remembered by (public key DER, signature, message), least recently
+# used dropped first. Every site of a round checks the same signatures (each peer's signed keys,
+# then every survivor's signature on U3): 2n(n-1) P-384 verifications per round (~0.3 ms each)
+# where a simulation actor serves many sites in one process. ECDSA verification is a
+# deterministic function of these three byte strings, so a hit answers exactly what verifying
+# again would; only successes are kept (a failure raises, and lru_cache never keeps an
+# exception: a bad signature is checked, and refused, every time), and a changed key,
+# signature, session, index, n, t or survivor set is another entry. Public values only.
 # A deployed site (one process per message) gains nothing and loses nothing.
-_VERIFIED: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
 _VERIFIED_MAX = 8192  # ~2.5 MB of entries; 2n per round in a process serving every site
-_VERIFIED_LOCK = threading.Lock()
-_verification_counts = {"verified": 0, "remembered": 0, "refused": 0}
+
+
+def _check_signature(public_key: bytes, signature: bytes, message: bytes) -> None:
+    """Raise :class:`InvalidSignature` unless ``signature`` is the ECDSA-SHA384 signature of
+    ``message`` by the P-384 key whose DER SubjectPublicKeyInfo is ``public_key``."""
+    key = cast(ec.EllipticCurvePublicKey, serialization.load_der_public_key(public_key))
+    key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
+
+
+_verified = lru_cache(maxsize=_VERIFIED_MAX)(_check_signature)
+_refused = 0  # failed checks since the cache was last emptied or resized
+_REFUSED_LOCK = threading.Lock()
 
 
 def verify(public_key: ec.EllipticCurvePublicKey, signature: bytes, message: bytes) -> bool:
     """Whether ``signature`` is ``public_key``'s ECDSA-SHA384 signature of ``message``
     (answered from the bounded cache above when this exact triple verified before)."""
+    global _refused
     if not isinstance(signature, bytes) or not 0 < len(signature) <= SIGNATURE_MAX_BYTES:
         return False
-    entry = (public_key_der(public_key), signature, bytes(message))
-    with _VERIFIED_LOCK:
-        if entry in _VERIFIED:
-            _VERIFIED.move_to_end(entry)
-            _verification_counts["remembered"] += 1
-            return True
     try:
-        public_key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
+        _verified(public_key_der(public_key), signature, bytes(message))
     except InvalidSignature:
-        with _VERIFIED_LOCK:
-            _verification_counts["refused"] += 1
+        with _REFUSED_LOCK:
+            _refused += 1
         return False
-    with _VERIFIED_LOCK:
-        _verification_counts["verified"] += 1
-        _VERIFIED[entry] = None
-        while len(_VERIFIED) > _VERIFIED_MAX:
-            _VERIFIED.popitem(last=False)
     return True
 
 
 def verification_counts() -> dict[str, int]:
-    """How this process answered :func:`verify`: ``verified`` (a P-384 check that passed),
-    ``remembered`` (the same triple passed before) and ``refused`` (a check that failed)."""
-    with _VERIFIED_LOCK:
-        return dict(_verification_counts)
+    """How this process answered :func:`verify` since the cache was last emptied or resized:
+    ``verified`` (a P-384 check that passed), ``remembered`` (the same triple passed before)
+    and ``refused`` (a check that failed)."""
+    info = _verified.cache_info()
+    with _REFUSED_LOCK:
+        return {"verified": info.misses - _refused, "remembered": info.hits,
+                "refused": _refused}
 
 
 def forget_verified_signatures() -> None:
     """Empty the cache (tests and benchmarks that time the verifications themselves)."""
-    with _VERIFIED_LOCK:
-        _VERIFIED.clear()
+    global _refused
+    with _REFUSED_LOCK:
+        _verified.cache_clear()
+        _refused = 0
 
 
 def remember_verified_signatures(entries: int) -> int:
     """Keep at most ``entries`` verified signatures (0: check every time, as a deployed site,
-    one process per message, does); returns the previous limit."""
-    global _VERIFIED_MAX
-    with _VERIFIED_LOCK:
+    one process per message, does); returns the previous limit. Starts an empty cache."""
+    global _verified, _refused, _VERIFIED_MAX
+    with _REFUSED_LOCK:
         previous, _VERIFIED_MAX = _VERIFIED_MAX, max(0, int(entries))
-        while len(_VERIFIED) > _VERIFIED_MAX:
-            _VERIFIED.popitem(last=False)
+        _verified = lru_cache(maxsize=_VERIFIED_MAX)(_check_signature)
+        _refused = 0
     return previous
 
 
