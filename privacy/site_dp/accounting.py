@@ -136,6 +136,9 @@ def rdp_to_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> tuple[f
     eps = (np.asarray(rdp) - (math.log(delta) + np.log(alpha)) / (alpha - 1)
            + np.log((alpha - 1) / alpha))
     eps = np.where(np.isnan(eps), np.inf, eps)
+    # an order whose RDP is below −ln(1 − δ²) already gives ε = 0 (KL bound; as tf-privacy)
+    eps = np.where(float(delta) ** 2 + np.expm1(-np.asarray(rdp, dtype=np.float64)) >= 0, 0.0,
+                   eps)
     best = int(np.argmin(eps))
     return max(0.0, float(eps[best])), int(orders[best])
 
@@ -326,7 +329,7 @@ def plan(*, target_epsilon: float, delta: float, clip: float, dim: int, num_site
         scale = fitted
         if scale * clip < 1.0:
             raise ValueError(f"a {bits}-bit ring leaves less than one integer level per clip "
-                             "after noise: raise bits, lower target precision (ε) or "
+                             "once the noise fits: raise bits, target_epsilon or "
                              "max_wrap_probability")
     result = draft(scale, sigma2)
     wrap = wrap_probability(scale=scale, clip=clip, padded_dim=padded, sites=sites_per_round,
