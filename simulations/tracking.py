@@ -207,8 +207,9 @@ def summary_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 
 
 def hydra_job(out_dir: Path) -> dict[str, Any]:
-    """The overrides and sweep of the Hydra job that wrote ``out_dir`` (its .hydra/ folder);
-    empty for a run made without Hydra (tests, ``flwr run``)."""
+    """The overrides of the Hydra job that wrote ``out_dir`` (its .hydra/ folder) and, in a
+    ``-m`` sweep, the sweep's folder and the keys it varied (its multirun.yaml); empty for a
+    run made without Hydra (tests, ``flwr run``)."""
     path = out_dir / ".hydra" / "hydra.yaml"
     if not path.is_file():
         return {}
@@ -217,18 +218,33 @@ def hydra_job(out_dir: Path) -> dict[str, Any]:
     hydra = OmegaConf.load(path).hydra
     job: dict[str, Any] = {
         "overrides": list(OmegaConf.select(hydra, "overrides.task", default=[]) or [])}
-    if str(OmegaConf.select(hydra, "mode", default="")).endswith("MULTIRUN"):
-        job["sweep_dir"] = str(OmegaConf.select(hydra, "sweep.dir", default=""))
-        job["job_num"] = OmegaConf.select(hydra, "job.num", default=None)
+    if not str(OmegaConf.select(hydra, "mode", default="")).endswith("MULTIRUN"):
+        return job
+    job["job_num"] = OmegaConf.select(hydra, "job.num", default=None)
+    job["sweep_dir"] = str(OmegaConf.select(hydra, "sweep.dir", default=""))
+    sweep_file = next((p / "multirun.yaml" for p in out_dir.parents
+                       if (p / "multirun.yaml").is_file()), None)
+    if sweep_file is not None:
+        job["sweep_dir"] = str(sweep_file.parent)
+        swept = OmegaConf.select(OmegaConf.load(sweep_file), "hydra.overrides.task") or []
+        job["varied"] = sorted({o.split("=", 1)[0] for o in swept if _is_sweep(o)})
     return job
 
 
+def _is_sweep(override: str) -> bool:
+    """``lr=0.01,0.1``, ``seed=range(3)``, ``lr=choice(...)``: a key a ``-m`` sweep varies."""
+    value = override.split("=", 1)[-1]
+    return "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
+
+
 def run_name(report: Mapping[str, Any], out_dir: Path, job: Mapping[str, Any]) -> str:
-    """What the sweep varied (``lr=0.01,privacy=dp``), else the task and the run's folder."""
+    """What the sweep varied (``lr=0.01,privacy=dp``), else the run's own overrides, else the
+    task and the run's folder."""
     chosen = [o for o in job.get("overrides", [])
               if not o.lstrip("+~").startswith(("hydra.", "tracking"))]
-    if chosen:
-        return ",".join(chosen)
+    varied = [o for o in chosen if o.lstrip("+~").split("=", 1)[0] in job.get("varied", [])]
+    if varied or chosen:
+        return ",".join(varied or chosen)
     return f"{(report.get('run') or {}).get('task', 'run')} {out_dir.parent.name}/{out_dir.name}"
 
 
