@@ -298,47 +298,80 @@ def plan(*, target_epsilon: float, delta: float, clip: float, dim: int, num_site
             l1_sensitivity=rounded_l1_norm_bound(l2, padded), amplification=amplification,
             planned_epsilon=math.nan, wrap_probability=math.nan)
 
-    def noise_for(scale: float) -> float:
-        """Smallest σ² (bisection in log space) meeting the target at this scale."""
-        def over(sigma2: float) -> bool:
-            return worst_case_epsilon(draft(scale, sigma2)) > target_epsilon
-        low, high = 1e-2, 1.0
-        while over(high):
+    def over_target(candidate: SiteDPPlan) -> bool:
+        return worst_case_epsilon(candidate) > target_epsilon
+
+    def noise_for(scale: float, low: float = 1e-2) -> float:
+        """Smallest σ² (bisection in log space, full accounting with τ) at this scale."""
+        high = max(low, 1e-2) * 4.0
+        while over_target(draft(scale, high)):
             low, high = high, high * 4.0
             if high > MAX_SIGMA_SQUARED:
                 raise ValueError("no noise level reaches the target ε within the sampler's "
                                  "range: raise target_epsilon or bits")
-        for _ in range(60):
+        while high / low > 1 + 1e-7:
             mid = math.sqrt(low * high)
-            low, high = (mid, high) if over(mid) else (low, mid)
-            if high / low < 1 + 1e-7:
-                break
+            low, high = (mid, high) if over_target(draft(scale, mid)) else (low, mid)
         return high
 
-    # Fixed point between the two constraints: a coarser scale inflates Δ₂ (rounding), which
-    # needs more noise, which needs a coarser scale to fit the ring. Monotone: converges down.
+    # Where σ ≫ 1 integer level (every realistic plan), τ = 0 to double precision and ε depends
+    # on the noise only through z = √(t·σ²)/Δ₂, found once; then the two constraints meet at a
+    # fixed point in closed form: a coarser scale inflates Δ₂ (rounding), which needs more
+    # noise, which needs a coarser scale to fit the ring. Monotone: it converges downwards.
+    z = _gaussian_multiplier(target_epsilon, delta, rounds,
+                             sites_per_round / num_sites if amplification == "poisson" else 1.0)
     scale = math.sqrt(proxy_max) * math.sqrt(padded) / (sites_per_round * clip)
     scale = min(scale, math.sqrt(MAX_SIGMA_SQUARED / 4.0))  # keep σ² in the sampler's range
-    for _ in range(50):
-        sigma2 = noise_for(scale)
-        real_variance = sigma2 / scale**2
+    for _ in range(100_000):
+        l2 = rounded_l2_norm_bound(clip * scale, beta, padded)
+        real_variance = (z * l2 / scale) ** 2 / threshold
         fitted = math.sqrt(proxy_max / ((sites_per_round * clip) ** 2 / padded
                                         + sites_per_round * real_variance))
-        if fitted >= scale * (1 - 1e-9):
+        if fitted >= scale * (1 - 1e-12):
             break
         scale = fitted
         if scale * clip < 1.0:
             raise ValueError(f"a {bits}-bit ring leaves less than one integer level per clip "
                              "once the noise fits: raise bits, target_epsilon or "
                              "max_wrap_probability")
-    result = draft(scale, sigma2)
-    wrap = wrap_probability(scale=scale, clip=clip, padded_dim=padded, sites=sites_per_round,
-                            sigma_squared=result.noise.sigma_squared, bits=bits)
-    if wrap > max_wrap_probability:  # guarded by the 0.999 margin; never silently exceed
-        raise ValueError(f"planned wrap-around probability {wrap:.3g} exceeds "
-                         f"{max_wrap_probability:.3g}")
+    for _ in range(200):  # σ² rounds up to an integer t·m: step the scale down until it fits
+        sigma2 = (z * rounded_l2_norm_bound(clip * scale, beta, padded)) ** 2 / threshold
+        result = draft(scale, sigma2)
+        if over_target(result):  # τ or the integer σ² mattered (σ near 1): full accounting
+            result = draft(scale, noise_for(scale, low=sigma2))
+        wrap = wrap_probability(scale=scale, clip=clip, padded_dim=padded,
+                                sites=sites_per_round, sigma_squared=result.noise.sigma_squared,
+                                bits=bits)
+        if wrap <= max_wrap_probability or scale * clip < 1.0:
+            break
+        scale *= 0.995
+    if wrap > max_wrap_probability:
+        raise ValueError(f"the noise needed for ε = {target_epsilon} does not fit a {bits}-bit "
+                         f"ring with wrap-around probability ≤ {max_wrap_probability:.3g} "
+                         f"(it would be {wrap:.3g}): raise bits or target_epsilon")
     eps = worst_case_epsilon(result)
     return SiteDPPlan(**{**_fields(result), "planned_epsilon": eps, "wrap_probability": wrap})
+
+
+def _gaussian_multiplier(target_epsilon: float, delta: float, rounds: int,
+                         rate: float) -> float:
+    """Smallest z with ε(rounds × subsampled RDP α/(2z²)) ≤ target: the DDG bound with τ = 0
+    (bisection in log space, relative tolerance 1e-10)."""
+    def eps(z: float) -> float:
+        rdp = poisson_subsampled_rdp(RDP_ORDERS, rate,
+                                     lambda orders: np.asarray(orders, float) / (2 * z * z))
+        return rdp_to_epsilon(RDP_ORDERS, rounds * rdp, delta)[0]
+
+    low, high = 1e-3, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2.0
+        if high > 1e6:
+            raise ValueError(f"target_epsilon={target_epsilon} needs a noise multiplier above "
+                             "1e6: raise it")
+    while high / low > 1 + 1e-10:
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if eps(mid) > target_epsilon else (low, mid)
+    return high
 
 
 def noise_report(plan: SiteDPPlan, survivors: int) -> dict[str, float]:
