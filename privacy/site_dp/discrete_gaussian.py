@@ -37,8 +37,9 @@ import numpy as np
 
 from privacy.site_dp.randomness import KeyStream
 
-# σ² = t·m ≤ 2⁶⁰ keeps 2tm ≤ 2⁶¹ inside the int64 vector path.
-MAX_SIGMA_SQUARED = 2**60
+# σ² = t·m ≤ 2⁵⁶ keeps 2tm·K ≤ 2⁶² on the int64 vector path up to K = 32 (a walk that long
+# has probability below 1/31!; past it the lane continues in Python integers).
+MAX_SIGMA_SQUARED = 2**56
 _INT64_SAFE = 2**62
 _SQUARE_SAFE = 2**31
 
@@ -56,7 +57,7 @@ class DiscreteGaussian:
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"DiscreteGaussian.{name} must be an integer >= 1, got {value!r}")
         if self.t * self.m > MAX_SIGMA_SQUARED:
-            raise ValueError(f"σ² = t·m = {self.t * self.m} exceeds the sampler's limit 2**60")
+            raise ValueError(f"σ² = t·m = {self.t * self.m} exceeds the sampler's limit 2**56")
 
     @classmethod
     def at_least(cls, sigma_squared: float) -> DiscreteGaussian:
@@ -107,16 +108,14 @@ class DiscreteGaussian:
 def _attempt(count: int, t: int, m: int, stream: KeyStream) -> tuple[np.ndarray, np.ndarray]:
     """One attempt of CKS Algorithm 3 on ``count`` lanes: (values, accepted mask)."""
     # Algorithm 2: discrete Laplace with scale t
-    u = stream.uniform_below(np.full(count, t, dtype=np.int64))
-    keep = bernoulli_exp(u, np.full(count, t, dtype=np.int64), stream)
+    u = stream.uniform_below_scalar(count, t)
+    keep = bernoulli_exp(u, t, stream)
     v = np.zeros(count, dtype=np.int64)
-    counting = keep.copy()
-    while counting.any():
-        lanes = np.flatnonzero(counting)
-        ones = np.ones(lanes.size, np.int64)
-        success = _bernoulli_exp_at_most_one(ones, ones, stream)
-        v[lanes[success]] += 1
-        counting[lanes[~success]] = False
+    lanes = np.flatnonzero(keep)
+    while lanes.size:  # V = number of Bernoulli(exp(−1)) successes before the first failure
+        success = _bernoulli_exp_minus_one(lanes.size, stream)
+        lanes = lanes[success]
+        v[lanes] += 1
     magnitude = u + t * v  # V ≤ ~60 in practice; t·V stays far inside int64
     negative = stream.bits(count).astype(bool)
     keep &= ~(negative & (magnitude == 0))
@@ -126,58 +125,69 @@ def _attempt(count: int, t: int, m: int, stream: KeyStream) -> tuple[np.ndarray,
     offset = magnitude[lanes] - m
     small = np.abs(offset) < _SQUARE_SAFE
     den = 2 * t * m
-    small_lanes = lanes[small]
-    accepted[small_lanes] = bernoulli_exp(offset[small] ** 2,
-                                          np.full(small_lanes.size, den, np.int64), stream)
+    accepted[lanes[small]] = bernoulli_exp(offset[small] ** 2, den, stream)
     for lane, off in zip(lanes[~small], offset[~small], strict=True):
         accepted[lane] = _bernoulli_exp_scalar(int(off) ** 2, den, stream)
     values = np.where(negative, -magnitude, magnitude)
     return values, accepted
 
 
-def bernoulli_exp(num: np.ndarray, den: np.ndarray, stream: KeyStream) -> np.ndarray:
-    """Per lane, an exact Bernoulli(exp(−num/den)) (bool); int64 ``num >= 0``, ``den >= 1``."""
+def bernoulli_exp(num: np.ndarray, den: int, stream: KeyStream) -> np.ndarray:
+    """Per lane, an exact Bernoulli(exp(−num/den)) (bool); int64 ``num >= 0`` per lane, one
+    integer ``den >= 1`` for all lanes (every use in the sampler has a common denominator)."""
     num = np.asarray(num, dtype=np.int64)
-    den = np.asarray(den, dtype=np.int64)
+    den = int(den)
+    if den < 1 or den > 2**62:
+        raise ValueError(f"den must be an integer in [1, 2**62], got {den}")
     whole = num // den
     result = np.ones(num.shape, dtype=bool)
     # ⌊γ⌋ independent Bernoulli(exp(−1)); any failure gives 0 (CKS Algorithm 1, γ > 1)
-    remaining = whole.copy()
-    alive = remaining > 0
-    while alive.any():
-        lanes = np.flatnonzero(alive)
-        ones = np.ones(lanes.size, dtype=np.int64)
-        success = _bernoulli_exp_at_most_one(ones, ones, stream)
+    lanes = np.flatnonzero(whole > 0)
+    remaining = whole[lanes]
+    while lanes.size:
+        success = _bernoulli_exp_minus_one(lanes.size, stream)
         result[lanes[~success]] = False
-        remaining[lanes] -= 1
-        alive = result & (remaining > 0)
+        remaining = remaining - 1
+        going = success & (remaining > 0)
+        lanes, remaining = lanes[going], remaining[going]
     lanes = np.flatnonzero(result)
-    result[lanes] = _bernoulli_exp_at_most_one(num[lanes] - whole[lanes] * den[lanes],
-                                               den[lanes], stream)
+    result[lanes] = _bernoulli_exp_at_most_one(num[lanes] - whole[lanes] * den, den, stream)
     return result
 
 
-def _bernoulli_exp_at_most_one(a: np.ndarray, b: np.ndarray, stream: KeyStream) -> np.ndarray:
+def _bernoulli_exp_minus_one(count: int, stream: KeyStream) -> np.ndarray:
+    """``count`` exact Bernoulli(exp(−1)): Algorithm 1 with γ = 1, whose first step
+    (Bernoulli(1/1)) always succeeds, so the walk starts at K = 2."""
+    odd = np.ones(count, dtype=bool)
+    lanes = np.arange(count)
+    k = 2
+    while lanes.size:
+        go_on = stream.uniform_below_scalar(lanes.size, k) == 0  # Bernoulli(1/K)
+        if k % 2 == 0:
+            odd[lanes[~go_on]] = False
+        lanes = lanes[go_on]
+        k += 1
+    return odd
+
+
+def _bernoulli_exp_at_most_one(a: np.ndarray, b: int, stream: KeyStream) -> np.ndarray:
     """Exact Bernoulli(exp(−a/b)) for 0 ≤ a ≤ b (CKS Algorithm 1, γ ≤ 1), vectorised.
 
     All live lanes share the same K (they start at 1 and step together; a lane leaves when its
-    Bernoulli(a/(bK)) fails), so K is a scalar and the live lanes are compacted each step."""
+    Bernoulli(a/(bK)) fails) and the same b, so each step draws uniforms below one bound."""
     odd = np.ones(a.shape, dtype=bool)
     lanes = np.arange(a.size)
-    a_live, b_live = a, b
+    a_live = a
     k = 1
     while lanes.size:
-        if int(b_live.max()) > _INT64_SAFE // k:  # b·K past 2⁶²: finish those in Python ints
-            big = b_live > _INT64_SAFE // k
-            for lane, a_i, b_i in zip(lanes[big], a_live[big], b_live[big], strict=True):
-                odd[lane] = _series_scalar(int(a_i), int(b_i), k, stream) % 2 == 1
-            lanes, a_live, b_live = lanes[~big], a_live[~big], b_live[~big]
-            if not lanes.size:
-                break
-        go_on = stream.uniform_below(b_live * k) < a_live
+        if b > _INT64_SAFE // k:  # b·K past 2⁶² (K ≳ 32 at the largest σ²): Python integers
+            for lane, a_i in zip(lanes, a_live, strict=True):
+                odd[lane] = _series_scalar(int(a_i), b, k, stream) % 2 == 1
+            break
+        go_on = stream.uniform_below_scalar(lanes.size, b * k) < a_live
         if k % 2 == 0:  # lanes stopping now end with an even K
             odd[lanes[~go_on]] = False
-        lanes, a_live, b_live = lanes[go_on], a_live[go_on], b_live[go_on]
+        lanes, a_live = lanes[go_on], a_live[go_on]
         k += 1
     return odd
 

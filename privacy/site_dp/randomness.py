@@ -7,9 +7,9 @@ outputs, and predictable noise can be subtracted. The keystream here is ChaCha20
 privacy/secure_noise.py, without its torch/Opacus dependencies (a server that only decodes or
 plans should not import torch).
 
-Exactness: :meth:`KeyStream.uniform_below` draws 63-bit words and rejects those at or above the
-largest multiple of the bound (``w < ⌊2⁶³/b⌋·b``), so every value in ``[0, b)`` has exactly the
-same probability; nothing passes through floating point. The discrete Gaussian sampler
+Exactness: :meth:`KeyStream.uniform_below_scalar` draws 63-bit words and rejects those at or
+above the largest multiple of the bound (``w < ⌊2⁶³/b⌋·b``), so every value in ``[0, b)`` has
+exactly the same probability; nothing passes through floating point. The discrete Gaussian sampler
 (discrete_gaussian.py) is built from these integers only.
 
 Keystream hygiene: one key per stream, nonce fixed at 0, the 64-bit block counter running from
@@ -76,27 +76,23 @@ class KeyStream:
         packed = np.frombuffer(self.read((count + 7) // 8), dtype=np.uint8)
         return np.unpackbits(packed, count=count, bitorder="little")
 
-    def uniform_below(self, bound: np.ndarray) -> np.ndarray:
-        """Per lane, an exact uniform integer in ``[0, bound)``; ``bound`` int64 in [1, 2⁶²]."""
-        bound = np.asarray(bound, dtype=np.int64)
-        if bound.size and (bound.min() < 1 or bound.max() > 2**62):
-            raise ValueError("uniform_below needs bounds in [1, 2**62]")
-        out = np.empty(bound.shape, dtype=np.int64)
-        flat_bound = bound.reshape(-1)
-        flat_out = out.reshape(-1)
-        draws = (self.words(flat_bound.size) >> np.uint64(1)).view(np.int64)
-        remainder = draws % flat_bound
-        # w lies in the block [w − r, w − r + b); accept only if that block fits below 2⁶³
-        # (then every residue of the block is equally likely: exact, one division per lane)
-        ok = draws - remainder <= np.int64(_TWO_63 - 1) - flat_bound + 1
-        flat_out[...] = remainder
+    def uniform_below_scalar(self, count: int, bound: int) -> np.ndarray:
+        """``count`` exact uniform integers in ``[0, bound)`` (int64), ``bound`` in [1, 2⁶²]:
+        one limit for all lanes (the largest multiple of ``bound`` not above 2⁶³)."""
+        bound = int(bound)
+        if not 1 <= bound <= 2**62:
+            raise ValueError(f"uniform_below_scalar needs a bound in [1, 2**62], got {bound}")
+        limit = np.int64((_TWO_63 // bound) * bound - 1)  # accept w ≤ limit
+        draws = (self.words(count) >> np.uint64(1)).view(np.int64)
+        ok = draws <= limit
+        if ok.all():  # all but always: a rejection has probability < bound / 2⁶³
+            return draws % bound
+        out = draws % bound
         pending = np.flatnonzero(~ok)
         while pending.size:
-            b = flat_bound[pending]
             draws = (self.words(pending.size) >> np.uint64(1)).view(np.int64)
-            remainder = draws % b
-            ok = draws - remainder <= np.int64(_TWO_63 - 1) - b + 1
-            flat_out[pending[ok]] = remainder[ok]
+            ok = draws <= limit
+            out[pending[ok]] = draws[ok] % bound
             pending = pending[~ok]
         return out
 
