@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import note_token_ids
+from models.layers import Linear, note_token_ids
 from models.registry import register_model
 
 
@@ -41,11 +41,11 @@ class EncoderLayer(nn.Module):
         self.num_heads = num_heads
         self.attn_norm = nn.LayerNorm(d_model, elementwise_affine=False)
         # q, k and v in one layer: one per-sample gradient (one batched matmul) instead of three
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = Linear(d_model, 3 * d_model)
+        self.out = Linear(d_model, d_model)
         self.ff_norm = nn.LayerNorm(d_model, elementwise_affine=False)
-        self.ff_in = nn.Linear(d_model, ff_dim)
-        self.ff_out = nn.Linear(ff_dim, d_model)
+        self.ff_in = Linear(d_model, ff_dim)
+        self.ff_out = Linear(ff_dim, d_model)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -86,7 +86,7 @@ class NoteEncoder(nn.Module):
         # Opacus's Embedding grad sampler ignores it, and padded positions get no gradient anyway.
         # token_dim (None: d_model, no projection) factorises it to keep DP-SGD cheap.
         self.token_embedding = nn.Embedding(vocab_buckets, token_dim or d_model)
-        self.token_projection = nn.Linear(token_dim, d_model, bias=False) if token_dim else None
+        self.token_projection = Linear(token_dim, d_model, bias=False) if token_dim else None
         self.position_embedding = nn.Embedding(max_len, d_model)
         # Small initial embeddings: the pre-norm residual stream then adapts quickly under SGD.
         nn.init.normal_(self.token_embedding.weight, std=embedding_std)
@@ -98,7 +98,7 @@ class NoteEncoder(nn.Module):
         # Dropout on the embeddings and the pooled vector only: inside the blocks its random
         # masks cost about a third of a CPU training step for little gain at this size.
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(d_model, num_classes)
+        self.head = Linear(d_model, num_classes)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         tokens = note_token_ids(tokens, self.max_len)

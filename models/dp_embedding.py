@@ -8,7 +8,8 @@ only in the rows of its own ids. Here the sampler keeps what the backward pass g
 slot), and the optimizer's clip step computes from them, exactly:
 
 - record b's squared norm Σ_v ‖Σ_{k: ids[b,k] = v} rows[b,k]‖² (a record's rows of one id are
-  summed first: one ``torch.unique`` over (record, id) pairs, one ``index_add_``);
+  summed first, at the position of the id's last occurrence in the record: a scatter and an
+  ``index_add_`` over B × K rows, no sort);
 - the clipped sum Σ_b c_b · (record b's rows added into their ids' rows), one ``index_add_``.
 
 These are the dense path's numbers up to summation order (tests/test_dp_step_exact.py compares
@@ -57,17 +58,28 @@ def embedding_grad_sample(layer: nn.Embedding, activations: list[torch.Tensor],
     return {weight: rows}
 
 
-def sparse_norms_and_rows(ids: torch.Tensor, rows: torch.Tensor, vocabulary: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(squared per-record norms B, table row of each distinct (record, id), that record's
-    gradient row) from ids B × K and rows B × K × width."""
+def sparse_squared_norms(ids: torch.Tensor, rows: torch.Tensor, vocabulary: int,
+                         slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared per-record norms (B) of the gradient whose rows are ``rows`` (B × K × width)
+    added into the table rows ``ids`` (B × K): a record's rows of one id are summed first,
+    into the position of its last occurrence (the others stay zero).
+
+    ``slots`` (B·vocabulary int64, contents ignored) is scratch space that can be reused from
+    step to step: only the entries of this batch's (record, id) pairs are written and read.
+    """
     batch, width = ids.shape[0], rows.shape[-1]
+    if batch and ids.shape[1] and bool((ids == ids[:1]).all()) \
+            and len(torch.unique(ids[0])) == ids.shape[1]:
+        # every record looks up the same distinct ids (a position table): nothing to add up
+        return torch.linalg.vector_norm(rows.flatten(1), dim=1).square()
     keys = (torch.arange(batch, device=ids.device).unsqueeze(1) * vocabulary + ids).reshape(-1)
-    distinct, inverse = torch.unique(keys, return_inverse=True)
-    summed = rows.new_zeros(len(distinct), width).index_add_(0, inverse, rows.reshape(-1, width))
-    record = distinct // vocabulary
-    squared = rows.new_zeros(batch).index_add_(0, record, summed.square().sum(dim=1))
-    return squared, distinct, summed
+    if slots is None or slots.numel() < batch * vocabulary:
+        slots = torch.empty(batch * vocabulary, dtype=torch.long, device=ids.device)
+    positions = torch.arange(len(keys), device=ids.device)
+    slots.scatter_reduce_(0, keys, positions, reduce="amax", include_self=False)
+    last = slots.index_select(0, keys)  # one position per distinct (record, id)
+    summed = torch.zeros_like(rows).view(-1, width).index_add_(0, last, rows.reshape(-1, width))
+    return torch.linalg.vector_norm(summed.view(rows.shape).flatten(1), dim=1).square()
 
 
 class DPOptimizerSparseEmbeddings(DPOptimizer):
@@ -75,7 +87,7 @@ class DPOptimizerSparseEmbeddings(DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         params = self.params
-        squared, sparse = [], {}
+        squared = []
         for p in params:
             if isinstance(p.grad_sample, list):
                 raise ValueError("sparse embedding clipping takes one backward pass per "
@@ -89,24 +101,34 @@ class DPOptimizerSparseEmbeddings(DPOptimizer):
                 if ids is None or len(ids) != len(grad_sample):
                     raise ValueError("a sparse embedding table has per-sample rows but no "
                                      "matching ids: was it looked up outside its nn.Embedding?")
-                norms, distinct, summed = sparse_norms_and_rows(ids, grad_sample, p.shape[0])
-                sparse[p] = (distinct, summed)
-                squared.append(norms)
+                squared.append(sparse_squared_norms(ids, grad_sample, p.shape[0],
+                                                    self._slots(p, len(ids))))
             else:
-                squared.append(grad_sample.flatten(1).square().sum(dim=1))
+                squared.append(torch.linalg.vector_norm(grad_sample.flatten(1), dim=1).square())
         # the norm over all parameters, as DPOptimizer: ‖(‖g_p‖)_p‖ = sqrt(Σ_p ‖g_p‖²)
         norms = torch.stack(squared, dim=1).sum(dim=1).sqrt()
         clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in params:
-            if p in sparse:
-                distinct, summed = sparse[p]
-                record, row = distinct // p.shape[0], distinct % p.shape[0]
+            factors = clip.to(p.dtype)
+            if _is_sparse(p):
+                # Σ_b c_b · (record b's rows added into their ids' rows)
+                rows = p.grad_sample.to(p.dtype) * factors.view(-1, 1, 1)
                 grad = torch.zeros_like(p).index_add_(
-                    0, row, summed * clip.to(summed.dtype)[record].unsqueeze(1))
+                    0, p.grad_sample_ids.reshape(-1), rows.view(-1, p.shape[1]))
                 p.grad_sample_ids = None  # consumed: a second step without backward fails
             else:
-                grad = torch.einsum("i,i...", clip.to(p.dtype), p.grad_sample.to(p.dtype))
+                grad = torch.einsum("i,i...", factors, p.grad_sample.to(p.dtype))
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+
+    def _slots(self, table: nn.Parameter, batch: int) -> torch.Tensor:
+        """Scratch space for ``sparse_squared_norms``, kept from step to step (allocating and
+        zeroing B × vocabulary indices every step would cost more than the norms)."""
+        store = self.__dict__.setdefault("_sparse_slots", {})
+        slots = store.get(id(table))
+        if slots is None or slots.numel() < batch * table.shape[0]:
+            slots = store[id(table)] = torch.empty(batch * table.shape[0], dtype=torch.long,
+                                                   device=table.device)
+        return slots
 
 
 def use_sparse_embeddings(optimizer: DPOptimizer, model: nn.Module) -> DPOptimizer:

@@ -151,13 +151,16 @@ class _RecurrentFunction(torch.autograd.Function):
         previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
         time_major = [t.transpose(0, 1).contiguous() for t in (x, previous, grad_out)]
         grads_in, grads_hidden = _GATE_GRADS[layer.cell](*time_major, w_ih, w_hh, b_ih, b_hh)
-        # per record b: Σ_t dgates[t, b]ᵀ [x, h_{t-1}] (one batched product, B × gates × T)
+        # per record b: Σ_t dgates[t, b]ᵀ [x, h_{t-1}], as batched products ([x, h]ᵀ dgates,
+        # B × inputs × gates, read transposed: no copy of the time-major gate gradients)
         if grads_hidden is grads_in:  # LSTM: both weights see the same gate gradients
-            both = torch.bmm(grads_in.permute(1, 2, 0), torch.cat([x, previous], dim=2))
+            both = torch.bmm(torch.cat([x, previous], dim=2).transpose(1, 2),
+                             grads_in.transpose(0, 1)).transpose(1, 2)
             weight_ih, weight_hh = both.split([x.shape[2], previous.shape[2]], dim=2)
         else:
-            weight_ih = torch.bmm(grads_in.permute(1, 2, 0), x)
-            weight_hh = torch.bmm(grads_hidden.permute(1, 2, 0), previous)
+            weight_ih = torch.bmm(x.transpose(1, 2), grads_in.transpose(0, 1)).transpose(1, 2)
+            weight_hh = torch.bmm(previous.transpose(1, 2),
+                                  grads_hidden.transpose(0, 1)).transpose(1, 2)
         bias_ih = grads_in.sum(dim=0)
         bias_hh = bias_ih if grads_hidden is grads_in else grads_hidden.sum(dim=0)
         per_sample = {layer.weight_ih: weight_ih, layer.weight_hh: weight_hh,

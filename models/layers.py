@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.linear import compute_linear_grad_sample
 from torch import nn
 
 # Activations a model may be configured with. tanh is bounded, which keeps per-sample
@@ -30,3 +33,38 @@ def note_token_ids(tokens: torch.Tensor, max_len: int) -> torch.Tensor:
         raise ValueError(f"notes of {tokens.shape[1]} positions are longer than max_len "
                          f"{max_len} (task.spec.max_len)")
     return tokens
+
+
+class _InputGradientOnly(torch.autograd.Function):
+    """``F.linear`` whose backward computes the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same function) that, under Opacus DP-SGD in hooks mode,
+    leaves its weight and bias gradients to the per-sample ones.
+
+    Autograd's weight gradient Σ_records gᵀa costs as much as the per-sample gradients Opacus
+    computes from the same tensors, and DP-SGD never reads it: the DP optimizer replaces
+    ``p.grad`` by the noised sum of clipped per-sample gradients. So while Opacus observes
+    the layer (forward hooks, training, gradients on), the backward computes only the input's
+    gradient and ``p.grad`` stays unset until the optimizer step; otherwise this is
+    ``nn.Linear``. Per-sample gradients: Opacus's Linear sampler.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and self._forward_hooks:
+            return _InputGradientOnly.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+register_grad_sampler(Linear)(compute_linear_grad_sample)

@@ -16,7 +16,7 @@ from models.bow import NgramBag
 from models.dp_embedding import (
     DPOptimizerSparseEmbeddings,
     release_sparse_embeddings,
-    sparse_norms_and_rows,
+    sparse_squared_norms,
 )
 from models.recurrent import VitalsRNN
 from privacy.secure_noise import SecureNoiseMixin, use_secure_noise
@@ -108,11 +108,11 @@ def test_sparse_norms_add_up_a_records_repeated_ids_before_squaring():
     ids = torch.tensor([[3, 1, 3], [0, 0, 0]])
     rows = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [2.0, 1.0]],
                          [[1.0, 1.0], [1.0, 1.0], [-2.0, 0.0]]], dtype=torch.float64)
-    squared, distinct, summed = sparse_norms_and_rows(ids, rows, vocabulary=4)
     # record 0: row 3 = (3, 1), row 1 = (0, 2) -> 10 + 4; record 1: row 0 = (0, 2) -> 4
-    assert squared.tolist() == [14.0, 4.0]
-    assert distinct.tolist() == [1, 3, 4]  # (record, id) as record * vocabulary + id
-    assert summed.tolist() == [[0.0, 2.0], [3.0, 1.0], [0.0, 2.0]]
+    assert sparse_squared_norms(ids, rows, vocabulary=4).tolist() == [14.0, 4.0]
+    # scratch space from another batch changes nothing
+    slots = torch.full((2 * 4,), 5, dtype=torch.long)
+    assert sparse_squared_norms(ids, rows, vocabulary=4, slots=slots).tolist() == [14.0, 4.0]
 
 
 def test_the_same_table_looked_up_twice_in_one_forward_is_one_sparse_gradient():
