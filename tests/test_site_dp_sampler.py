@@ -38,8 +38,8 @@ def test_uniform_below_is_uniform_for_bounds_that_are_not_powers_of_two():
     assert (stream(2).uniform_below_scalar(100, 1) == 0).all()
     top = stream(2).uniform_below_scalar(1000, 2**62)
     assert top.max() > 2**61 and top.min() >= 0  # the top half of a 2⁶² range is reached
-    # 3·2⁶¹ rejects a quarter of the 63-bit words: the redrawn lanes must stay uniform
-    thirds = stream(3).uniform_below_scalar(30_000, 3 * 2**61) // 2**61
+    # 3·2⁶⁰ rejects a quarter of the 63-bit words: the redrawn lanes must stay uniform
+    thirds = stream(3).uniform_below_scalar(30_000, 3 * 2**60) // 2**60
     assert chi_square_p(np.bincount(thirds, minlength=3), np.ones(3)) > 1e-4
     with pytest.raises(ValueError, match="bound"):
         stream().uniform_below_scalar(3, 0)
