@@ -61,6 +61,9 @@ def run_in_process(
     ``object_store_mb``: the private instance's object store; refused with a cluster address.
     ``stop``: set by SIGINT/SIGTERM while the run lasts (the ServerApp built with it then stops
     at its next wait, see :func:`stop_on_signals`); ``on_stop(signal name)`` is told first."""
+    # the driver's Ray core worker would install a C++ handler for SIGTERM (it logs and aborts,
+    # exit -6) over ours: read by Ray when it is first imported, so set before that
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
     from flwr.simulation import run_simulation
 
@@ -97,12 +100,17 @@ def run_in_process(
 
     try:
         with warnings.catch_warnings(), seeded_node_ids(seed), polled_by_pending_messages(), \
-                stop_on_signals(stop, on_stop):
+                stop_on_signals(stop, on_stop) as reinstall_handlers:
             warnings.simplefilter("ignore", DeprecationWarning)
             thread = threading.Thread(target=engine, name="flower-simulation-engine", daemon=True)
             thread.start()
+            ray_up = False
             while thread.is_alive():  # short waits: a signal's handler runs between them
-                thread.join(0.2)
+                thread.join(0.1)
+                if not ray_up and ray.is_initialized():
+                    # where Ray was imported before (a notebook) its core worker took SIGTERM
+                    ray_up = True
+                    reinstall_handlers()
     finally:
         if ray.is_initialized():  # Flower shuts Ray down at the end; not if it failed to start
             ray.shutdown()
@@ -124,17 +132,19 @@ REPORT_GRACE_S = 60.0
 
 @contextmanager
 def stop_on_signals(stop: StopSignal | None,
-                    on_stop: Callable[[str], None] | None = None) -> Iterator[None]:
+                    on_stop: Callable[[str], None] | None = None
+                    ) -> Iterator[Callable[[], None]]:
     """While the run lasts, SIGINT (Ctrl-C) and SIGTERM request a clean stop; a second one ends
     the process at once (exit 128 + signal number), its child processes (Ray's) killed first.
 
     A terminal's Ctrl-C reaches Ray's processes too (same process group); Ray's workers finish
     the task they run, so Flower's engine drains and shuts Ray down once the ServerApp returns.
     If that takes longer than ``ENGINE_SHUTDOWN_GRACE_S`` after the report is written, the
-    process ends anyway (``stop.before_exit`` first), its children killed.
+    process ends anyway (``stop.before_exit`` first), its children killed. Yields a function
+    that installs the handlers again, over any a library put in their place.
     """
     if stop is None:
-        yield
+        yield lambda: None
         return
     returned = threading.Event()
 
@@ -163,8 +173,14 @@ def stop_on_signals(stop: StopSignal | None,
 
     previous = {signum: signal.signal(signum, handler)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def reinstall() -> None:
+        """Ours again at the OS level, should a library have replaced them below Python."""
+        for signum in previous:
+            signal.signal(signum, handler)
+
     try:
-        yield
+        yield reinstall
     finally:
         returned.set()
         for signum, old in previous.items():
