@@ -127,16 +127,21 @@ def test_the_client_app_error_code_is_flowers():
 
 def test_the_engine_patches_are_applied_for_the_block_and_restored():
     from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
     from flwr.server.superlink.linkstate import in_memory_linkstate
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     draw, loop = in_memory_linkstate.generate_rand_int_from_bytes, vce_api.add_messages_to_queue
+    wait, build = InMemoryGrid.send_and_receive, RayBackend.build
     with compat.seeded_node_ids(1), compat.polled_by_pending_messages():
         assert in_memory_linkstate.generate_rand_int_from_bytes is not draw
         assert vce_api.add_messages_to_queue is not loop
+        assert InMemoryGrid.send_and_receive is not wait and RayBackend.build is not build
         with compat.simulated_link_state(4) as link:
             seeded = sorted(link.nodes)
     assert in_memory_linkstate.generate_rand_int_from_bytes is draw
     assert vce_api.add_messages_to_queue is loop
+    assert InMemoryGrid.send_and_receive is wait and RayBackend.build is build
     with compat.seeded_node_ids(1), compat.simulated_link_state(4) as link:
         assert sorted(link.nodes) == seeded
 
@@ -183,6 +188,34 @@ def test_a_stored_reply_wakes_the_servers_wait_not_its_next_poll(monkeypatch):
             [Message(RecordDict(), node, "train", group_id="1")], timeout=60))
         assert time.monotonic() - started < 10
         assert [r.metadata.src_node_id for r in replies] == [node]
+
+
+class _CountedFactory:
+    """A ClientApp factory that counts how often it is pickled."""
+
+    pickled = 0
+
+    def __call__(self) -> str:
+        return "the ClientApp"
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        _CountedFactory.pickled += 1
+        return _CountedFactory, ()
+
+
+def test_the_client_app_factory_is_pickled_once_not_with_every_message():
+    """Ray pickles the backend's factory with every message it sends an actor (as it does
+    below); the factory itself is pickled once, and an actor unpickles it once."""
+    import ray.cloudpickle
+
+    _CountedFactory.pickled = 0
+    shipped = compat._PickledOnce(_CountedFactory())
+    assert shipped() == "the ClientApp"  # the driver may call it too
+    per_message = [ray.cloudpickle.dumps(shipped) for _ in range(5)]
+    assert _CountedFactory.pickled == 1
+    first, second = (ray.cloudpickle.loads(data) for data in per_message[:2])
+    assert first is second and first() == "the ClientApp"  # one factory per actor process
+    assert len(per_message[0]) < 1024
 
 
 def test_a_reply_whose_objects_never_come_fails_after_the_bound_not_flowers_two_hours():
