@@ -33,9 +33,10 @@ update of the round).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -45,6 +46,8 @@ from privacy import protocol
 from privacy.secagg import SecAggAborted, SecAggServer, setup
 from privacy.secagg.update import decode_mean, mean_error_bound
 from server.history import destinations, node_label, replier
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class SecureRoundRecord:
     error_bound: float | None = None  # max abs error per coordinate of the mean delta
     update_norm: float | None = None  # ||aggregate - global model||, checked like a site's
     rejected: str | None = None  # why the server's update checks refused the aggregate
+    # wall seconds of each stage (sending, the sites' answers, the server's own work on
+    # them) and of decoding the sum: where a secure round's time goes
+    stage_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +130,7 @@ class SecureAggregation:
         except SecAggAborted as err:
             stages.abort(str(err))
             return stages.result
-        stages.finish(total)
+        stages.timed("decode", stages.finish, total)
         return stages.result
 
 
@@ -149,11 +155,19 @@ class _Stages:
 
     def run(self, seed: int) -> np.ndarray:
         """All stages; the unmasked sum of the survivors' vectors."""
-        routed = self.agree_on_keys(seed)
-        routed = self.share_keys(routed)
-        checks = self.masked_input(routed)
-        requests = self.consistency(checks)
-        return self.unmask(requests)
+        routed = self.timed("advertise_keys", self.agree_on_keys, seed)
+        routed = self.timed("share_keys", self.share_keys, routed)
+        checks = self.timed("masked_input", self.masked_input, routed)
+        requests = self.timed("consistency", self.consistency, checks)
+        return self.timed("unmask", self.unmask, requests)
+
+    def timed(self, stage: str, step: Callable[[Any], _T], arg: Any) -> _T:
+        """``step(arg)``, its wall time recorded under ``stage``."""
+        started = time.perf_counter()
+        try:
+            return step(arg)
+        finally:
+            self.record.stage_s[stage] = round(time.perf_counter() - started, 4)
 
     def send(self, action: str, payloads: Mapping[int, RecordDict],
              timeout: float | None = None) -> dict[int, Message]:

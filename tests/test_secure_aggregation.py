@@ -141,6 +141,12 @@ def test_the_report_states_bytes_uploaded_per_site(runs):
     # no site sent its example count or weights in the clear
     for metrics in secure["rounds"][0]["train"].values():
         assert metrics["num_examples"] == 0
+    # where the round's time went, stage by stage, within the round's duration
+    stages = record["stage_s"]
+    assert list(stages) == ["advertise_keys", "share_keys", "masked_input", "consistency",
+                            "unmask", "decode"]
+    assert all(s > 0 for s in stages.values())
+    assert sum(stages.values()) < secure["rounds"][0]["duration_s"]
 
 
 @pytest.mark.slow

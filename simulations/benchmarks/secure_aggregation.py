@@ -26,6 +26,9 @@ Each run is a fresh subprocess. Measured per run:
   federated evaluation);
 - start-up: launch of the subprocess until round 1 starts (interpreter, imports, site data,
   Ray), and round 1 apart;
+- by stage (secure runs): the median over rounds 2..R of each SecAgg stage's wall seconds
+  (report.json ``rounds[].secure_aggregation.stage_s``: sending, the sites' answers and the
+  server's work on them; ``decode`` the sum), and ``other``, the rest of the round;
 - upload per site per round: the bytes of every ``train*`` reply a site sent (all SecAgg stage
   replies; the model update in a plain round) as Flower serialises them (``privacy.protocol.
   content_size``): from each site's egress log for medsilo, from the replies the ServerApp
@@ -76,6 +79,20 @@ def steady_round(durations: Sequence[float]) -> float | None:
     return statistics.median(later) if later else None
 
 
+def stage_profile(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per secure-aggregation stage, the median over rounds 2..R of its wall seconds (report.json
+    ``rounds[].secure_aggregation.stage_s``), and ``other``: the rest of the round (federated
+    and pooled evaluation, the round's record and checkpoint)."""
+    per_stage: dict[str, list[float]] = collections.defaultdict(list)
+    for record in rounds[1:]:
+        stages = (record.get("secure_aggregation") or {}).get("stage_s") or {}
+        for stage, seconds in stages.items():
+            per_stage[stage].append(float(seconds))
+        if stages:
+            per_stage["other"].append(float(record["duration_s"]) - sum(stages.values()))
+    return {stage: statistics.median(values) for stage, values in per_stage.items()}
+
+
 def schedule(sites: Iterable[int], repeats: int,
              variants: Sequence[str]) -> list[tuple[int, int, str]]:
     """``(n, repeat, variant)`` in run order: per n, the variants one after another, repeated
@@ -114,6 +131,8 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "startup_median_s": _median(r.get("startup_s") for r in ok),
             "round1_median_s": _median(r.get("round1_s") for r in ok),
             "upload_bytes": _median(r.get("upload_bytes") for r in ok),
+            "stages_s": {stage: _median(r.get("stages_s", {}).get(stage) for r in ok)
+                         for stage in dict.fromkeys(k for r in ok for k in r.get("stages_s", {}))},
             "failures": sorted({r["status"] for r in group if r["status"] != "ok"}),
         }
     for (n, _variant), row in rows.items():
@@ -185,7 +204,7 @@ def run_medsilo(n: int, rounds: int, secure: bool) -> dict[str, Any]:
         return {"status": "ok" if not aborted else f"rounds {aborted} aborted",
                 "rounds_s": durations, "steady_s": steady_round(durations),
                 "startup_s": report["rounds"][0]["started_at"] - launch,
-                "round1_s": durations[0],
+                "round1_s": durations[0], "stages_s": stage_profile(report["rounds"]),
                 "upload_bytes": egress_upload(Path(out) / "sites", len(durations))}
 
 
@@ -371,6 +390,9 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{','.join(map(str, row.get('pair_ratios', []))):<20}"
             f"{_fmt(row['startup_median_s'], '.1f'):>7} s{_fmt(row['round1_median_s'], '.1f'):>6} s"
             f"{upload_text:>19}")
+        if row.get("stages_s"):
+            lines.append("     by stage (s): " + ", ".join(
+                f"{stage} {_fmt(seconds, '.3f')}" for stage, seconds in row["stages_s"].items()))
         if row["failures"]:
             lines.append(f"     {row['ok']}/{row['runs']} runs ok; "
                          + "; ".join(row["failures"]))
