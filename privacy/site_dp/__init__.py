@@ -7,6 +7,7 @@ the planned noise and no party ever sees an un-noised sum (Kairouz, Liu, Steinke
 - :mod:`accounting` — ``plan(...)`` (per-site noise and encoding for a target ε, δ) and
   ``epsilon(plan, survivors_per_round)`` for hospital-level (add/remove one site) adjacency;
 - :mod:`encoding` — ``encode_site_delta`` (site) and ``decode_mean`` (server);
+- :mod:`clipping` — ``next_clip``: adaptive clipping's update from the noisy unclipped share;
 - :mod:`discrete_gaussian` — the exact Canonne–Kamath–Steinke sampler;
 - :mod:`randomness` — exact uniform integers from a ChaCha20 keystream.
 
@@ -21,8 +22,15 @@ from privacy.site_dp.accounting import (
     plan,
     worst_case_epsilon,
 )
+from privacy.site_dp.clipping import next_clip
 from privacy.site_dp.discrete_gaussian import DiscreteGaussian
-from privacy.site_dp.encoding import SiteEncoding, decode_mean, decode_sum, encode_site_delta
+from privacy.site_dp.encoding import (
+    SiteEncoding,
+    decode_mean,
+    decode_sum,
+    decode_unclipped_fraction,
+    encode_site_delta,
+)
 from privacy.site_dp.randomness import KeyStream
 
 __all__ = [
@@ -32,8 +40,10 @@ __all__ = [
     "SiteEncoding",
     "decode_mean",
     "decode_sum",
+    "decode_unclipped_fraction",
     "encode_site_delta",
     "epsilon",
+    "next_clip",
     "noise_report",
     "plan",
     "worst_case_epsilon",

@@ -170,6 +170,33 @@ class SiteDPPlan:
     amplification: str
     planned_epsilon: float  # worst case over t..n survivors every round, all rounds
     wrap_probability: float  # bound on P[any coordinate of one round's sum wraps the ring]
+    # Adaptive clipping (Andrew et al. 2021): integer levels per unit of the count of sites
+    # under the clip, sent as one more coordinate (b − 1/2)·K; 0 = fixed clipping.
+    count_scale: int = 0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.count_scale > 0
+
+    @property
+    def vector_length(self) -> int:
+        """Coordinates a site sends: the rotated delta, plus the count for adaptive clipping."""
+        return self.padded_dim + (1 if self.adaptive else 0)
+
+    @property
+    def joint_l2_sensitivity(self) -> float:
+        """L2 norm bound of everything one site adds: Δ₂ and the count coordinate's K/2."""
+        return math.hypot(self.l2_sensitivity, self.count_scale / 2)
+
+    @property
+    def joint_l1_sensitivity(self) -> float:
+        return self.l1_sensitivity + self.count_scale / 2
+
+    def count_std(self, survivors: int) -> float:
+        """Std of the noise on the decoded count of unclipped sites (adaptive clipping)."""
+        if not self.adaptive:
+            raise ValueError("this plan has fixed clipping: no count is released")
+        return math.sqrt(survivors * self.noise.sigma_squared) / self.count_scale
 
     @property
     def sampling_rate(self) -> float:
@@ -209,8 +236,8 @@ def round_rdp(plan: SiteDPPlan, survivors: int, *, tau_survivors: int | None = N
                          f"sites_per_round={plan.sites_per_round} survivors, got {survivors}")
     return distributed_dg_rdp(
         sigma_squared=float(plan.noise.sigma_squared), survivors=survivors,
-        l2_sensitivity=plan.l2_sensitivity, l1_sensitivity=plan.l1_sensitivity,
-        dim=plan.padded_dim, sampling_rate=plan.sampling_rate, tau_survivors=tau_survivors)
+        l2_sensitivity=plan.joint_l2_sensitivity, l1_sensitivity=plan.joint_l1_sensitivity,
+        dim=plan.vector_length, sampling_rate=plan.sampling_rate, tau_survivors=tau_survivors)
 
 
 def epsilon(plan: SiteDPPlan, survivors_per_round: Sequence[int],
@@ -237,7 +264,7 @@ def worst_case_epsilon(plan: SiteDPPlan) -> float:
 
 
 def wrap_probability(*, scale: float, clip: float, padded_dim: int, sites: int,
-                     sigma_squared: float, bits: int) -> float:
+                     sigma_squared: float, bits: int, count_scale: int = 0) -> float:
     """Union bound on P[some coordinate of the integer sum leaves [−2^(b−1), 2^(b−1))].
 
     Per coordinate the sum is (rotated signal) + (rounding errors, each in (−1, 1)) + noise.
@@ -246,23 +273,37 @@ def wrap_probability(*, scale: float, clip: float, padded_dim: int, sites: int,
     is n·σ²-subgaussian (Canonne et al. 2020); rounding errors add at most n. So
     P ≤ 2d·exp(−(2^(b−1) − n)²/(2v)), v = (n·C·scale)²/d + n·σ². Assumes the sites' deltas do
     not depend on the round's rotation seed (draw it after training). Wrap-around hurts only
-    accuracy, never privacy: the modular sum is a function of the noisy integer sum."""
+    accuracy, never privacy: the modular sum is a function of the noisy integer sum.
+    Adaptive clipping's count coordinate adds |Σ ±K/2| ≤ n·K/2 plus the same noise."""
     room = 2.0 ** (bits - 1) - sites
     if room <= 0:
         return 1.0
     proxy = (sites * clip * scale) ** 2 / padded_dim + sites * sigma_squared
-    return min(1.0, 2.0 * padded_dim * math.exp(-room**2 / (2.0 * proxy)))
+    bound = 2.0 * padded_dim * math.exp(-room**2 / (2.0 * proxy))
+    if count_scale:
+        count_room = 2.0 ** (bits - 1) - sites * count_scale / 2
+        if count_room <= 0:
+            return 1.0
+        bound += 2.0 * math.exp(-count_room**2 / (2.0 * sites * sigma_squared))
+    return min(1.0, bound)
 
 
 def plan(*, target_epsilon: float, delta: float, clip: float, dim: int, num_sites: int,
          sites_per_round: int, threshold: int, rounds: int, bits: int = RING_BITS_MAX,
          beta: float = DEFAULT_BETA, max_wrap_probability: float = 1e-9,
-         amplification: str = "poisson") -> SiteDPPlan:
+         amplification: str = "poisson", count_noise_std: float | None = None) -> SiteDPPlan:
     """Per-site noise and encoding for hospital-level (target_epsilon, delta)-DP over ``rounds``.
 
     Chooses the scale (granularity) as fine as the ring allows with a wrap-around probability
     per round ≤ ``max_wrap_probability``, then the smallest σ² meeting the target with only
-    ``threshold`` survivors (any number up to ``sites_per_round`` stays within it)."""
+    ``threshold`` survivors (any number up to ``sites_per_round`` stays within it).
+
+    ``count_noise_std`` (σ_b) turns on adaptive clipping (Andrew et al. 2021, "Differentially
+    Private Learning with Adaptive Clipping"): each site also sends whether its delta was within
+    the clip, and the released count of such sites carries noise of std σ_b with t survivors
+    (Andrew et al. suggest σ_b ≈ sites_per_round/20). Both go into one vector, so one DDG
+    analysis covers them; as in their Theorem 1, the delta's share of the noise budget shrinks
+    to z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), which needs σ_b > z/2."""
     _check_positive("target_epsilon", target_epsilon)
     _check_positive("clip", clip)
     if not 0 < delta < 1:
@@ -281,22 +322,32 @@ def plan(*, target_epsilon: float, delta: float, clip: float, dim: int, num_site
         raise ValueError(f"max_wrap_probability must be in (0, 1), got {max_wrap_probability!r}")
     if amplification not in AMPLIFICATIONS:
         raise ValueError(f"amplification must be one of {AMPLIFICATIONS}, got {amplification!r}")
+    if count_noise_std is not None:
+        _check_positive("count_noise_std", count_noise_std)
     padded = 1 << (dim - 1).bit_length()
     room = 2.0 ** (bits - 1) - sites_per_round
     if room <= 0:
         raise ValueError(f"a {bits}-bit ring cannot hold the sum of {sites_per_round} sites")
     proxy_max = 0.999 * room**2 / (2.0 * math.log(2.0 * padded / max_wrap_probability))
 
-    def draft(scale: float, sigma2: float) -> SiteDPPlan:
+    def count_scale_for(sigma2: float) -> int:
+        """K (even, so (b − 1/2)·K is an integer) giving the count noise std σ_b at t."""
+        if count_noise_std is None:
+            return 0
+        return 2 * max(1, round(math.sqrt(threshold * sigma2) / (2.0 * count_noise_std)))
+
+    def draft(scale: float, sigma2: float, count_scale: int | None = None) -> SiteDPPlan:
         l2 = rounded_l2_norm_bound(clip * scale, beta, padded)
         noise = DiscreteGaussian.at_least(sigma2)
+        if count_scale is None:
+            count_scale = count_scale_for(noise.sigma_squared)
         return SiteDPPlan(
             num_sites=num_sites, sites_per_round=sites_per_round, threshold=threshold,
             rounds=rounds, target_epsilon=float(target_epsilon), delta=float(delta),
             clip=float(clip), dim=dim, padded_dim=padded, bits=bits, beta=float(beta),
             scale=float(scale), noise=noise, l2_sensitivity=l2,
             l1_sensitivity=rounded_l1_norm_bound(l2, padded), amplification=amplification,
-            planned_epsilon=math.nan, wrap_probability=math.nan)
+            planned_epsilon=math.nan, wrap_probability=math.nan, count_scale=count_scale)
 
     def over_target(candidate: SiteDPPlan) -> bool:
         return worst_case_epsilon(candidate) > target_epsilon
@@ -320,11 +371,19 @@ def plan(*, target_epsilon: float, delta: float, clip: float, dim: int, num_site
     # noise, which needs a coarser scale to fit the ring. Monotone: it converges downwards.
     z = _gaussian_multiplier(target_epsilon, delta, rounds,
                              sites_per_round / num_sites if amplification == "poisson" else 1.0)
+    # adaptive clipping: the count takes (2σ_b)⁻² of the budget z⁻², the delta the rest
+    share = 1.0
+    if count_noise_std is not None:
+        if count_noise_std <= z / 2:
+            raise ValueError(f"count_noise_std={count_noise_std} must exceed z/2 = {z / 2:.4g} "
+                             f"(z = {z:.4g} is the noise multiplier ε = {target_epsilon} allows): "
+                             "the count alone would spend the whole budget")
+        share = 1.0 - (z / (2.0 * count_noise_std)) ** 2
     scale = math.sqrt(proxy_max) * math.sqrt(padded) / (sites_per_round * clip)
     scale = min(scale, math.sqrt(MAX_SIGMA_SQUARED / 4.0))  # keep σ² in the sampler's range
     for _ in range(100_000):
         l2 = rounded_l2_norm_bound(clip * scale, beta, padded)
-        real_variance = (z * l2 / scale) ** 2 / threshold
+        real_variance = (z * l2 / scale) ** 2 / threshold / share
         fitted = math.sqrt(proxy_max / ((sites_per_round * clip) ** 2 / padded
                                         + sites_per_round * real_variance))
         if fitted >= scale * (1 - 1e-12):
@@ -335,13 +394,13 @@ def plan(*, target_epsilon: float, delta: float, clip: float, dim: int, num_site
                              "once the noise fits: raise bits, target_epsilon or "
                              "max_wrap_probability")
     for _ in range(200):  # σ² rounds up to an integer t·m: step the scale down until it fits
-        sigma2 = (z * rounded_l2_norm_bound(clip * scale, beta, padded)) ** 2 / threshold
+        sigma2 = (z * rounded_l2_norm_bound(clip * scale, beta, padded)) ** 2 / threshold / share
         result = draft(scale, sigma2)
         if over_target(result):  # τ or the integer σ² mattered (σ near 1): full accounting
             result = draft(scale, noise_for(scale, low=sigma2))
         wrap = wrap_probability(scale=scale, clip=clip, padded_dim=padded,
                                 sites=sites_per_round, sigma_squared=result.noise.sigma_squared,
-                                bits=bits)
+                                bits=bits, count_scale=result.count_scale)
         if wrap <= max_wrap_probability or scale * clip < 1.0:
             break
         scale *= 0.995

@@ -14,6 +14,12 @@ Liu, Steinke 2021 (§4; TensorFlow Federated's ``DistributedDpSumFactory`` does 
 5. add this site's N_Z(0, σ²) noise, drawn exactly from a ChaCha20 keystream (never numpy);
 6. reduce mod 2^bits → uint32, ready for secure aggregation's masks (privacy/secagg).
 
+Adaptive clipping (``plan.adaptive``, Andrew et al. 2021): the round's clip C_r comes from the
+server (clipping.next_clip); the site scales by ``plan.scale·plan.clip/C_r`` so that everything
+in integer units — Δ₂, σ², hence the accounting — is the plan's, and the real-unit noise moves
+with C_r. One more coordinate, NOT rotated, carries (b − 1/2)·K with b = [‖Δ‖ ≤ C_r] plus the
+same discrete Gaussian noise; the server reads the noisy fraction of unclipped sites from it.
+
 Server side (:func:`decode_mean`): the unmasked sum mod 2^bits read as a signed integer,
 rotated back (x = D·H·y/√d), divided by ``scale`` and by the number of survivors; the padding is
 dropped. The server only ever holds the sum, which already carries every survivor's noise.
@@ -44,9 +50,9 @@ MAX_ROUNDING_ATTEMPTS = 1000  # each attempt passes with probability ≥ 1 − �
 class SiteEncoding:
     """What a site sends (``vector``) and what it may log about it locally."""
 
-    vector: np.ndarray  # uint32, length plan.padded_dim, values < 2**plan.bits
+    vector: np.ndarray  # uint32, length plan.vector_length, values < 2**plan.bits
     norm: float  # L2 norm of the delta before clipping
-    clipped: bool  # whether the clip scaled it down
+    clipped: bool  # whether the clip scaled it down (b = not clipped, for adaptive clipping)
     rounding_attempts: int
 
 
@@ -99,22 +105,41 @@ def flatten_delta(delta: np.ndarray | Sequence[np.ndarray], dim: int) -> np.ndar
     return flat
 
 
+def round_scale(plan: SiteDPPlan, clip: float | None) -> tuple[float, float]:
+    """(clip, scale) of a round: the plan's, or an adaptive clip with the scale that keeps
+    clip·scale (hence Δ₂ and the accounting) equal to the plan's."""
+    if clip is None:
+        return plan.clip, plan.scale
+    if not plan.adaptive:
+        raise ValueError("a round clip was given but the plan has fixed clipping "
+                         "(plan with count_noise_std for adaptive clipping)")
+    if isinstance(clip, bool) or not isinstance(clip, int | float) or not math.isfinite(clip) \
+            or clip <= 0:
+        raise ValueError(f"the round clip must be a positive finite number, got {clip!r}")
+    return float(clip), plan.scale * plan.clip / float(clip)
+
+
 def encode_site_delta(delta: np.ndarray | Sequence[np.ndarray], plan: SiteDPPlan, *,
-                      rotation_seed: bytes, noise_stream: KeyStream | None = None
-                      ) -> SiteEncoding:
+                      rotation_seed: bytes, noise_stream: KeyStream | None = None,
+                      clip: float | None = None) -> SiteEncoding:
     """This site's share of the round's noisy sum (module docstring, steps 1–6).
 
     ``noise_stream`` defaults to a fresh :class:`KeyStream` keyed from ``os.urandom``; pass one
-    with a fixed key only to reproduce an encoding in tests."""
+    with a fixed key only to reproduce an encoding in tests. ``clip``: the round's adaptive
+    clip (plans with adaptive clipping only; default the plan's clip)."""
     stream = KeyStream() if noise_stream is None else noise_stream
+    round_clip, scale = round_scale(plan, clip)
     flat = flatten_delta(delta, plan.dim)
     norm = float(np.linalg.norm(flat))
-    factor = min(1.0, plan.clip / norm) if norm > 0 else 1.0
+    factor = min(1.0, round_clip / norm) if norm > 0 else 1.0
     padded = np.zeros(plan.padded_dim, dtype=np.float64)
-    padded[:plan.dim] = flat * (factor * plan.scale)
+    padded[:plan.dim] = flat * (factor * scale)
     rotated = rotate(padded, rademacher_signs(rotation_seed, plan.padded_dim))
     rounded, attempts = _conditional_rounding(rotated, plan, stream)
-    rounded += plan.noise.sample(plan.padded_dim, stream)
+    if plan.adaptive:  # (b − 1/2)·K, b = 1 when the delta was within the clip
+        half = plan.count_scale // 2
+        rounded = np.append(rounded, np.int64(half if factor == 1.0 else -half))
+    rounded += plan.noise.sample(plan.vector_length, stream)
     np.bitwise_and(rounded, np.int64((1 << plan.bits) - 1), out=rounded)  # two's complement
     return SiteEncoding(vector=rounded.astype(np.uint32), norm=norm, clipped=factor < 1.0,
                         rounding_attempts=attempts)
@@ -136,27 +161,49 @@ def _conditional_rounding(values: np.ndarray, plan: SiteDPPlan,
                        "plan's clip, scale or dim do not match this encoding")
 
 
-def decode_sum(total: np.ndarray, plan: SiteDPPlan, *, rotation_seed: bytes) -> np.ndarray:
-    """The noisy SUM of the survivors' clipped deltas (float64, length ``plan.dim``) from the
-    unmasked uint32 ring sum."""
+def _signed(total: np.ndarray, plan: SiteDPPlan) -> np.ndarray:
     total = np.asarray(total)
-    if total.dtype != np.uint32 or total.shape != (plan.padded_dim,):
+    if total.dtype != np.uint32 or total.shape != (plan.vector_length,):
         raise ValueError(f"the unmasked sum must be a uint32 vector of length "
-                         f"{plan.padded_dim} (the plan's padded dimension), got {total.dtype} "
+                         f"{plan.vector_length} (the plan's padded dimension"
+                         f"{' + the count' if plan.adaptive else ''}), got {total.dtype} "
                          f"with shape {total.shape}")
     # The secure sum is mod 2^32; 2^bits divides it, so reducing mod 2^bits is exact.
     signed = total.astype(np.int64) & np.int64((1 << plan.bits) - 1)
     signed[signed >= (1 << (plan.bits - 1))] -= np.int64(1 << plan.bits)
+    return signed
+
+
+def decode_sum(total: np.ndarray, plan: SiteDPPlan, *, rotation_seed: bytes,
+               clip: float | None = None) -> np.ndarray:
+    """The noisy SUM of the survivors' clipped deltas (float64, length ``plan.dim``) from the
+    unmasked uint32 ring sum (``clip``: the round's adaptive clip, as the sites used it)."""
+    _, scale = round_scale(plan, clip)
+    signed = _signed(total, plan)[:plan.padded_dim]
     restored = unrotate(signed.astype(np.float64), rademacher_signs(rotation_seed,
                                                                     plan.padded_dim))
-    return restored[:plan.dim] / plan.scale
+    return restored[:plan.dim] / scale
 
 
-def decode_mean(total: np.ndarray, plan: SiteDPPlan, *, rotation_seed: bytes,
-                survivors: int) -> np.ndarray:
-    """The noisy MEAN of the ``survivors`` sites' clipped deltas (float64, ``plan.dim``)."""
+def _check_survivors(plan: SiteDPPlan, survivors: int) -> None:
     if isinstance(survivors, bool) or not isinstance(survivors, int | np.integer) \
             or not plan.threshold <= survivors <= plan.sites_per_round:
         raise ValueError(f"survivors must be an integer in [threshold={plan.threshold}, "
                          f"sites_per_round={plan.sites_per_round}], got {survivors!r}")
-    return decode_sum(total, plan, rotation_seed=rotation_seed) / survivors
+
+
+def decode_mean(total: np.ndarray, plan: SiteDPPlan, *, rotation_seed: bytes,
+                survivors: int, clip: float | None = None) -> np.ndarray:
+    """The noisy MEAN of the ``survivors`` sites' clipped deltas (float64, ``plan.dim``)."""
+    _check_survivors(plan, survivors)
+    return decode_sum(total, plan, rotation_seed=rotation_seed, clip=clip) / survivors
+
+
+def decode_unclipped_fraction(total: np.ndarray, plan: SiteDPPlan, *, survivors: int) -> float:
+    """Adaptive clipping: the noisy share of survivors whose delta was within the round's clip,
+    (Σ(b − 1/2)·K + noise)/K/s + 1/2 (noise std ``plan.count_std(s)/s``; may leave [0, 1])."""
+    if not plan.adaptive:
+        raise ValueError("this plan has fixed clipping: its sum carries no count")
+    _check_survivors(plan, survivors)
+    count = float(_signed(total, plan)[-1]) / plan.count_scale
+    return count / survivors + 0.5
