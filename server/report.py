@@ -906,7 +906,7 @@ def _privacy_markdown(privacy: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 # What each headline metric is, for axis labels: the unit or the range and its meaning.
 METRIC_AXIS = {
-    "loss": "loss: mean cross-entropy (nats per example)",
+    "loss": "cross-entropy loss (nats per example)",
     "accuracy": "accuracy (fraction correct, 0–1)",
     "auroc": "AUROC (0.5 = chance, 1 = perfect)",
 }
@@ -961,7 +961,13 @@ def _global_figure(plt: Any, report: Mapping[str, Any]) -> Any:
         ax.set_ylabel(METRIC_AXIS[name])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Global model on {_evaluated_on(report['run'])}"[:110], fontsize=10)
+    run = report["run"]
+    pool = run.get("pooled_evaluation_sites")
+    on = ("each site's test split, example-weighted mean" if run["global_evaluation"] != "pooled"
+          else f"the test splits of {len(pool)} of {run['num_hospitals']} sites, pooled"
+          if pool is not None and len(pool) < run["num_hospitals"]
+          else "all sites' test splits, pooled")
+    fig.suptitle(f"Global model on {on}", fontsize=10)
     return fig
 
 
