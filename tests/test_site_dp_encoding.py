@@ -97,8 +97,10 @@ def test_conditional_rounding_redraws_until_the_norm_bound_holds():
     values = E.rotate(np.full(plan.padded_dim, plan.clip * plan.scale / 32.0),
                       E.rademacher_signs(SEED, plan.padded_dim))
     unconditional = float(np.linalg.norm(values)) + 0.0
-    # a bound just above the vector's own norm: most single draws exceed it
-    tight = math.sqrt(unconditional**2 + 0.05 * plan.padded_dim)
+    # a bound at the MEAN squared norm after rounding (‖v‖² + Σ p(1 − p)): about half the
+    # single draws exceed it
+    fraction = values - np.floor(values)
+    tight = math.sqrt(unconditional**2 + float(np.sum(fraction * (1 - fraction))))
     tight_plan = A.SiteDPPlan(**{**A._fields(plan), "l2_sensitivity": tight})
     attempts = []
     for label in range(20):

@@ -5,7 +5,7 @@ and adds its own share of discrete Gaussian noise, so the sum the server unmasks
 the planned noise and no party ever sees an un-noised sum (Kairouz, Liu, Steinke 2021).
 
 - :mod:`accounting` — ``plan(...)`` (per-site noise and encoding for a target ε, δ) and
-  ``epsilon(plan, survivors_per_round)`` for hospital-level (add/remove one site) adjacency;
+  ``epsilon(plan, survivors_per_round)`` for hospital-level (zero-out one site) adjacency;
 - :mod:`encoding` — ``encode_site_delta`` (site) and ``decode_mean`` (server);
 - :mod:`clipping` — ``next_clip``: adaptive clipping's update from the noisy unclipped share;
 - :mod:`discrete_gaussian` — the exact Canonne–Kamath–Steinke sampler;

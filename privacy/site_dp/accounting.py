@@ -2,8 +2,12 @@
 
 Mechanism (one round): each of the s surviving sampled sites sends an integer vector of L2
 norm ≤ Δ₂ (its clipped, scaled, rotated, conditionally rounded delta, encoding.py) plus its own
-N_Z(0, σ²) noise; secure aggregation reveals only the sum. Adjacency: add or remove ONE SITE
-(its whole contribution), the hospital-level notion of DP-FedAvg (McMahan et al. 2018).
+N_Z(0, σ²) noise; secure aggregation reveals only the sum. Adjacency: ONE SITE's data replaced
+by nothing — its update zeroed in every round, while it still takes part and adds its noise
+share ("zero-out", the hospital-level notion of DP-FedAvg, McMahan et al. 2018, for a federation
+whose membership is public: secure aggregation tells the server who took part anyway). For a
+fixed cohort the two sums differ by one site's vector of norm ≤ Δ₂ over the same noise shares,
+which is exactly what the bound below covers.
 
 Per-round Rényi DP, Kairouz, Liu, Steinke 2021 ("The Distributed Discrete Gaussian Mechanism
 for Federated Learning with Secure Aggregation", ICML; arXiv:2102.06387), Theorem 1 and
@@ -17,11 +21,16 @@ vanishes fast once σ ≳ 1 (integer units), and with τ = 0 the bound is the co
 Proposition 22: √(c² + d/4 + √(2·ln(1/β))·(c + √d/2)), or c + √d unconditionally, c the scaled
 clip); Δ₁ ≤ Δ₂·min(√d, Δ₂) for integer vectors.
 
-Sampling of sites: Poisson sampling with rate q = sites_per_round / num_sites, amplified with
-the general bound of Zhu & Wang 2019 ("Poisson Subsampled Rényi Differential Privacy", ICML,
-Theorem 5; the bound the paper's own accounting code uses), min'ed with the unamplified ε(α).
-``amplification="none"`` skips it: the bound then holds for ANY data-independent choice of the
-cohort (fixed-size sampling included), since a site contributes at most once per round.
+Sampling of sites. ``amplification="none"`` (default): no amplification. Valid against every
+party, the server included, and for any data-independent choice of the cohort (fixed-size
+sampling too): given the cohort, a round is the bound below, or identical when the site was not
+chosen; by quasi-convexity the mixture over cohorts is no worse. ``"poisson"``: the paper's own
+accounting (Zhu & Wang 2019, "Poisson Subsampled Rényi Differential Privacy", Theorem 5, with
+q = sites_per_round / num_sites, min'ed with the unamplified curve). Amplification needs the
+sample to be HIDDEN from the adversary, which the server that samples and runs secure
+aggregation never is; and with distributed noise a zeroed site still adds its share, so the two
+sides are both mixtures, outside the theorem's add/remove form. Use it only to compare with the
+paper or for observers of the published model under an honest, Poisson-sampling server.
 RDP composes additively over rounds; (ε, δ) from RDP by Canonne, Kamath, Steinke 2020 /
 Balle et al. 2020: ε = ε(α) + ln((α−1)/α) − (ln δ + ln α)/(α−1), minimised over integer α.
 
@@ -291,7 +300,7 @@ def wrap_probability(*, scale: float, clip: float, padded_dim: int, sites: int,
 def plan(*, target_epsilon: float, delta: float, clip: float, dim: int, num_sites: int,
          sites_per_round: int, threshold: int, rounds: int, bits: int = RING_BITS_MAX,
          beta: float = DEFAULT_BETA, max_wrap_probability: float = 1e-9,
-         amplification: str = "poisson", count_noise_std: float | None = None) -> SiteDPPlan:
+         amplification: str = "none", count_noise_std: float | None = None) -> SiteDPPlan:
     """Per-site noise and encoding for hospital-level (target_epsilon, delta)-DP over ``rounds``.
 
     Chooses the scale (granularity) as fine as the ring allows with a wrap-around probability
