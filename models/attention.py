@@ -13,12 +13,14 @@ hashed word id and the hashed id of the bigram it starts; 0 = none) and ``mask``
 (True where there is a word). Padded positions never influence the output: they are excluded
 as attention keys and from the pooled mean, so whatever ids they hold does not matter.
 
-Cost under DP-SGD (Opacus hooks, measured in simulations/benchmarks/training.py): a per-sample
-gradient is dense, so a ``vocab_buckets × d_model`` token table costs B × 8192 × 64 floats per
-step (several passes over ~67 MB: 2.9× a non-private epoch). ``token_dim`` factorises the
+Cost under DP-SGD (Opacus hooks; simulations/benchmarks/training.py ``--per-step``): the
+token and position tables' per-sample gradients stay sparse (models/dp_embedding.py: the rows
+a note touched, never B × vocab_buckets × width), and the ``Linear`` layers (models/layers.py)
+skip autograd's weight gradient, which DP-SGD replaces by the clipped per-sample sum. What is
+left is the per-sample gradients of the linear maps themselves. ``token_dim`` factorises the
 table (ALBERT-style: ``vocab_buckets × token_dim`` then a linear map to ``d_model``), which
-keeps every bucket its own vector and brings DP-SGD to about 1.5×. Ghost clipping avoids the
-dense table but runs a second backward pass and measured slower here.
+keeps every bucket its own vector; with sparse tables it is a modelling choice, no longer a
+cost one. Ghost clipping runs a second backward pass and measured slower here.
 """
 
 from __future__ import annotations

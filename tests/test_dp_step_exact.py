@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.training import DPConfig, LocalTrainingConfig, make_private, train_local
+from models import dp_embedding
 from models.attention import NoteEncoder
 from models.bow import NgramBag
 from models.dp_embedding import (
@@ -45,14 +46,18 @@ def _vitals(n: int):
             torch.randint(0, 3, (n,), generator=gen))
 
 
+# The encoders' token tables (500 rows, 18 ids a note) take the sparse path, their position
+# tables (12 rows, all looked up) and the small bag's table (50 rows) Opacus's dense one.
 MODELS = {
-    "attention": lambda: (NoteEncoder(vocab_buckets=50, max_len=12, num_classes=2, d_model=8,
+    "attention": lambda: (NoteEncoder(vocab_buckets=500, max_len=12, num_classes=2, d_model=8,
                                       num_heads=2, num_layers=1, ff_dim=8, dropout=0.0),
-                          _notes(6, 50)),
-    "attention_token_dim": lambda: (NoteEncoder(vocab_buckets=50, max_len=12, num_classes=2,
+                          _notes(6, 500)),
+    "attention_token_dim": lambda: (NoteEncoder(vocab_buckets=500, max_len=12, num_classes=2,
                                                 d_model=8, num_heads=2, ff_dim=8, dropout=0.0,
-                                                token_dim=3), _notes(6, 50)),
+                                                token_dim=3), _notes(6, 500)),
     "bow": lambda: (NgramBag(vocab_buckets=50, max_len=12, num_classes=2, dim=4), _notes(6, 50)),
+    "bow_sparse": lambda: (NgramBag(vocab_buckets=500, max_len=12, num_classes=2, dim=4),
+                           _notes(6, 500)),
     "lstm": lambda: (VitalsRNN(2, 3, 3, cell="lstm", hidden_size=5, num_layers=2,
                                static_size=4), _vitals(6)),
     "gru": lambda: (VitalsRNN(2, 3, 3, cell="gru", hidden_size=5, num_layers=2,
@@ -89,12 +94,17 @@ def test_a_dp_step_clips_and_sums_the_per_record_gradients_of_the_definition(nam
         model, optimizer, loader, nn.CrossEntropyLoss(), DPConfig(0.0, CLIP), seed=0,
         device="cpu")
     try:
-        sparse = [m.weight for m in model.modules() if type(m) is nn.Embedding]
-        assert isinstance(optimizer, DPOptimizerSparseEmbeddings) or not sparse
+        tables = [m.weight for m in model.modules() if type(m) is nn.Embedding]
+        assert isinstance(optimizer, DPOptimizerSparseEmbeddings)
         optimizer.zero_grad()
         criterion(model(*inputs), labels).backward()
-        for table in sparse:  # the token tables' per-record gradients were never dense
-            assert table.grad_sample.shape[1:] != table.shape
+        sparse = {t for t in tables if getattr(t, "grad_sample_ids", None) is not None}
+        for table in tables:  # a sparse table's per-record gradients were never dense
+            assert (table.grad_sample.shape[1:] != table.shape) == (table in sparse)
+        if hasattr(model, "position_embedding"):
+            assert model.token_embedding.weight in sparse
+            assert model.position_embedding.weight not in sparse
+        assert bool(sparse) == (name in {"attention", "attention_token_dim", "bow_sparse"})
         optimizer.step()
         batch = optimizer.expected_batch_size
         for (pname, p), want in zip(model.named_parameters(), expected, strict=True):
@@ -115,7 +125,8 @@ def test_sparse_norms_add_up_a_records_repeated_ids_before_squaring():
     assert sparse_squared_norms(ids, rows, vocabulary=4, slots=slots).tolist() == [14.0, 4.0]
 
 
-def test_the_same_table_looked_up_twice_in_one_forward_is_one_sparse_gradient():
+def test_the_same_table_looked_up_twice_in_one_forward_is_one_sparse_gradient(monkeypatch):
+    monkeypatch.setattr(dp_embedding, "ROW_OVERHEAD", 0)  # sparse even for a 7-row table
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
