@@ -89,7 +89,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 def resumable_config(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> dict[str, Any]:
     """The saved run's config; ``rounds`` may be raised to extend a run. Any other difference
     is an error: a resumed run must be the run that was interrupted."""
-    ignore = {"rounds", "resume", "report_dir", "baselines"}  # baselines: after the rounds
+    # baselines: after the rounds; tracking: where the finished run is logged, not the run
+    ignore = {"rounds", "resume", "report_dir", "baselines", "tracking"}
     differs = sorted(k for k in set(saved) | set(requested)
                      if k not in ignore and saved.get(k) != requested.get(k))
     if differs:

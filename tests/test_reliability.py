@@ -28,7 +28,7 @@ from client.tasks import get_task
 from client.training import LocalTrainingConfig, train_local
 from models import build_model
 from privacy import protocol
-from server.checkpoint import CheckpointError, load_checkpoint
+from server.checkpoint import CheckpointError, load_checkpoint, resumable_config
 from server.history import RunHistory
 from server.settings import compose
 from server.strategy import build_strategy
@@ -236,6 +236,18 @@ def test_resume_refuses_a_different_run_or_a_missing_checkpoint(tmp_path):
     (tmp_path / "checkpoint.npz").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable medsilo checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_resume_may_change_rounds_and_tracking_but_nothing_that_changes_the_run():
+    saved = {"rounds": 3, "lr": 0.1, "tracking": {"name": "off"}}
+    resumed = resumable_config(saved, {"rounds": 5, "lr": 0.1,
+                                       "tracking": {"name": "mlflow", "uri": "x.db"}})
+    assert resumed["rounds"] == 5
+    # a checkpoint saved before the tracking group existed still resumes
+    assert resumable_config({"rounds": 3, "lr": 0.1}, {"rounds": 3, "lr": 0.1,
+                                                       "tracking": {"name": "off"}})
+    with pytest.raises(CheckpointError, match=r"\['lr'\]"):
+        resumable_config(saved, {"rounds": 3, "lr": 0.2, "tracking": {"name": "off"}})
 
 
 @pytest.mark.slow
