@@ -14,7 +14,10 @@ simulation) win, and a run that asks for less is refused with a reason the serve
   noisy count (``count_noise`` >= 1), a known accountant, δ < 1. The site plans σ itself, from
   its own budget: a server's ``target_epsilon`` above the site's ``max_epsilon`` is lowered to it;
   a deployed site draws its DP noise, Poisson batches and noisy count from the OS, never from the
-  run's seed (which the server chose and could replay).
+  run's seed (which the server chose and could replay);
+- under hospital-level DP (privacy=site_dp): a planned epsilon at most ``max_hospital_epsilon``,
+  a delta below 1/num_sites, and (client/site_dp.py) a threshold of survivors no larger than
+  the SecAgg floor the site itself enforces, at most ``rounds`` contributions.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 from client.approval import approval_refusal
 from client.site import SiteSettings
 from privacy.accounting import ACCOUNTANTS
-from privacy.run_settings import PrivacySettings, RunSettings
+from privacy.run_settings import HospitalPrivacySettings, PrivacySettings, RunSettings
 
 PRIVACY_MODES = ("off", "dp")
 MIN_COUNT_NOISE = 1.0  # the smallest count noise (std, in examples) a DP site accepts
@@ -109,11 +112,48 @@ def refusal_reason(site: SiteSettings, settings: RunSettings) -> str | None:
         return (f"model {model!r} is not among this site's allowed_models "
                 f"{list(site.allowed_models)}")
     reason = privacy_refusal(site, settings.privacy)
+    if reason is None and settings.hospital_privacy is not None:
+        reason = hospital_privacy_refusal(site, settings.hospital_privacy)
     if reason is None and site.require_dp and settings.task.get("standardize") == "site":
         # features fitted to the site's own training records: outside the DP guarantee
         reason = ("this site requires DP-SGD (require_dp); task.standardize=site fits the "
                   "features to its training records, outside the DP guarantee")
     return reason
+
+
+def hospital_privacy_refusal(site: SiteSettings, hospital: HospitalPrivacySettings
+                             ) -> str | None:
+    """Why the run's hospital-level DP (privacy=site_dp) falls short of this site's policy, or
+    None. The site never takes a noise level from the server: it plans its noise share from
+    these public values itself (client/site_dp.py), so it only has to refuse values that would
+    plan too little: an epsilon above its own cap, a delta that is no guarantee for a
+    federation of this size, a threshold of survivors the SecAgg floor does not back (checked
+    once the round's SecAgg parameters are known: client/site_dp.py)."""
+    eps = hospital.target_epsilon
+    if not _positive(eps):
+        return f"hospital_privacy.target_epsilon must be positive, the run asks for {eps!r}"
+    cap = site.max_hospital_epsilon
+    if cap is not None and eps > cap:
+        return (f"the run plans hospital-level epsilon {eps:g} (hospital_privacy.target_epsilon)"
+                f", above this site's max_hospital_epsilon {cap:g}")
+    if not _positive(hospital.clip):
+        return f"hospital_privacy.clip must be positive, the run asks for {hospital.clip!r}"
+    if hospital.num_sites < 1 or not 1 <= hospital.threshold <= hospital.sites_per_round \
+            or hospital.sites_per_round > hospital.num_sites:
+        return ("hospital_privacy needs 1 <= threshold <= sites_per_round <= num_sites, the run "
+                f"asks for {hospital.threshold}, {hospital.sites_per_round}, "
+                f"{hospital.num_sites}")
+    delta = hospital.delta
+    if not (_positive(delta) and delta < 1 / hospital.num_sites):
+        return (f"hospital_privacy.delta must be in (0, 1/num_sites = "
+                f"{1 / hospital.num_sites:.3g}) for a guarantee per hospital, the run asks for "
+                f"{delta!r}")
+    if not 2 <= hospital.bits <= 32:
+        return f"hospital_privacy.bits must be in [2, 32], the run asks for {hospital.bits}"
+    sigma_b = hospital.count_noise_std
+    if sigma_b is not None and not _positive(sigma_b):
+        return f"hospital_privacy.count_noise_std must be positive, the run asks for {sigma_b!r}"
+    return None
 
 
 def site_privacy(site: SiteSettings, privacy: PrivacySettings) -> dict[str, Any]:

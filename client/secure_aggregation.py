@@ -27,6 +27,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client import site_dp
 from client.site import SiteSettings
 from client.training import TrainOutcome, site_seed
 from privacy import protocol
@@ -108,6 +109,8 @@ def register_secure_aggregation(
             public_keys = (protocol.SECAGG_CLIP, protocol.SECAGG_MAX_EXAMPLES,
                            protocol.SECAGG_NUM_SITES)
             public = {k: received.pop(k) for k in public_keys}
+            if protocol.SITE_DP_CLIP in received:  # privacy=site_dp, adaptive clipping
+                public[protocol.SITE_DP_CLIP] = float(received.pop(protocol.SITE_DP_CLIP))
             state, out = advertise_keys(received, identity)
         except (IdentityError, SecAggProtocolError) as err:
             return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=str(err))
@@ -119,6 +122,13 @@ def register_secure_aggregation(
     @handler
     def masked(msg: Message, context: Context, site: SiteSettings) -> Message:
         state = load(context)
+        settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
+        if settings.hospital_privacy is not None:  # privacy=site_dp: checked before training
+            reason = site_dp.round_refusal(settings.hospital_privacy, settings, state,
+                                           site_dp.contributions(context.state))
+            if reason is not None:
+                del context.state[STATE]
+                return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
         outcome = train_round(msg, context, site)
         if outcome.model is None:  # declined or refused: no vector, a dropout to the others
             del context.state[STATE]
@@ -128,20 +138,28 @@ def register_secure_aggregation(
         received = msg.content[protocol.ARRAYS].to_torch_state_dict()
         trained = outcome.model.cpu().state_dict()
         delta = [(trained[k].double() - received[k].double()).numpy() for k in received]
-        weight = site_weight(int(outcome.metrics[protocol.NUM_EXAMPLES]),
-                             int(public[protocol.SECAGG_MAX_EXAMPLES]))
-        settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
-        # stochastic rounding need not be secret (the masks hide the update): seeded, so the
-        # same seed gives the same aggregate
-        seed = site_seed(settings.seed, site.site_id, settings.server_round) + 2
-        vector, clipped = encode_update(delta, weight, clip=float(public[protocol.SECAGG_CLIP]),
-                                        num_sites=int(public[protocol.SECAGG_NUM_SITES]),
-                                        rng=seed)
+        if settings.hospital_privacy is not None:
+            # its own noise share (planned at the site); nothing about the round in the clear
+            vector, _ = site_dp.encode_share(delta, site, settings,
+                                             public.get(protocol.SITE_DP_CLIP))
+            context.state[site_dp.LEDGER] = ConfigRecord(
+                {"rounds": site_dp.contributions(context.state) + 1})
+            metrics: dict[str, Any] = {}
+        else:
+            weight = site_weight(int(outcome.metrics[protocol.NUM_EXAMPLES]),
+                                 int(public[protocol.SECAGG_MAX_EXAMPLES]))
+            # stochastic rounding need not be secret (the masks hide the update): seeded, so
+            # the same seed gives the same aggregate
+            seed = site_seed(settings.seed, site.site_id, settings.server_round) + 2
+            vector, clipped = encode_update(delta, weight,
+                                            clip=float(public[protocol.SECAGG_CLIP]),
+                                            num_sites=int(public[protocol.SECAGG_NUM_SITES]),
+                                            rng=seed)
+            # the example count stays inside the masked sum: it is not sent in the clear
+            metrics = {k: v for k, v in outcome.metrics.items() if k != protocol.NUM_EXAMPLES}
+            metrics["secagg_clipped_fraction"] = clipped
         state, header, masked_vector = masked_input(state, fields(msg), vector)
         save(context, state)
-        # the example count stays inside the masked sum: it is not sent in the clear
-        metrics = {k: v for k, v in outcome.metrics.items() if k != protocol.NUM_EXAMPLES}
-        metrics["secagg_clipped_fraction"] = clipped
         return reply(msg, context, site, metrics, ledger=outcome.ledger, secagg=header,
                      arrays=ArrayRecord({protocol.MASKED_UPDATE: Array(masked_vector)}),
                      kind="masked-update")

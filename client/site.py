@@ -22,6 +22,7 @@ config: ``--node-config 'site-config="/etc/medsilo/site.toml"'``::
     allowed_tasks = ["tabular"]          # runs of other tasks are refused (also: task)
     allowed_models = ["mlp", "logreg"]   # runs of other models are refused
     secagg_min_threshold = 3             # never share secrets with a smaller Shamir threshold
+    max_hospital_epsilon = 8.0           # privacy=site_dp: refuse a larger hospital-level epsilon
     identity_key = "supernode.key"       # this site's provisioned P-384 key (signs SecAgg keys)
     roster = "roster.json"               # the federation roster signed by the CA
     ca_cert = "ca.crt"                   # the federation CA (verifies the roster)
@@ -56,7 +57,9 @@ SITE_KEYS = ("site-id", "data-path", "device", "threads", "state-dir", "max-epsi
              "require-dp", "min-noise-multiplier", "max-grad-norm-range", "allowed-tasks",
              "allowed-models", "secagg-min-threshold", "identity-key", "roster", "ca-cert",
              # modules of the site's own installed code (models, tasks) it lets a run use
-             "plugins")
+             "plugins",
+             # hospital-level DP (privacy=site_dp): the largest epsilon this site accepts
+             "max-hospital-epsilon")
 APP_HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -95,6 +98,9 @@ class SiteSettings:
     # docs/extending.md). The site imports only these, never a module the server names: a run
     # needing another one is refused (plugin_refusal).
     plugins: tuple[str, ...] = ()
+    # privacy=site_dp: a run planning a larger hospital-level epsilon is refused (the site
+    # computes the noise from it itself: client/site_dp.py). None: no cap of its own
+    max_hospital_epsilon: float | None = None
     simulated: bool = False  # a virtual SuperNode of a simulation on this machine
 
     @classmethod
@@ -168,6 +174,10 @@ class SiteSettings:
             raise SiteConfigError(f"{source}: max-epsilon must be > 0, got {max_epsilon}")
         if delta is not None and not 0 < delta < 1:
             raise SiteConfigError(f"{source}: delta must be in (0, 1), got {delta}")
+        max_hospital_epsilon = number("max-hospital-epsilon")
+        if max_hospital_epsilon is not None and max_hospital_epsilon <= 0:
+            raise SiteConfigError(f"{source}: max-hospital-epsilon must be > 0, got "
+                                  f"{max_hospital_epsilon}")
         min_sigma = number("min-noise-multiplier")
         if min_sigma is not None and min_sigma < 0:
             raise SiteConfigError(f"{source}: min-noise-multiplier must be >= 0, got {min_sigma}")
@@ -207,6 +217,7 @@ class SiteSettings:
             roster=path("roster"),
             ca_cert=path("ca-cert"),
             plugins=_module_names(values.get("plugins", ()), source),
+            max_hospital_epsilon=max_hospital_epsilon,
             simulated=simulation,
         )
 

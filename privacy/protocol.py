@@ -135,3 +135,20 @@ MASKED_UPDATE = "masked-update"
 SECAGG_CLIP = "clip"  # per-coordinate bound on a site's model delta
 SECAGG_MAX_EXAMPLES = "max-site-examples"  # public cap: a site's weight = min(1, n / cap)
 SECAGG_NUM_SITES = "num-sites"  # sites in the round: fixes the quantization scale
+# Hospital-level DP (privacy=site_dp, docs/site_dp.md): the masked update is instead the site's
+# clipped, rotated, rounded delta plus its own discrete Gaussian noise share
+# (privacy/site_dp/encoding.py); no weight coordinate (the mean is unweighted, DP-FedAvg).
+# With adaptive clipping the round's clip is public and travels with the round's keys:
+SITE_DP_CLIP = "site-dp-clip"
+SITE_DP_ROTATION_LABEL = b"medsilo.site_dp.rotation-seed.v1"
+
+
+def site_dp_rotation_seed(run_seed: int, server_round: int) -> bytes:
+    """The round's public rotation seed, computed by the server and every site alike from
+    the run's seed and the round. Knowing it in advance affects only accuracy (a site that
+    crafted its delta against it could make the ring wrap), never privacy: the noise is
+    added after rotating and every site's own (docs/site_dp.md)."""
+    import hashlib
+
+    return hashlib.sha256(SITE_DP_ROTATION_LABEL + int(run_seed).to_bytes(16, "big", signed=True)
+                          + int(server_round).to_bytes(8, "big")).digest()

@@ -62,6 +62,46 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class HospitalPrivacySettings:
+    """Hospital-level DP with distributed noise (``privacy=site_dp``, conf/privacy/site_dp.yaml;
+    docs/site_dp.md): the PUBLIC inputs from which every site computes the noise plan itself
+    (client/site_dp.py), never a noise level chosen by the server. Together with the run's
+    ``rounds`` and the model's size they fix ``privacy.site_dp.plan(...)``."""
+
+    target_epsilon: float
+    delta: float
+    clip: float  # L2 bound C on a site's model delta (adaptive clipping: the first round's)
+    num_sites: int  # N, the federation
+    sites_per_round: int  # n, the most sites summed in a round
+    threshold: int  # t, the fewest survivors any released sum has (SecAgg's global floor)
+    bits: int = 32  # ring Z_2^bits (<= 32, the SecAgg ring)
+    count_noise_std: float | None = None  # sigma_b: adaptive clipping on (Andrew et al. 2021)
+    # simulation: noise and rounding from the OS instead of the run's seed (deployed sites
+    # always draw them from the OS: client/site_dp.py)
+    secure_noise: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> HospitalPrivacySettings:
+        return _typed(cls, {k: v for k, v in values.items() if v is not None},
+                      "hospital_privacy")
+
+    def plan(self, *, rounds: int, dim: int) -> Any:
+        """The :class:`privacy.site_dp.SiteDPPlan` these settings fix for a model of ``dim``
+        coordinates over ``rounds``: the same at the server and at every site (a
+        deterministic function of public values). No amplification by sampling: the server
+        samples and sees the cohort (docs/site_dp.md)."""
+        from privacy.site_dp import plan  # numpy/scipy: only where the plan is needed
+
+        return plan(target_epsilon=self.target_epsilon, delta=self.delta, clip=self.clip,
+                    dim=dim, num_sites=self.num_sites, sites_per_round=self.sites_per_round,
+                    threshold=self.threshold, rounds=rounds, bits=self.bits,
+                    count_noise_std=self.count_noise_std, amplification="none")
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Everything a site needs to train or evaluate the global model of one round."""
 
@@ -75,6 +115,9 @@ class RunSettings:
     # modules registering the run's model/task (``plugins`` in config); a site refuses a run
     # needing one its own configuration does not list (client/site.py), never imports it
     plugins: tuple[str, ...] = ()
+    # privacy=site_dp: hospital-level DP inside secure aggregation (``privacy`` above is then
+    # the record-level part: DP-SGD at each site, or off); None: no hospital-level DP
+    hospital_privacy: HospitalPrivacySettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain values (privacy/protocol.py flattens them into the ConfigRecord)."""
@@ -83,6 +126,8 @@ class RunSettings:
                   "seed": self.seed, "rounds": self.rounds}
         if self.plugins:  # absent without plugins: the wire format of a run without them
             values["plugins"] = list(self.plugins)
+        if self.hospital_privacy is not None:  # absent otherwise, as plugins
+            values["hospital_privacy"] = self.hospital_privacy.as_dict()
         return values
 
     @classmethod
@@ -95,7 +140,9 @@ class RunSettings:
             seed=_value(int, values.get("seed", 0), "seed"),
             rounds=_value(int, values.get("rounds", 1), "rounds"),
             server_round=server_round,
-            plugins=module_names(values.get("plugins", ()), "plugins"))
+            plugins=module_names(values.get("plugins", ()), "plugins"),
+            hospital_privacy=(HospitalPrivacySettings.from_dict(
+                _mapping(values, "hospital_privacy")) if "hospital_privacy" in values else None))
 
 
 class RunSettingsError(ValueError):

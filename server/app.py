@@ -22,6 +22,7 @@ from server.history import RunHistory
 from server.report import build_report, collapse_warnings, write_report
 from server.rounds import RoundCallback, run_rounds
 from server.secure_aggregation import SecAggSettings, SecureAggregation
+from server.site_dp import HospitalPrivacy
 from server.stopping import StoppableGrid, StopRequested, StopSignal
 from server.strategy import build_strategy
 from server.validation import UpdateBounds
@@ -84,16 +85,18 @@ def build_server_app(
                 round=server_round, model={k: a.numpy() for k, a in arrays.items()},
                 strategy_state=strategy.state_arrays(), history=history, config=config))
 
-        secure_aggregation = None
-        if config["secagg"]["name"] == "on":
-            secure_aggregation = SecureAggregation(SecAggSettings.from_config(config["secagg"]),
-                                                   seed=int(config["seed"]))
         site_config = protocol.encode_run_settings(run_settings.site_settings(config))
         if checkpoint is not None:
             arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.model.items()})
             strategy.load_state_arrays(checkpoint.strategy_state)
         else:
             arrays = ArrayRecord(initial_model(config).state_dict())
+        hospital_privacy = hospital_privacy_for(config, arrays, history, checkpoint)
+        secure_aggregation = None
+        if config["secagg"]["name"] == "on":
+            secure_aggregation = SecureAggregation(SecAggSettings.from_config(config["secagg"]),
+                                                   seed=int(config["seed"]),
+                                                   hospital_privacy=hospital_privacy)
         # a site lost while uploading a reply costs a wait of upload_timeout_s, not Flower's 2 h
         with bounded_reply_downloads(float(config.get("upload_timeout_s", 120))):
             outcome = run_rounds(
@@ -117,6 +120,7 @@ def build_server_app(
             global_evaluation="pooled" if global_evaluate else "site_weighted_mean",
             pooled_sites=getattr(global_evaluate, "sites", None),
             stopped=outcome.stopped,
+            hospital_privacy=hospital_privacy.section(history) if hospital_privacy else None,
         )
         write_report(out, report, outcome.arrays.to_torch_state_dict())
         if stop is not None:
@@ -125,6 +129,20 @@ def build_server_app(
             log.warning(warning)
 
     return app
+
+
+def hospital_privacy_for(config: Mapping[str, Any], arrays: ArrayRecord, history: RunHistory,
+                         checkpoint: Checkpoint | None) -> HospitalPrivacy | None:
+    """privacy=site_dp: the plan for this model (None otherwise). A resumed run keeps its
+    planned rounds: the sites planned their noise for them, and the ledger composes one plan."""
+    if not config.get("hospital_privacy"):
+        return None
+    if checkpoint is not None and int(checkpoint.config["rounds"]) != int(config["rounds"]):
+        raise run_settings.ConfigError(
+            f"rounds={config['rounds']}: a privacy=site_dp run resumes with its planned rounds "
+            f"({checkpoint.config['rounds']}); every site planned its noise for them")
+    dim = sum(int(a.numpy().size) for a in arrays.values())
+    return HospitalPrivacy(config, dim, history)
 
 
 def baselines_for_report(baselines: Baselines | None, config: Mapping[str, Any], *,

@@ -112,8 +112,11 @@ def build_report(
     pooled_sites: list[str] | None = None,
     stopped: str | None = None,
     baselines: Mapping[str, Any] | None = None,
+    hospital_privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``baselines``: simulations/baselines.py's models trained alone and pooled (None: off)."""
+    """``baselines``: simulations/baselines.py's models trained alone and pooled (None: off).
+    ``hospital_privacy``: privacy=site_dp's ledger (server/site_dp.py), beside the per-site
+    DP-SGD ledgers in ``privacy``."""
     rounds = []
     for number in sorted(history.rounds):
         record = history.rounds[number]
@@ -156,7 +159,8 @@ def build_report(
             "rounds": cfg["rounds"],
             "num_hospitals": cfg["num_hospitals"],
             "seed": cfg["seed"],
-            "privacy": "dp" if dp else "off",
+            "privacy": "dp" if dp else "off",  # record level: DP-SGD at the sites
+            "hospital_privacy": "site_dp" if hospital_privacy else "off",
             "secure_aggregation": cfg["secagg"]["name"] != "off",
             "global_evaluation": global_evaluation,
             # simulation: whose test splits the global metrics pool (simulation.pooled_eval_sites)
@@ -176,6 +180,7 @@ def build_report(
         },
         "privacy": privacy,
         "privacy_guarantee": privacy_guarantee(cfg),
+        "hospital_privacy": dict(hospital_privacy) if hospital_privacy else None,
         "data": {site: {"skipped": history.latest_skipped().get(site, {})} for site in sites},
         "sites": site_summary.site_table(rounds, last["sites"], privacy, dp=dp),
         "baselines": baselines,
@@ -225,6 +230,11 @@ def privacy_guarantee(cfg: Mapping[str, Any]) -> dict[str, Any]:
     server computed from them; anything else a site sends, or any training input computed from
     many records at once, is listed as not covered.
     """
+    if cfg["privacy"]["name"] == "off" and cfg.get("hospital_privacy"):
+        return {"dp": False, "covered": [],
+                "not_covered": ["no record-level DP-SGD ran at the sites: a patient record is "
+                                "protected only as part of its hospital's contribution, by the "
+                                "hospital-level guarantee (report.json hospital_privacy)"]}
     if cfg["privacy"]["name"] == "off":
         return {"dp": False, "covered": [],
                 "not_covered": ["everything the sites sent: model updates trained without "
@@ -366,6 +376,30 @@ def opening_sentence(report: Mapping[str, Any]) -> str:
     run = report["run"]
     what = (f"This run trained one {run['task']} model across {run['num_hospitals']} "
             "hospitals")
+    hospital = report.get("hospital_privacy")
+    if hospital:
+        return _hospital_sentence(what, hospital, run, _record_level_sentence(report, what))
+    return _record_level_sentence(report, what)
+
+
+def _hospital_sentence(what: str, hospital: Mapping[str, Any], run: Mapping[str, Any],
+                       record_level: str) -> str:
+    """privacy=site_dp: the hospital-level bound first, then the record-level one (if any)."""
+    sentence = (f"{what} with hospital-level differential privacy: everything any one hospital "
+                "contributed to the model over the whole run (all its patients together) was "
+                f"protected with a privacy loss of at most ε = {hospital['epsilon']:.2f} "
+                f"(δ = {hospital['delta']:.0e}, planned at most "
+                f"{hospital['planned_epsilon']:.2f}; smaller is stronger), by noise each "
+                "hospital added itself inside secure aggregation, so the server only ever saw "
+                f"noised sums of at least {hospital['threshold']} hospitals' updates.")
+    if run["privacy"] == "off":
+        return sentence + (" No record-level DP-SGD ran: each patient is covered by the same "
+                           "bound as part of their hospital.")
+    return sentence + " In addition, " + record_level[0].lower() + record_level[1:]
+
+
+def _record_level_sentence(report: Mapping[str, Any], what: str) -> str:
+    run = report["run"]
     secure = _secure_words(bool(run["secure_aggregation"]))
     if run["privacy"] == "off":
         return (f"{what} without differential privacy: nothing limits what the model, or the "
@@ -439,13 +473,50 @@ def _worst_epsilon(report: Mapping[str, Any]) -> tuple[float, float | None] | No
     return epsilons[site], None if delta is None else float(delta)
 
 
+def _hospital_privacy_markdown(hospital: Mapping[str, Any]) -> list[str]:
+    """report.md: the hospital-level ledger (privacy=site_dp), beside the per-site ledgers."""
+    lines = ["### Hospital level (privacy=site_dp)", "",
+             f"**ε = {hospital['epsilon']:.3f}** spent of a plan of at most "
+             f"{hospital['planned_epsilon']:.3f} (target {hospital['target_epsilon']:g}), "
+             f"δ = {hospital['delta']:.0e}, over {hospital['rounds_released']} released of "
+             f"{hospital['rounds_planned']} planned rounds. Unit: {hospital['unit']}; "
+             f"adjacency: {hospital['adjacency']}. Mechanism: {hospital['mechanism']}. "
+             f"Amplification by sampling: {hospital['amplification']}. The model moved by the "
+             f"{hospital['mean']}, each delta clipped to L2 norm {hospital['clip']:g}"
+             + (" (adaptive clipping)" if hospital["adaptive_clipping"] else "") + ".",
+             "",
+             f"Who is trusted: {hospital['trusted']}. Noise removed by dropouts: "
+             f"{hospital['noise_removed_by_dropouts']}.", "",
+             "| round | survivors | clip | noise std of the sum (planned / released / full "
+             "cohort) | variance removed by dropouts | ε after |",
+             "|---|---|---|---|---|---|"]
+    for r in hospital["rounds"]:
+        noise = r.get("noise")
+        if noise is None:
+            lines.append(f"| {r['round']} | 0 (nothing released) | | | | "
+                         f"{r['epsilon_after']:.3f} |")
+            continue
+        lines.append(f"| {r['round']} | {r['survivors']} | {r['clip']:.3g} | "
+                     f"{noise['planned_sum_std']:.3g} / {noise['released_sum_std']:.3g} / "
+                     f"{noise['full_cohort_sum_std']:.3g} | "
+                     f"{noise['variance_removed_by_dropouts']:.0%} | {r['epsilon_after']:.3f} |")
+    return lines + [""]
+
+
 def _privacy_markdown_section(report: Mapping[str, Any], many: bool) -> list[str]:
     run, site_rows = report["run"], report.get("sites", {})
     lines = ["## Privacy", ""]
+    hospital = report.get("hospital_privacy")
+    if hospital:
+        lines += _hospital_privacy_markdown(hospital)
+        lines += ["### Record level (DP-SGD at each site)", ""]
     worst = _worst_epsilon(report) if run["privacy"] != "off" else None
     if worst is not None:
         lines += [epsilon_meaning(*worst), ""]
-    if run["privacy"] == "off":
+    if run["privacy"] == "off" and hospital:
+        lines.append("**No record-level DP-SGD.** A patient record is protected as part of its "
+                     "hospital's contribution, by the hospital-level bound above.")
+    elif run["privacy"] == "off":
         lines.append("**No differential privacy.** Sites trained without DP-SGD: nothing bounds "
                      "what the model reveals about an individual patient record.")
     elif many:

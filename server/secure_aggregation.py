@@ -46,6 +46,7 @@ from privacy import protocol
 from privacy.secagg import SecAggAborted, SecAggServer, setup
 from privacy.secagg.update import decode_mean, mean_error_bound
 from server.history import destinations, node_label, replier
+from server.site_dp import HospitalPrivacy
 
 _T = TypeVar("_T")
 
@@ -82,6 +83,8 @@ class SecureRoundRecord:
     # wall seconds of each stage (sending, the sites' answers, the server's own work on
     # them) and of decoding the sum: where a secure round's time goes
     stage_s: dict[str, float] = field(default_factory=dict)
+    # privacy=site_dp: survivors summed, the round's clip, the noise report (server/site_dp.py)
+    site_dp: dict[str, Any] | None = None
 
 
 @dataclass
@@ -113,9 +116,12 @@ class SecureAggregation:
     """``exchange(grid, train_messages, timeout)`` replaces ``grid.send_and_receive`` for the
     training step of a round."""
 
-    def __init__(self, settings: SecAggSettings, seed: int) -> None:
+    def __init__(self, settings: SecAggSettings, seed: int,
+                 hospital_privacy: HospitalPrivacy | None = None) -> None:
         self.settings = settings
         self.seed = seed
+        # privacy=site_dp: the sites send noised shares; decoded by server/site_dp.py
+        self.hospital_privacy = hospital_privacy
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> SecureRound:
         messages = sorted(messages, key=lambda msg: msg.metadata.dst_node_id)
@@ -125,6 +131,7 @@ class SecureAggregation:
         # first) as long as a plain round's train message
         stages = _Stages(self.settings, grid, messages, min(timeout, self.settings.stage_timeout_s),
                          train_timeout=timeout)
+        stages.hospital_privacy = self.hospital_privacy
         try:
             total = stages.run(self.seed)
         except SecAggAborted as err:
@@ -152,6 +159,7 @@ class _Stages:
         self.record = SecureRoundRecord(
             plaintext_update_bytes=_plaintext_size(self.global_arrays))
         self.result = SecureRound(record=self.record)
+        self.hospital_privacy: HospitalPrivacy | None = None
 
     def run(self, seed: int) -> np.ndarray:
         """All stages; the unmasked sum of the survivors' vectors."""
@@ -238,7 +246,8 @@ class _Stages:
                                          seed=seed + self.server_round))
         public = {protocol.SECAGG_CLIP: self.settings.clip,
                   protocol.SECAGG_MAX_EXAMPLES: self.settings.max_site_examples,
-                  protocol.SECAGG_NUM_SITES: len(self.nodes)}
+                  protocol.SECAGG_NUM_SITES: len(self.nodes),
+                  **(self.hospital_privacy.public_fields() if self.hospital_privacy else {})}
         config = self.template.content[protocol.CONFIG]
         replies = self.send(protocol.SECAGG_ADVERTISE_KEYS, {
             i: RecordDict({protocol.SECAGG: ConfigRecord({**site_config, **public}),
@@ -264,7 +273,8 @@ class _Stages:
         self.result.replies += [_without_arrays(r) for r in replies.values()]
         self.result.content_ids.update({self.site_of[i]: r.content.object_id
                                         for i, r in replies.items() if i in self.site_of})
-        length = int(sum(np.prod(s) for s in self.shapes)) + 1
+        length = (self.hospital_privacy.vector_length if self.hospital_privacy
+                  else int(sum(np.prod(s) for s in self.shapes)) + 1)
         return self.server.request_consistency(
             {i: _fields(r) for i, r in masked.items()},
             {i: r.content[protocol.ARRAYS][protocol.MASKED_UPDATE].numpy()
@@ -293,11 +303,17 @@ class _Stages:
         record.aggregated = sorted(self.site_of[i] for i in survivors)
         record.dropped = sorted(self.site_of.get(i, node_label(self.nodes[i]))
                                 for i in range(num_sites) if i not in self.server.survivors)
-        mean_delta, weight_sum = decode_mean(
-            total, self.shapes, clip=self.settings.clip, num_sites=num_sites,
-            num_summed=len(survivors))
-        record.error_bound = mean_error_bound(clip=self.settings.clip, num_sites=num_sites,
-                                              num_summed=len(survivors), weight_sum=weight_sum)
+        if self.hospital_privacy is not None:  # the unweighted noisy mean (DP-FedAvg)
+            mean_delta, record.site_dp = self.hospital_privacy.decode(
+                total, len(survivors), self.server_round, self.shapes)
+            weight_sum = len(survivors) / self.settings.max_site_examples
+        else:
+            mean_delta, weight_sum = decode_mean(
+                total, self.shapes, clip=self.settings.clip, num_sites=num_sites,
+                num_summed=len(survivors))
+            record.error_bound = mean_error_bound(
+                clip=self.settings.clip, num_sites=num_sites, num_summed=len(survivors),
+                weight_sum=weight_sum)
         arrays = ArrayRecord({
             key: Array(np.asarray(array.numpy() + delta, dtype=array.numpy().dtype))
             for (key, array), delta in zip(self.global_arrays.items(), mean_delta)})

@@ -19,7 +19,13 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from privacy.run_settings import PrivacySettings, RunSettings, TrainSettings, is_module_name
+from privacy.run_settings import (
+    HospitalPrivacySettings,
+    PrivacySettings,
+    RunSettings,
+    TrainSettings,
+    is_module_name,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -197,7 +203,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> None:
                              and all(_is_number(p) and p > 0 for p in prior)),
            "task.class_prior", f"null or {classes} numbers > 0 (a public prevalence per class, "
            "task.spec.num_classes)", prior)
-    _check(not (balance == "logit_adjust" and cfg["privacy"]["name"] != "off"
+    _check(not (balance == "logit_adjust" and record_privacy(cfg)["name"] != "off"
                 and prior is None), "class_balance",
            "'auto' or 'none' with privacy=dp unless task.class_prior gives a public prior "
            "(logit_adjust would use each site's exact label counts, which DP-SGD does not "
@@ -343,38 +349,118 @@ def _validate_secagg(cfg: DictConfig | Mapping[str, Any]) -> None:
            cfg.get("sites_per_round"))
 
 
-def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
+def record_privacy(cfg: DictConfig | Mapping[str, Any]) -> Mapping[str, Any]:
+    """The record-level (DP-SGD) part of ``privacy``: itself for off/dp; under site_dp its
+    ``record_dp`` block when ``record_level=dp``, else ``{"name": "off"}``."""
     privacy = cfg["privacy"]
+    if privacy["name"] != "site_dp":
+        return privacy
+    return privacy["record_dp"] if privacy.get("record_level") == "dp" else {"name": "off"}
+
+
+# conf/privacy/site_dp.yaml keys that stay with the server (never sent to the sites)
+HOSPITAL_SERVER_KEYS = ("name", "target_quantile", "clip_learning_rate", "record_level",
+                        "record_dp")
+
+
+def default_hospital_threshold(cfg: Mapping[str, Any]) -> int:
+    """The fewest survivors a released sum can have with a full cohort: a site signs a survivor
+    set only with at least max(t, n//2 + 1) members (privacy/secagg/client.py quorum), t being
+    secagg.threshold or a majority of the neighbourhood (>= n//2 + 1 under full SecAgg)."""
+    secagg_threshold = cfg["secagg"].get("threshold") or 0
+    return max(int(secagg_threshold), sites_per_round(cfg) // 2 + 1)
+
+
+def _validate_site_dp(cfg: DictConfig | Mapping[str, Any]) -> None:
+    privacy = cfg["privacy"]
+    _check(cfg["secagg"]["name"] == "on", "secagg", "'on' with privacy=site_dp (each site's "
+           "noise share is only a share: without secure aggregation the server would see every "
+           "site's update with a fraction of the noise; docs/site_dp.md)", cfg["secagg"]["name"])
+    for key in ("target_epsilon", "clip"):
+        _check(_is_number(privacy.get(key)) and privacy[key] > 0, f"privacy.{key}",
+               "a number > 0", privacy.get(key))
+    delta, hospitals = privacy.get("delta"), cfg["num_hospitals"]
+    _check(_is_number(delta) and 0 < delta < 1 / hospitals, "privacy.delta",
+           f"a number in (0, 1/num_hospitals = {1 / hospitals:.3g}) (hospital-level delta: the "
+           "chance the guarantee fails for one of the hospitals)", delta)
+    bits = privacy.get("bits", 32)
+    _check(_is_int(bits) and 2 <= bits <= 32, "privacy.bits",
+           "an integer in [2, 32] (the SecAgg ring is Z_2^32)", bits)
+    floor = default_hospital_threshold(cfg)
+    threshold = privacy.get("threshold")
+    _check(threshold is None or (_is_int(threshold) and 1 <= threshold <= floor),
+           "privacy.threshold", f"null or an integer in [1, {floor}] (the fewest survivors "
+           "secure aggregation can release a sum of: max(secagg.threshold, sites_per_round//2 "
+           "+ 1); sites refuse a plan counting on more)", threshold)
+    sigma_b = privacy.get("count_noise_std")
+    _check(sigma_b is None or (_is_number(sigma_b) and sigma_b > 0), "privacy.count_noise_std",
+           "null (fixed clip) or a number > 0 (adaptive clipping)", sigma_b)
+    quantile = privacy.get("target_quantile", 0.5)
+    _check(_is_number(quantile) and 0 < quantile < 1, "privacy.target_quantile",
+           "a number in (0, 1)", quantile)
+    rate = privacy.get("clip_learning_rate", 0.2)
+    _check(_is_number(rate) and rate > 0, "privacy.clip_learning_rate", "a number > 0", rate)
+    _check(isinstance(privacy.get("secure_noise", False), bool), "privacy.secure_noise",
+           "true or false", privacy.get("secure_noise"))
+    _check(privacy.get("record_level", "off") in ("off", "dp"), "privacy.record_level",
+           "'off' or 'dp' (DP-SGD at each site as well, settings in privacy.record_dp)",
+           privacy.get("record_level"))
+    _check(cfg["strategy"]["name"] != "fedprox", "strategy", "not fedprox with privacy=site_dp "
+           "(the mean is of clipped deltas; use fedavg, fedadam or fedyogi)", "fedprox")
+    try:  # the plan itself (model size aside): a target no noise level in the ring reaches
+        from privacy.site_dp import plan
+
+        plan(target_epsilon=float(privacy["target_epsilon"]), delta=float(delta),
+             clip=float(privacy["clip"]), dim=1, num_sites=int(hospitals),
+             sites_per_round=sites_per_round(cfg), threshold=int(threshold or floor),
+             rounds=int(cfg["rounds"]), bits=int(bits),
+             count_noise_std=None if sigma_b is None else float(sigma_b))
+    except ValueError as err:
+        raise ConfigError(f"privacy=site_dp cannot be planned: {err}") from err
+
+
+def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
+    if cfg["privacy"]["name"] == "site_dp":
+        _validate_site_dp(cfg)
+        if cfg["privacy"].get("record_level") != "dp":
+            return
+        _validate_record_dp(cfg, record_privacy(cfg), "privacy.record_dp.")
+        return
+    _validate_record_dp(cfg, cfg["privacy"], "privacy.")
+
+
+def _validate_record_dp(cfg: DictConfig | Mapping[str, Any], privacy: Mapping[str, Any],
+                        prefix: str) -> None:
     if privacy["name"] == "off":
         extra = sorted(set(privacy) - {"name"})
         # e.g. `+privacy.noise_multiplier=1` without privacy=dp: the user believes DP is on
         _check(not extra, "privacy", f"privacy=dp for the DP settings {extra} (privacy=off "
                "trains without DP and would ignore them)", "off")
         return
-    _check(privacy["name"] == "dp", "privacy", "'off' or 'dp'", privacy["name"])
+    _check(privacy["name"] == "dp", "privacy", "'off', 'dp' or 'site_dp'", privacy["name"])
     sigma, target = privacy.get("noise_multiplier"), privacy.get("target_epsilon")
-    _check((sigma is None) != (target is None), "privacy.noise_multiplier / "
-           "privacy.target_epsilon", "exactly one of the two set", (sigma, target))
+    _check((sigma is None) != (target is None), f"{prefix}noise_multiplier / "
+           f"{prefix}target_epsilon", "exactly one of the two set", (sigma, target))
     if sigma is not None:
-        _check(_is_number(sigma) and sigma > 0, "privacy.noise_multiplier", "a number > 0", sigma)
+        _check(_is_number(sigma) and sigma > 0, f"{prefix}noise_multiplier", "a number > 0", sigma)
     if target is not None:
-        _check(_is_number(target) and target > 0, "privacy.target_epsilon", "a number > 0",
+        _check(_is_number(target) and target > 0, f"{prefix}target_epsilon", "a number > 0",
                target)
     delta = privacy.get("delta")
     if delta is not None:
-        _check(_is_number(delta) and 0 < delta < 1, "privacy.delta", "a number in (0, 1)", delta)
+        _check(_is_number(delta) and 0 < delta < 1, f"{prefix}delta", "a number in (0, 1)", delta)
     _check(_is_number(privacy["max_grad_norm"]) and privacy["max_grad_norm"] > 0,
-           "privacy.max_grad_norm", "a number > 0", privacy["max_grad_norm"])
-    _check(privacy["accountant"] in ("prv", "rdp"), "privacy.accountant", "one of ['prv', 'rdp']",
+           f"{prefix}max_grad_norm", "a number > 0", privacy["max_grad_norm"])
+    _check(privacy["accountant"] in ("prv", "rdp"), f"{prefix}accountant", "one of ['prv', 'rdp']",
            privacy["accountant"])
     budget = privacy.get("max_epsilon")
     if budget is not None:
-        _check(_is_number(budget) and budget > 0, "privacy.max_epsilon", "a number > 0", budget)
+        _check(_is_number(budget) and budget > 0, f"{prefix}max_epsilon", "a number > 0", budget)
     count_noise = privacy.get("count_noise")
-    _check(_is_number(count_noise) and count_noise >= 1, "privacy.count_noise",
+    _check(_is_number(count_noise) and count_noise >= 1, f"{prefix}count_noise",
            "a number >= 1 (the std of the noise on a site's released size, in examples; sites "
            "refuse less)", count_noise)
-    _check(isinstance(privacy.get("secure_noise", False), bool), "privacy.secure_noise",
+    _check(isinstance(privacy.get("secure_noise", False), bool), f"{prefix}secure_noise",
            "true or false", privacy.get("secure_noise"))
     _check(cfg["strategy"]["name"] != "fedprox", "strategy",
            "not fedprox with privacy=dp (its proximal term is not clipped per sample)", "fedprox")
@@ -384,7 +470,7 @@ def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
 # them (client/site.py reads them; client/policy.py enforces them). Never sent to the sites.
 SITE_POLICY_KEYS = ("require_dp", "max_epsilon", "delta", "min_noise_multiplier",
                     "max_grad_norm_range", "allowed_tasks", "allowed_models",
-                    "secagg_min_threshold")
+                    "secagg_min_threshold", "max_hospital_epsilon")
 
 
 def _validate_site_policy(cfg: DictConfig | Mapping[str, Any]) -> None:
@@ -394,7 +480,7 @@ def _validate_site_policy(cfg: DictConfig | Mapping[str, Any]) -> None:
     require_dp = site.get("require_dp")
     _check(require_dp is None or isinstance(require_dp, bool), "site.require_dp",
            "true, false or null", require_dp)
-    for key in ("max_epsilon", "min_noise_multiplier"):
+    for key in ("max_epsilon", "min_noise_multiplier", "max_hospital_epsilon"):
         value = site.get(key)
         _check(value is None or (_is_number(value) and value > 0), f"site.{key}",
                "a number > 0 or null", value)
@@ -432,7 +518,34 @@ def site_node_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
     plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    return resolve_standardize(plain)
+    return resolve_standardize(resolve_hospital_privacy(plain))
+
+
+def resolve_hospital_privacy(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``privacy=site_dp`` split once into what the rest of medsilo reads: ``privacy`` becomes
+    the record-level part (DP-SGD as privacy=dp, or off: the sites, baselines, audit and
+    per-site ledgers are unchanged) and ``hospital_privacy`` the hospital-level settings, with
+    ``threshold`` resolved (default_hospital_threshold). Idempotent."""
+    privacy = cfg.get("privacy")
+    if not isinstance(privacy, dict) or privacy.get("name") != "site_dp":
+        return cfg
+    hospital = {k: v for k, v in privacy.items() if k not in ("record_level", "record_dp")}
+    if hospital.get("threshold") is None:
+        hospital["threshold"] = default_hospital_threshold(cfg)
+    hospital["record_level"] = privacy.get("record_level", "off")
+    cfg["privacy"] = dict(record_privacy(cfg))
+    cfg["hospital_privacy"] = hospital
+    return cfg
+
+
+def hospital_settings(cfg: Mapping[str, Any]) -> HospitalPrivacySettings | None:
+    """What the sites need to compute the hospital-level plan (None without site_dp)."""
+    hospital = cfg.get("hospital_privacy")
+    if not hospital:
+        return None
+    sent = {k: v for k, v in hospital.items() if k not in HOSPITAL_SERVER_KEYS}
+    return HospitalPrivacySettings.from_dict({**sent, "num_sites": int(cfg["num_hospitals"]),
+                                              "sites_per_round": sites_per_round(cfg)})
 
 
 def resolve_standardize(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -464,7 +577,8 @@ def site_settings(cfg: Mapping[str, Any]) -> RunSettings:
     return RunSettings(task=dict(cfg["task"]), model=dict(cfg["model"]), train=train,
                        privacy=privacy, seed=int(cfg["seed"]),
                        rounds=int(cfg["rounds"]),  # a DP site plans σ for the whole run
-                       plugins=plugin_modules(cfg))  # never simulation.plugins
+                       plugins=plugin_modules(cfg),  # never simulation.plugins
+                       hospital_privacy=hospital_settings(cfg))
 
 
 # ``flwr run --run-config`` keys whose value is a list, given as names separated by commas

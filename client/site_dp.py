@@ -1,0 +1,96 @@
+"""The site's share of hospital-level DP (``privacy=site_dp``; docs/site_dp.md).
+
+In the masked-input stage of secure aggregation (client/secure_aggregation.py) a site sends,
+instead of its quantized delta, its clipped, rotated, rounded delta plus its OWN share of
+discrete Gaussian noise (privacy/site_dp/encoding.py), so that the sum the server unmasks
+already carries the planned noise. The site trusts the server with nothing here:
+
+- it computes the plan itself from the public run settings (``hospital_privacy`` in
+  privacy/run_settings.py: target ε, δ, clip, N, n, t, ring bits; the run's ``rounds``; the
+  size of the model it received). The server never sends a noise level;
+- its policy (client/policy.py ``hospital_privacy_refusal``) caps ε (``max_hospital_epsilon``);
+- here, once the round's SecAgg parameters are known (the ones it signed with its keys), it
+  refuses a plan counting on more survivors than secure aggregation guarantees: it signs a
+  survivor set only with at least ``quorum(n, t)`` members (privacy/secagg/client.py), so the
+  plan's threshold must not exceed that; and more participants than the plan's
+  ``sites_per_round``, or more contributions than its ``rounds`` (counted in its own
+  ``Context.state``, whatever round numbers the server sends);
+- a deployed site draws its noise and rounding from the OS (ChaCha20 keyed by os.urandom);
+  a simulated one from the run's seed unless ``secure_noise`` (reproducible runs).
+
+Nothing else about the round leaves the site in the clear: no training loss, no example count,
+not whether its delta was clipped (that bit is inside the noised sum, adaptive clipping).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from client.site import SiteSettings
+from client.training import site_seed
+from privacy import protocol
+from privacy.run_settings import HospitalPrivacySettings, RunSettings
+from privacy.secagg import messages as secagg_messages
+from privacy.secagg.client import quorum
+from privacy.site_dp import KeyStream, SiteDPPlan, encode_site_delta
+
+LEDGER = "site-dp-contributions"  # Context.state key: this site's noised contributions so far
+NOISE_LABEL = b"medsilo.site_dp.simulated-noise.v1"
+
+
+@functools.lru_cache(maxsize=8)
+def site_plan(hospital: HospitalPrivacySettings, rounds: int, dim: int) -> SiteDPPlan:
+    """The plan, computed at the site from public values (cached: the same every round)."""
+    return hospital.plan(rounds=rounds, dim=dim)
+
+
+def round_refusal(hospital: HospitalPrivacySettings, settings: RunSettings,
+                  secagg_state: Mapping[str, Any], contributed: int) -> str | None:
+    """Why this site will not add its share to this round's sum, or None."""
+    participants = int(secagg_state[secagg_messages.NUM_PARTICIPANTS])
+    secagg_threshold = int(secagg_state[secagg_messages.THRESHOLD])
+    floor = quorum(participants, secagg_threshold)
+    if hospital.threshold > floor:
+        return (f"hospital_privacy.threshold {hospital.threshold} is above the fewest survivors "
+                f"secure aggregation releases a sum of in this round ({floor}: max(threshold "
+                f"{secagg_threshold}, {participants}//2 + 1), the survivor sets this site "
+                "signs): its noise share would be planned for more sites than the sum may have")
+    if participants > hospital.sites_per_round:
+        return (f"{participants} sites take part in this round, more than the "
+                f"hospital_privacy.sites_per_round {hospital.sites_per_round} the plan is for")
+    if settings.server_round > settings.rounds or contributed >= settings.rounds:
+        return (f"this site already contributed to {contributed} of the {settings.rounds} "
+                f"rounds the hospital-level plan covers (round {settings.server_round} asked)")
+    return None
+
+
+def contributions(state: Mapping[str, Any]) -> int:
+    return int(dict(state[LEDGER])["rounds"]) if LEDGER in state else 0
+
+
+def noise_stream(site: SiteSettings, settings: RunSettings) -> KeyStream:
+    """OS randomness for a deployed site (or ``secure_noise``); the run's seed in simulation."""
+    assert settings.hospital_privacy is not None
+    if not site.simulated or settings.hospital_privacy.secure_noise:
+        return KeyStream()
+    seed = site_seed(settings.seed, site.site_id, settings.server_round)
+    return KeyStream(hashlib.sha256(NOISE_LABEL + seed.to_bytes(8, "big")).digest())
+
+
+def encode_share(delta: Sequence[np.ndarray], site: SiteSettings, settings: RunSettings,
+                 round_clip: float | None) -> tuple[np.ndarray, SiteDPPlan]:
+    """This site's noised share of the round's sum (uint32, for SecAgg to mask) and its plan."""
+    hospital = settings.hospital_privacy
+    assert hospital is not None
+    dim = int(sum(np.asarray(d).size for d in delta))
+    plan = site_plan(hospital, settings.rounds, dim)
+    encoding = encode_site_delta(
+        delta, plan, rotation_seed=protocol.site_dp_rotation_seed(settings.seed,
+                                                                  settings.server_round),
+        noise_stream=noise_stream(site, settings), clip=round_clip if plan.adaptive else None)
+    return encoding.vector, plan
