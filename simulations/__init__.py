@@ -28,10 +28,13 @@ def simulate(overrides: Sequence[str] = (), out_dir: str | Path | None = None) -
 
     from server.settings import compose
     from simulations.run import simulate as run_simulation
+    from simulations.run import track
+    from simulations.tracking import check as check_tracking
 
     if isinstance(overrides, str):
         raise TypeError("overrides is a list of strings, e.g. ['task=tabular', 'rounds=2']")
     cfg = compose(list(overrides))
+    check_tracking(cfg)
     if cfg.get("resume"):  # the interrupted run's folder, as on the command line
         out = Path(cfg["resume"])
     elif out_dir is not None:
@@ -39,4 +42,6 @@ def simulate(overrides: Sequence[str] = (), out_dir: str | Path | None = None) -
     else:
         out = Path("outputs", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
-    return run_simulation(cfg, out)
+    report = run_simulation(cfg, out)
+    track(cfg, out)  # tracking=mlflow: the finished run logged (docs/tracking.md)
+    return report

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # answered before torch, Flower, Opacus and Ray load (5-20 s; issue 18). What runs a
 # simulation is imported in simulate() and main(), after validate().
 from server.settings import ConfigError, baseline_kinds, site_node_config, to_dict, validate
+from simulations.tracking import check as check_tracking  # loads no MLflow
 
 if TYPE_CHECKING:
     from client.training import StepHook
@@ -181,6 +182,7 @@ def main(hydra_cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)  # made by Hydra, holding .hydra/
     try:
         validate(hydra_cfg)
+        check_tracking(hydra_cfg)  # tracking=mlflow without the extra: refused before the run
     except ConfigError as err:
         _exit_bad_input(err, run_dir)
     cfg = to_dict(hydra_cfg)
@@ -188,6 +190,22 @@ def main(hydra_cfg: DictConfig) -> None:
     out_dir = Path(cfg["resume"]) if cfg.get("resume") else run_dir
     report = _run(cfg, out_dir, run_dir, list(HydraConfig.get().overrides.task))
     _print_summary(report, out_dir)
+    track(cfg, out_dir)
+
+
+def track(cfg: dict[str, Any], out_dir: Path) -> None:
+    """tracking=mlflow: log the finished run's folder (simulations/tracking.py). A tracking
+    failure is a warning: the run and its report stand, and the printed command logs it later."""
+    if cfg.get("tracking", {}).get("name") != "mlflow":
+        return
+    from simulations.tracking import TrackingError, log_run
+
+    try:
+        console.print(f"MLflow: run {log_run(cfg, out_dir)} in experiment "
+                      f"{escape(cfg['tracking']['experiment'])} at "
+                      f"{escape(cfg['tracking']['uri'])}", soft_wrap=True)
+    except TrackingError as err:
+        console.print(f"[bold yellow]warning:[/] {escape(str(err))}", soft_wrap=True)
 
 
 def _run(cfg: dict[str, Any], out_dir: Path, run_dir: Path,

@@ -103,28 +103,35 @@ def test_the_experiment_is_named_after_the_task_and_a_report_is_logged_once(logg
 
 @pytest.mark.slow
 def test_a_multirun_sweep_is_one_mlflow_run_per_job_in_one_experiment(tmp_path, monkeypatch):
-    """``python -m simulations.run -m lr=...`` (Hydra's own multirun, sites in this process),
-    then ``python -m simulations.tracking SWEEP_DIR``."""
+    """``python -m simulations.run -m lr=... tracking=mlflow`` (Hydra's own multirun, sites in
+    this process): each job logs itself as it ends; ``python -m simulations.tracking SWEEP_DIR``
+    afterwards adds nothing (each report is logged once)."""
     import simulations.run as job
 
     sweep, store = tmp_path / "sweep", tmp_path / "mlflow.db"
     monkeypatch.setattr(job, "run_in_process", run_in_process)
     monkeypatch.setattr(sys, "argv", ["simulations.run", "-m", *TINY, "rounds=1",
-                                      "baselines=none", "lr=0.01,0.1",
+                                      "baselines=none", "lr=0.01,0.1", "tracking=mlflow",
+                                      f"tracking.uri={store}", "tracking.experiment=sweep",
                                       f"hydra.sweep.dir={sweep}"])
     # simulations.run's own main under Hydra, its config found by path (Hydra looks for a
     # `conf` package when the job is not __main__)
     hydra.main(config_path=str(CONF_DIR), config_name="config",
                version_base="1.3")(job.main.__wrapped__)()
     assert len(list(sweep.rglob("report.json"))) == 2
-    assert tracking.main([str(sweep), "--uri", str(store), "--experiment", "sweep"]) == 0
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+
+    def logged():
+        return client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+
+    runs = logged()  # logged by the jobs themselves
     assert sorted(r.data.params["lr"] for r in runs) == ["0.01", "0.1"]
     assert {r.data.tags["medsilo.sweep_dir"] for r in runs} == {str(sweep)}
     assert sorted(r.data.tags["medsilo.job_num"] for r in runs) == ["0", "1"]
     for run in runs:  # named by what the sweep varied
         assert run.info.run_name == f"lr={run.data.params['lr']}"
+    assert tracking.main([str(sweep), "--uri", str(store), "--experiment", "sweep"]) == 0
+    assert len(logged()) == 2
 
 
 def test_epsilon_rounds_come_from_the_rounds_each_site_trained():
