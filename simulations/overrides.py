@@ -32,8 +32,9 @@ def check_overrides(overrides: Sequence[str]) -> None:
     )
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    ours = [o for o in overrides if not _key(o).startswith(("hydra.", "hydra/"))
-            and _key(o) != "hydra"]
+    # hydra.searchpath stays: a plugin's config groups (pkg://my_package.conf) live there
+    ours = [o for o in overrides if _key(o) == "hydra.searchpath"
+            or (not _key(o).startswith(("hydra.", "hydra/")) and _key(o) != "hydra")]
     try:
         cfg = _compose(ours)
     except MissingConfigException as err:  # task=tabluar: a group has no such option

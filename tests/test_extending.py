@@ -101,17 +101,17 @@ def test_the_run_settings_carry_plugins_typed_and_only_when_there_are_some():
 
 
 @pytest.mark.parametrize(("overrides", "named"), [
-    pytest.param(["+plugins=[no_such_package.plugin]"],
+    pytest.param(["plugins=[no_such_package.plugin]"],
                  "plugins[0]='no_such_package.plugin' cannot be imported", id="not-installed"),
-    pytest.param(["+plugins=[medsilo_toy/plugin.py]"], "plugins[0] must be a dotted module",
+    pytest.param(["plugins=[medsilo_toy/plugin.py]"], "plugins[0] must be a dotted module",
                  id="a-path"),
     # plugins are imported last (seconds: torch): any other mistake is answered before
-    pytest.param(["+plugins=[no_such_package.plugin]", "rounds=0"], "rounds must be",
+    pytest.param(["plugins=[no_such_package.plugin]", "rounds=0"], "rounds must be",
                  id="other-mistakes-first"),
-    pytest.param(["+simulation.plugins=[medsilo_toy.nope]"],
+    pytest.param(["simulation.plugins=[medsilo_toy.nope]"],
                  "simulation.plugins[0]='medsilo_toy.nope' cannot be imported", id="simulation"),
     pytest.param(["model=tiny_mlp"], "model.name must be one of", id="model-without-plugins"),
-    pytest.param(["task=toy_csv", f"+plugins=[{GENERATOR}]", "model=mlp"],
+    pytest.param(["task=toy_csv", f"plugins=[{GENERATOR}]", "model=mlp"],
                  None, id="task-registered-by-plugin-is-known"),
     pytest.param(["task=toy_csv", "model=mlp"], "task.name must be one of",
                  id="task-without-plugins"),
@@ -173,7 +173,7 @@ def test_the_plugins_generator_deals_a_pooled_folder_to_sites_in_the_tasks_forma
 
     importlib.import_module(GENERATOR)
     cfg = compose(["hydra.searchpath=[pkg://medsilo_toy.conf]", "task=toy_csv",
-                   f"+plugins=[{PLUGIN}]"])
+                   f"plugins=[{PLUGIN}]"])
     task_cfg, generator = cfg["task"], get_generator("toy_csv")
     pooled = tmp_path / "pooled"
     generator.generate_site(pooled, task_cfg, generator.site_profiles(task_cfg, 1, 0)[0], 0)
