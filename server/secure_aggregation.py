@@ -237,6 +237,9 @@ class _Stages:
     def advertise_keys(self, seed: int) -> dict[int, dict[str, Any]]:
         """A new plan for the current participants; the key replies of those that sent keys."""
         threshold = self.settings.threshold
+        if self.hospital_privacy is not None:  # every released sum needs the plan's survivors
+            threshold = self.hospital_privacy.secagg_threshold(
+                threshold, len(self.nodes), self.settings.neighbours)
         if threshold is not None and threshold > len(self.nodes):
             raise SecAggAborted("advertise-keys", f"{len(self.nodes)} sites take part, fewer "
                                 f"than secagg.threshold={threshold}", required=threshold,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from privacy import protocol
+from privacy.secagg import SecAggAborted
 from privacy.site_dp import (
     SiteDPPlan,
     decode_mean,
@@ -68,6 +69,23 @@ class HospitalPrivacy:
     def public_fields(self) -> dict[str, Any]:
         """Sent with the round's keys: the round's clip (adaptive clipping only)."""
         return {protocol.SITE_DP_CLIP: self.round_clip} if self.plan.adaptive else {}
+
+    def secagg_threshold(self, configured: int | None, participants: int,
+                         neighbours: int | None) -> int | None:
+        """The SecAgg threshold t for a round of ``participants``: the sites sign survivor sets
+        of at least quorum(p, t) = max(t, p//2 + 1) members only, and refuse a plan counting on
+        more (client/site_dp.py). When fewer sites than planned take part (a refusal or a lost
+        site before the keys), full SecAgg raises t to the plan's threshold so the round can
+        still go ahead; SecAgg+ keeps its per-neighbourhood t (its sites may then refuse)."""
+        needed = self.plan.threshold
+        if participants < needed:
+            raise SecAggAborted("advertise-keys", f"{participants} sites take part, fewer than "
+                                f"the {needed} survivors the hospital-level noise is planned "
+                                "for (privacy.threshold)", required=needed,
+                                available=participants)
+        if neighbours is not None and neighbours < participants - 1:
+            return configured
+        return max(configured or 0, participants // 2 + 1, needed)
 
     @property
     def vector_length(self) -> int:

@@ -1,0 +1,170 @@
+"""privacy=site_dp end to end (issue 20): hospital-level DP with the noise added by the sites
+inside secure aggregation. The real ServerApp and ClientApp in this process
+(tests/in_process_grid.py), a few tiny sites, seconds per run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from client.site import SiteSettings
+from client.site_dp import round_refusal
+from models import build_model
+from privacy import protocol
+from privacy.run_settings import HospitalPrivacySettings, RunSettings, TrainSettings
+from privacy.secagg import messages as secagg_messages
+from privacy.site_dp import epsilon, plan
+from server.settings import ConfigError, compose
+from tests.in_process_grid import simulate_in_process
+from tests.test_rounds_in_process import NODE, _federation, _run
+
+SITE_DP = ("task=tabular", "privacy=site_dp", "secagg=on", "num_hospitals=6",
+           "task.synthetic.train_size=60", "task.synthetic.test_size=20")
+
+
+def _model_size(cfg: dict) -> int:
+    model = build_model(cfg["model"], cfg["task"]["spec"])
+    return sum(p.numel() for p in model.state_dict().values())
+
+
+def _independent_plan(cfg: dict, threshold: int):
+    """The plan from the documented public values, not from medsilo's settings code."""
+    return plan(target_epsilon=8.0, delta=1e-5, clip=0.5, dim=_model_size(cfg), num_sites=6,
+                sites_per_round=6, threshold=threshold, rounds=int(cfg["rounds"]))
+
+
+@pytest.fixture(scope="module")
+def site_dp_run(tmp_path_factory):
+    """``python -m simulations.run`` with the sites in this process (pooled global metrics)."""
+    out = tmp_path_factory.mktemp("site_dp")
+    overrides = (*SITE_DP, "rounds=2", "device=cpu", f"data.cache_dir={out / 'cache'}")
+    return compose(list(overrides)), simulate_in_process(out, *overrides), out
+
+
+def test_report_has_the_hospital_level_epsilon_of_the_survivors_summed(site_dp_run):
+    cfg, report, out = site_dp_run
+    hospital = report["hospital_privacy"]
+    survivors = [len(r["secure_aggregation"]["aggregated"]) for r in report["rounds"]]
+    assert survivors == [6, 6]
+    # the default threshold: the SecAgg quorum of a full cohort of 6, 6 // 2 + 1
+    expected = epsilon(_independent_plan(cfg, threshold=4), survivors)
+    assert hospital["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert 0 < hospital["epsilon"] <= hospital["planned_epsilon"] <= 8.0 + 1e-9
+    assert hospital["threshold"] == 4 and hospital["adjacency"].startswith("zero-out")
+    assert [r["survivors"] for r in hospital["rounds"]] == survivors
+    assert report["run"]["hospital_privacy"] == "site_dp" and report["run"]["privacy"] == "off"
+    text = (out / "report.md").read_text()
+    assert "hospital-level differential privacy" in text.splitlines()[2]
+    assert f"ε = {hospital['epsilon']:.2f}" in text.splitlines()[2]
+    assert "### Hospital level (privacy=site_dp)" in text
+
+
+def test_the_noisy_unweighted_mean_still_improves_the_model(site_dp_run):
+    _, report, _ = site_dp_run
+    before = report["initial"]["global"]["auroc"]
+    after = report["final"]["global"]["auroc"]
+    assert after > before + 0.05 and after > 0.6, (before, after)
+
+
+def test_nothing_about_a_sites_round_leaves_it_in_the_clear(site_dp_run):
+    _, report, _ = site_dp_run
+    for record in report["rounds"]:
+        assert len(record["train"]) == 6
+        for metrics in record["train"].values():  # no loss, no count, no clipped flag
+            assert metrics.get("num_examples", 0) == 0, metrics
+            assert not set(metrics) - {"num_examples"}, metrics
+
+
+def test_dropouts_down_to_the_threshold_stay_within_the_plan_and_are_reported(tmp_path):
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1")
+    for node in (NODE + 4, NODE + 5):  # keys shared, then gone: 4 of 6 survive
+        grid.drop[node] = f"train.{protocol.SECAGG_MASKED_INPUT}"
+    report = _run(cfg, grid, tmp_path)
+    hospital = report["hospital_privacy"]
+    (entry,) = hospital["rounds"]
+    assert entry["survivors"] == 4 == hospital["threshold"]
+    assert entry["noise"]["variance_removed_by_dropouts"] == pytest.approx(2 / 6)
+    assert hospital["epsilon"] <= hospital["planned_epsilon"] + 1e-9
+    assert hospital["epsilon"] == pytest.approx(
+        epsilon(_independent_plan(cfg, threshold=4), [4]), rel=1e-9)
+    assert "33%" in hospital["noise_removed_by_dropouts"]
+
+
+def test_a_site_refuses_a_target_epsilon_above_its_own_cap(tmp_path):
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", "+site.max_hospital_epsilon=4")
+    report = _run(cfg, grid, tmp_path)
+    (record,) = report["rounds"]
+    assert len(record["refused"]) == 6
+    for reason in record["refused"].values():
+        assert "max_hospital_epsilon 4" in reason and "8" in reason
+    assert report["hospital_privacy"]["epsilon"] == 0  # nothing was released
+
+
+def _settings(threshold: int, **changes) -> RunSettings:
+    hospital = HospitalPrivacySettings(target_epsilon=4.0, delta=1e-5, clip=0.5, num_sites=20,
+                                       sites_per_round=10, threshold=threshold)
+    values = {"task": {"name": "tabular"}, "model": {"name": "mlp"},
+              "train": TrainSettings(1, 8, 0.1), "rounds": 5, "server_round": 1,
+              "hospital_privacy": hospital, **changes}
+    return RunSettings(**values)
+
+
+def _secagg_state(participants: int, threshold: int) -> dict:
+    return {secagg_messages.NUM_PARTICIPANTS: participants, secagg_messages.THRESHOLD: threshold}
+
+
+def test_a_site_refuses_a_threshold_above_the_secagg_floor_it_signs():
+    """10 participants, SecAgg t = 6: the site signs survivor sets of >= max(6, 6) members, so a
+    plan counting on 7 survivors would put too little noise in a sum of 6."""
+    settings = _settings(threshold=7)
+    reason = round_refusal(settings.hospital_privacy, settings, _secagg_state(10, 6), 0)
+    assert reason is not None and "hospital_privacy.threshold 7" in reason and "(6" in reason
+    fits = _settings(threshold=6)
+    assert round_refusal(fits.hospital_privacy, fits, _secagg_state(10, 6), 0) is None
+
+
+def test_a_site_refuses_more_participants_or_rounds_than_planned():
+    settings = _settings(threshold=6)
+    more = round_refusal(settings.hospital_privacy, settings, _secagg_state(12, 7), 0)
+    assert more is not None and "sites_per_round 10" in more
+    spent = round_refusal(settings.hospital_privacy, settings, _secagg_state(10, 6), 5)
+    assert spent is not None and "5 of the 5 rounds" in spent
+
+
+def test_privacy_site_dp_without_secure_aggregation_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"secagg must be 'on' with privacy=site_dp"):
+        compose(["privacy=site_dp", "secagg=off"])
+
+
+def test_a_threshold_the_secagg_floor_cannot_back_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"privacy.threshold must be null or an integer in "
+                                          r"\[1, 3\]"):
+        compose(["privacy=site_dp", "secagg=on", "num_hospitals=4", "privacy.threshold=4"])
+
+
+def test_record_level_dp_composes_with_the_hospital_level_plan():
+    cfg = compose(["privacy=site_dp", "secagg=on", "privacy.record_level=dp",
+                   "privacy.record_dp.target_epsilon=3"])
+    assert cfg["privacy"]["name"] == "dp" and cfg["privacy"]["target_epsilon"] == 3
+    assert cfg["hospital_privacy"]["name"] == "site_dp"
+    assert cfg["hospital_privacy"]["target_epsilon"] == 8.0
+
+
+def test_the_site_policy_key_is_read_from_site_toml(tmp_path: Path):
+    path = tmp_path / "site.toml"
+    path.write_text(f'data_path = "{tmp_path}"\nmax_hospital_epsilon = 2.5\n')
+    assert SiteSettings.from_file(path).max_hospital_epsilon == 2.5
+    path.write_text(f'data_path = "{tmp_path}"\nmax_hospital_epsilon = -1\n')
+    with pytest.raises(ValueError, match="max-hospital-epsilon must be > 0"):
+        SiteSettings.from_file(path)
+
+
+def test_the_hospital_settings_travel_to_the_site_unchanged():
+    settings = _settings(threshold=6)
+    decoded = protocol.decode_run_settings(protocol.encode_run_settings(settings))
+    assert decoded.hospital_privacy == settings.hospital_privacy
+    assert math.isclose(decoded.hospital_privacy.target_epsilon, 4.0)
+    assert json.dumps(settings.to_dict())  # plain values only
