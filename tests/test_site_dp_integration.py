@@ -168,3 +168,43 @@ def test_the_hospital_settings_travel_to_the_site_unchanged():
     assert decoded.hospital_privacy == settings.hospital_privacy
     assert math.isclose(decoded.hospital_privacy.target_epsilon, 4.0)
     assert json.dumps(settings.to_dict())  # plain values only
+
+
+def test_a_site_lost_before_the_keys_still_leaves_a_round_backed_by_the_plan(tmp_path):
+    """6 asked, one gone before sending keys: the 5 left agree keys again, with the SecAgg
+    threshold raised to the plan's 4 (not a majority of 5, 3), so every site's check passes and
+    the sum of the 5 is released."""
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1")
+    grid.drop[NODE + 5] = f"train.{protocol.SECAGG_ADVERTISE_KEYS}"
+    report = _run(cfg, grid, tmp_path)
+    (record,) = report["rounds"]
+    assert record["secure_aggregation"]["aborted"] is None and not record["refused"]
+    assert report["hospital_privacy"]["rounds"][0]["survivors"] == 5
+
+
+def test_adaptive_clipping_moves_the_public_clip_from_the_noisy_count(tmp_path):
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=2", "privacy.count_noise_std=2")
+    report = _run(cfg, grid, tmp_path)
+    hospital = report["hospital_privacy"]
+    first, second = hospital["rounds"]
+    assert hospital["adaptive_clipping"] and first["clip"] == 0.5
+    assert second["clip"] == pytest.approx(first["next_clip"]) != 0.5
+    assert -1 < first["unclipped_fraction"] < 2  # noisy share, std 2/6 around the true one
+    assert hospital["epsilon"] <= hospital["planned_epsilon"] + 1e-9
+
+
+def test_record_level_dp_sgd_runs_beside_it_with_its_own_ledgers(tmp_path):
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", "privacy.record_level=dp")
+    report = _run(cfg, grid, tmp_path)
+    assert report["run"]["privacy"] == "dp" and report["hospital_privacy"]["epsilon"] > 0
+    ledgers = report["privacy"]
+    assert len(ledgers) == 6 and all(led["dp"] and led["epsilon"] > 0 for led in ledgers.values())
+    first = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert "hospital-level differential privacy" in first and "each patient record" in first
+
+
+def test_same_seed_same_metrics(site_dp_run, tmp_path):
+    _, report, _ = site_dp_run
+    overrides = (*SITE_DP, "rounds=2", "device=cpu", f"data.cache_dir={tmp_path / 'cache'}")
+    again = simulate_in_process(tmp_path, *overrides)
+    assert again["final"]["global"] == report["final"]["global"]
