@@ -264,8 +264,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
     import torch
     from opacus import PrivacyEngine
 
+    from models import register_grad_samplers
     from models.dp_embedding import use_sparse_embeddings
 
+    register_grad_samplers()  # before Opacus picks each layer's sampler
     engine = PrivacyEngine(accountant="rdp")  # the site's ledger does the accounting
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     mode = grad_sample_mode_for(model, dp)

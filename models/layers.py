@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
-from opacus.grad_sample.linear import compute_linear_grad_sample
 from torch import nn
 
 # Activations a model may be configured with. tanh is bounded, which keeps per-sample
@@ -67,4 +65,10 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-register_grad_sampler(Linear)(compute_linear_grad_sample)
+def register_linear_grad_sampler() -> None:
+    """Opacus's Linear sampler for :class:`Linear` (Opacus matches a layer's exact type, not its
+    base class). Imports Opacus: called on the DP path only (``models.register_grad_samplers``)."""
+    from opacus.grad_sample import register_grad_sampler
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    register_grad_sampler(Linear)(compute_linear_grad_sample)

@@ -105,3 +105,40 @@ def answer_light_messages(folder: str) -> None:
         shares = send(f"train.{protocol.SECAGG_SHARE_KEYS}", {
             i: RecordDict({protocol.SECAGG: ConfigRecord(fields)}) for i, fields in routed.items()})
         server.route_shares({i: secagg(content) for i, content in shares.items()})
+
+
+def test_building_a_model_without_dp_loads_no_opacus():
+    """The server, the pooled evaluation and every site build their model; without DP none of
+    them pays for Opacus (a second or more of start-up each). Only the family built is imported."""
+    code = ("import models\n"
+            "from models import build_model\n"
+            "build_model({'name': 'mlp', 'hidden': [8]}, {'num_features': 5, 'num_classes': 2})\n"
+            "assert 'models.recurrent' not in sys.modules and 'models.cnn' not in sys.modules\n"
+            "assert models.registered_models() == ['attention', 'bow', 'cnn', 'gru', 'lstm', "
+            "'mlp']\n")
+    assert _heavy_loaded_by(f"import sys\n{code}") == ["torch"]
+
+
+def test_the_dp_path_registers_our_samplers_for_a_model_built_before_opacus_was_loaded():
+    """make_private registers models/layers.py's Linear (and our Conv2d, Embedding) samplers:
+    without them Opacus would take its functorch fallback for the attention model's layers."""
+    code = """
+import sys, torch
+from torch.utils.data import DataLoader, TensorDataset
+from models import build_model
+from models.layers import Linear
+model = build_model({'name': 'attention', 'd_model': 8, 'num_heads': 2, 'num_layers': 1,
+                     'ff_dim': 8}, {'vocab_buckets': 64, 'max_len': 6, 'num_classes': 2})
+assert 'opacus' not in sys.modules
+from client.training import DPConfig, make_private
+loader = DataLoader(TensorDataset(torch.randint(1, 64, (4, 6, 2)), torch.ones(4, 6, dtype=bool),
+                                  torch.tensor([0, 1, 0, 1])), batch_size=2)
+hooks, *_ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                         torch.nn.CrossEntropyLoss(), DPConfig(1.0, 1.0), seed=0, device='cpu')
+from opacus.grad_sample.linear import compute_linear_grad_sample
+from models.dp_conv import conv2d_grad_sample
+assert hooks.GRAD_SAMPLERS[Linear] is compute_linear_grad_sample
+assert hooks.GRAD_SAMPLERS[torch.nn.Conv2d] is conv2d_grad_sample
+hooks.cleanup()
+"""
+    assert "opacus" in _heavy_loaded_by(code)
