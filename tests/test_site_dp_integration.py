@@ -208,3 +208,22 @@ def test_same_seed_same_metrics(site_dp_run, tmp_path):
     overrides = (*SITE_DP, "rounds=2", "device=cpu", f"data.cache_dir={tmp_path / 'cache'}")
     again = simulate_in_process(tmp_path, *overrides)
     assert again["final"]["global"] == report["final"]["global"]
+
+
+def test_the_benchmark_summary_pairs_each_site_dp_row_with_the_secure_rows():
+    from simulations.benchmarks.site_dp import SECURE, schedule, summarize, table
+
+    assert schedule([100], [2.0], 2) == [(100, 0, None), (100, 0, 2.0), (100, 1, None),
+                                         (100, 1, 2.0)]
+    runs = [{"sites": 100, "repeat": r, "variant": v, "status": "ok", "auroc": a,
+             "steady_s": s, "epsilon": e}
+            for r, v, a, s, e in ((0, SECURE, 0.8, 2.0, None), (0, "site_dp eps=2", 0.7, 3.0, 1.4),
+                                  (1, SECURE, 0.9, 4.0, None), (1, "site_dp eps=2", 0.6, 5.0, 1.5),
+                                  (2, "site_dp eps=2", None, None, None))]
+    runs[-1]["status"] = "exit 1"
+    secure, site_dp = summarize(runs)
+    assert secure["auroc"] == pytest.approx(0.85) and "cost_ratio" not in secure
+    assert site_dp["ok"] == 2 and site_dp["runs"] == 3
+    assert site_dp["cost_ratio"] == pytest.approx(4.0 / 3.0)
+    assert site_dp["paired_ratios"] == pytest.approx([1.5, 1.25])
+    assert "1.33× (pairs 1.50, 1.25)" in table([secure, site_dp])
