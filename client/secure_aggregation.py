@@ -17,6 +17,8 @@ included), then sends only the *masked* update: the model delta clipped to ``cli
 coordinate, weighted by ``min(1, n / max_site_examples)``, with that weight appended, quantized
 into Z_2^32 and masked (privacy/secagg/update.py). A site that declines (privacy budget) or
 refuses answers with its status and no vector; the others' sum is recovered without it.
+With ``privacy=site_dp`` the vector is instead the site's noised share of hospital-level DP,
+planned and checked by the site itself (client/site_dp.py), and no metric is sent in the clear.
 """
 
 from __future__ import annotations

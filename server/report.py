@@ -566,7 +566,10 @@ def _egress_markdown(report: Mapping[str, Any], many: bool) -> list[str]:
              + _of(masked, updates, "masked by secure aggregation")
              + (" (the server saw only their sum)" if masked else
                 ", so the server saw each update on its own" if updates else "") + ". "
-             f"The {total['evaluations']} evaluation repl"
+             + ("Each masked update also carried its site's own hospital-level noise share "
+                "(privacy=site_dp): the sum the server unmasked was already noised. "
+                if report.get("hospital_privacy") and masked else "")
+             + f"The {total['evaluations']} evaluation repl"
              + ("y" if total["evaluations"] == 1 else "ies")
              + " carried metrics on the sites' test splits, neither noised nor masked.", "",
              "Each site logs every reply before it leaves (`<state-dir>/egress.jsonl`, with the "
