@@ -77,14 +77,18 @@ def _server_round(msg: Message) -> int | None:
     return int(group) if group.isdigit() else None
 
 
-def _append(path: Path, entry: Mapping[str, Any]) -> None:
-    """One line, one write, flushed to disk: the log survives a crash right after sending."""
+def _append(path: Path, entry: Mapping[str, Any], *, durable: bool = True) -> None:
+    """One line, one write; ``durable``: flushed to disk, so that the log survives a crash
+    right after sending. A simulated site (synthetic data on the coordinator's own machine)
+    skips the fsync: ~5 ms a reply on a shared disk, six replies per site per round under
+    secure aggregation."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, line)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -125,7 +129,7 @@ def _log_reply(
         **details,
     }
     if site.state_dir is not None:
-        _append(site.state_dir / EGRESS_LOG, entry)
+        _append(site.state_dir / EGRESS_LOG, entry, durable=not site.simulated)
     return entry
 
 
@@ -137,9 +141,10 @@ def send(
 
     ``server_round`` defaults to the round in the incoming message's config.
     """
-    size, per_record = protocol.content_size(content)
+    # measured on a copy: the reply itself keeps no cached chunks (protocol.unshared)
+    size, per_record, object_id = protocol.measure(content)
     _log_reply(msg, kind=kind, site=site, context=context, server_round=server_round,
-               size=size, sha256=content.object_id, records=per_record, **protection(content))
+               size=size, sha256=object_id, records=per_record, **protection(content))
     return Message(content=content, reply_to=msg)
 
 

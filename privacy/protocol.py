@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from privacy import compat
 from privacy.run_settings import RunSettings
@@ -86,8 +86,32 @@ def content_size(content: RecordDict) -> tuple[int, dict[str, int]]:
     """Bytes of the serialized objects Flower ships for ``content``: total and per record.
 
     One measure for both sides: a site's egress log and the server's report count the same
-    bytes for the same reply.
-    """
+    bytes for the same reply. Measured on :func:`unshared` objects, so ``content`` itself is
+    left as it was (see there)."""
+    return _size(unshared(content))
+
+
+def measure(content: RecordDict) -> tuple[int, dict[str, int], str]:
+    """``content_size`` and Flower's object id (``RecordDict.object_id``, a Merkle hash of
+    what is shipped) of ``content``, both from one :func:`unshared` copy."""
+    fresh = unshared(content)
+    return (*_size(fresh), fresh.object_id)
+
+
+def unshared(content: RecordDict) -> RecordDict:
+    """``content`` over the same bytes with new Array objects. Serializing or hashing an Array
+    makes Flower cache its chunks (a copy of its data) on the object; had ``content`` itself
+    been measured, the message built from it would ship the data twice through Flower's
+    simulation engine (8.5 MB instead of 4.2 MB for a 1M-parameter update). The other
+    records are small and kept as they are."""
+    return RecordDict({
+        name: ArrayRecord({key: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data)
+                           for key, a in record.items()})
+        if isinstance(record, ArrayRecord) else record
+        for name, record in content.items()})
+
+
+def _size(content: RecordDict) -> tuple[int, dict[str, int]]:
     per_record = {
         name: compat.deflated_tree_size(record) for name, record in content.items()
     }
