@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,8 @@ class TabularGenerator(SiteGenerator):
         if missing:
             raise DataError(f"the synthetic generator writes the UCI heart-disease columns "
                             f"{list(records)}; task.columns also names {sorted(missing)}")
-        rows = [[records[c][i] for c in columns] for i in range(n)]
+        # rows as tuples straight from the columns: csv writes them as it would lists
+        rows = zip(*(records[c] for c in columns), strict=True)
         _write_rows(folder / _single_file_name(task_cfg, folder), task_cfg, columns, rows)
 
 
@@ -85,7 +86,7 @@ def _single_file_name(task_cfg: Mapping[str, Any], folder: Path) -> str:
 
 
 def _write_rows(path: Path, task_cfg: Mapping[str, Any], columns: Sequence[str],
-                rows: Sequence[Sequence[str]]) -> None:
+                rows: Iterable[Sequence[str]]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter=str(task_cfg.get("delimiter", ",")),
                             lineterminator="\n")
