@@ -21,8 +21,10 @@ from server.settings import ConfigError, compose
 from tests.in_process_grid import simulate_in_process
 from tests.test_rounds_in_process import NODE, _federation, _run
 
+# ε = 8: six tiny sites, two rounds (the default 4 is for larger federations: docs/site_dp.md)
 SITE_DP = ("task=tabular", "privacy=site_dp", "secagg=on", "num_hospitals=6",
-           "task.synthetic.train_size=60", "task.synthetic.test_size=20")
+           "task.synthetic.train_size=60", "task.synthetic.test_size=20",
+           "privacy.target_epsilon=8")
 
 
 def _model_size(cfg: dict) -> int:
@@ -94,12 +96,12 @@ def test_dropouts_down_to_the_threshold_stay_within_the_plan_and_are_reported(tm
 
 
 def test_a_site_refuses_a_target_epsilon_above_its_own_cap(tmp_path):
-    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", "+site.max_hospital_epsilon=4")
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", "+site.max_hospital_epsilon=3")
     report = _run(cfg, grid, tmp_path)
     (record,) = report["rounds"]
     assert len(record["refused"]) == 6
     for reason in record["refused"].values():
-        assert "max_hospital_epsilon 4" in reason and "8" in reason
+        assert "max_hospital_epsilon 3" in reason and "epsilon 8" in reason
     assert report["hospital_privacy"]["epsilon"] == 0  # nothing was released
 
 
@@ -150,7 +152,7 @@ def test_record_level_dp_composes_with_the_hospital_level_plan():
                    "privacy.record_dp.target_epsilon=3"])
     assert cfg["privacy"]["name"] == "dp" and cfg["privacy"]["target_epsilon"] == 3
     assert cfg["hospital_privacy"]["name"] == "site_dp"
-    assert cfg["hospital_privacy"]["target_epsilon"] == 8.0
+    assert cfg["hospital_privacy"]["target_epsilon"] == 4.0
 
 
 def test_the_site_policy_key_is_read_from_site_toml(tmp_path: Path):

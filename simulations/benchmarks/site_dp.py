@@ -3,7 +3,8 @@
     python -m simulations.benchmarks.site_dp [--sites 100 1000] [--epsilons 1 2 4 8]
         [--repeats 2] [--rounds 5] [--per-round 20] [--task tabular] [--json PATH]
 
-For each number of hospitals N and each repeat r (seed r), the variants run interleaved
+After one unmeasured warm-up run per N (it writes the synthetic sites), for each number of
+hospitals N and each repeat r (seed r), the variants run interleaved
 (plain secure, site_dp at each ε, plain secure, ...: load drifts, every variant sees the same
 drift), each a fresh ``python -m simulations.run`` subprocess with ``secagg=on``,
 ``sites_per_round``, ``rounds``, ``baselines=none``:
@@ -169,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     runs = []
+    for sites in args.sites:  # writes the synthetic sites, warms caches: not measured
+        warmup = run_one(overrides(args.task, sites, args.per_round, 1, 0, None))
+        print(f"N={sites} warm-up (1 round, not measured): {warmup['status']}", flush=True)
     for sites, repeat, eps in schedule(args.sites, args.epsilons, args.repeats):
         load = os.getloadavg()[0]
         result = run_one(overrides(args.task, sites, args.per_round, args.rounds, repeat, eps))
