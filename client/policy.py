@@ -114,6 +114,10 @@ def refusal_reason(site: SiteSettings, settings: RunSettings) -> str | None:
     reason = privacy_refusal(site, settings.privacy)
     if reason is None and settings.hospital_privacy is not None:
         reason = hospital_privacy_refusal(site, settings.hospital_privacy)
+    elif reason is None and site.max_hospital_epsilon is not None:
+        # a site with a hospital-level budget takes part only under hospital-level DP
+        reason = (f"this site requires hospital-level DP (max_hospital_epsilon "
+                  f"{site.max_hospital_epsilon:g}); the run has none (privacy=site_dp)")
     if reason is None and site.require_dp and settings.task.get("standardize") == "site":
         # features fitted to the site's own training records: outside the DP guarantee
         reason = ("this site requires DP-SGD (require_dp); task.standardize=site fits the "

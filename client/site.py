@@ -22,7 +22,7 @@ config: ``--node-config 'site-config="/etc/medsilo/site.toml"'``::
     allowed_tasks = ["tabular"]          # runs of other tasks are refused (also: task)
     allowed_models = ["mlp", "logreg"]   # runs of other models are refused
     secagg_min_threshold = 3             # never share secrets with a smaller Shamir threshold
-    max_hospital_epsilon = 8.0           # privacy=site_dp: refuse a larger hospital-level epsilon
+    max_hospital_epsilon = 4.0           # require privacy=site_dp at most this hospital-level eps
     identity_key = "supernode.key"       # this site's provisioned P-384 key (signs SecAgg keys)
     roster = "roster.json"               # the federation roster signed by the CA
     ca_cert = "ca.crt"                   # the federation CA (verifies the roster)
@@ -99,7 +99,8 @@ class SiteSettings:
     # needing another one is refused (plugin_refusal).
     plugins: tuple[str, ...] = ()
     # privacy=site_dp: a run planning a larger hospital-level epsilon is refused (the site
-    # computes the noise from it itself: client/site_dp.py). None: no cap of its own
+    # computes the noise from it itself: client/site_dp.py), and so is a run without
+    # hospital-level DP. None: no cap of its own, no requirement
     max_hospital_epsilon: float | None = None
     simulated: bool = False  # a virtual SuperNode of a simulation on this machine
 

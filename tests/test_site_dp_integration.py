@@ -229,3 +229,14 @@ def test_the_benchmark_summary_pairs_each_site_dp_row_with_the_secure_rows():
     assert site_dp["cost_ratio"] == pytest.approx(4.0 / 3.0)
     assert site_dp["paired_ratios"] == pytest.approx([1.5, 1.25])
     assert "1.33× (pairs 1.50, 1.25)" in table([secure, site_dp])
+
+
+def test_a_site_with_a_hospital_budget_refuses_a_run_without_hospital_level_dp():
+    from client.policy import refusal_reason
+
+    site = SiteSettings(site_id="h", data_path=Path("."), require_approval=False,
+                        require_dp=False, simulated=True, max_hospital_epsilon=4.0)
+    without = _settings(threshold=6, hospital_privacy=None)
+    reason = refusal_reason(site, without)
+    assert reason is not None and "requires hospital-level DP" in reason
+    assert refusal_reason(site, _settings(threshold=6)) is None
