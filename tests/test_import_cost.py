@@ -142,3 +142,31 @@ assert hooks.GRAD_SAMPLERS[torch.nn.Conv2d] is conv2d_grad_sample
 hooks.cleanup()
 """
     assert "opacus" in _heavy_loaded_by(code)
+
+
+def test_the_pooled_evaluation_is_ready_before_the_simulation_starts(tmp_path):
+    """The ServerApp evaluates the initial model before round 1, while Ray's processes start
+    (each site worker importing torch): the pool's sites are written and read, and the scoring
+    library imported, before that, so the first evaluation imports nothing and writes nothing."""
+    code = """
+import sys, torch
+from flwr.app import ArrayRecord
+from models import build_model
+from server.settings import compose
+from simulations.global_evaluation import pooled_test_evaluation
+from simulations.sites import lazy_synthetic_sites
+cfg = compose(["task=tabular", "num_hospitals=3", "data.cache_dir=CACHE"])
+lazy = lazy_synthetic_sites(cfg)
+prepared = []
+evaluate_global = pooled_test_evaluation(
+    cfg, lazy.folders(), prepare=lambda site: prepared.append(site) or lazy.ensure(site))
+assert prepared == evaluate_global.sites == list(lazy.folders()), prepared
+arrays = ArrayRecord(build_model(cfg["model"], cfg["task"]["spec"]).state_dict())
+before = set(sys.modules)
+metrics = evaluate_global(0, arrays)
+assert 0.0 <= metrics["auroc"] <= 1.0, metrics
+new = sorted(set(sys.modules) - before)  # torch imports a profiler helper on a first forward
+assert {name.split(".")[0] for name in new} <= {"torch"}, new
+assert len(prepared) == 3
+""".replace("CACHE", str(tmp_path))
+    assert "sklearn" in _heavy_loaded_by(code)

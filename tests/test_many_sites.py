@@ -217,33 +217,3 @@ def test_a_site_sampled_in_fewer_rounds_stays_within_its_target_epsilon(rounds_t
     else:
         assert eps[-1] < 0.9 * 2.0
 
-
-def test_synthetic_pool_is_written_at_the_first_evaluation_and_a_users_sites_read_at_once(
-        tmp_path):
-    """The pooled evaluation's synthetic sites are written and read in the ServerApp (while Ray
-    starts), once; a user's site folders are read before anything starts, so a bad file is
-    refused first."""
-    import torch
-    from flwr.app import ArrayRecord
-
-    from client.tasks import DataError
-    from models import build_model
-    from simulations.global_evaluation import pooled_test_evaluation
-    from simulations.sites import lazy_synthetic_sites
-
-    cfg = compose(["task=tabular", "num_hospitals=6", "simulation.pooled_eval_sites=4",
-                   f"data.cache_dir={tmp_path / 'cache'}"])
-    lazy = lazy_synthetic_sites(cfg)
-    prepared = []
-    evaluate_global = pooled_test_evaluation(
-        cfg, lazy.folders(), prepare=lambda site: prepared.append(site) or lazy.ensure(site))
-    assert prepared == [] and len(evaluate_global.sites) == 4
-    torch.manual_seed(0)
-    arrays = ArrayRecord(build_model(cfg["model"], cfg["task"]["spec"]).state_dict())
-    first = evaluate_global(0, arrays)
-    assert prepared == evaluate_global.sites  # each pooled site once, in order
-    assert evaluate_global(1, arrays) == first and len(prepared) == 4  # read once
-
-    (lazy.folders()[evaluate_global.sites[0]] / "processed.broken.data").write_text("x\n")
-    with pytest.raises(DataError, match="exactly one file"):
-        pooled_test_evaluation(cfg, lazy.folders())  # a user's folders: read now
