@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,7 +37,9 @@ from privacy import protocol
 from privacy.run_settings import HospitalPrivacySettings, RunSettings
 from privacy.secagg import messages as secagg_messages
 from privacy.secagg.client import quorum
-from privacy.site_dp import KeyStream, SiteDPPlan, encode_site_delta
+
+if TYPE_CHECKING:  # privacy.site_dp loads scipy: only a site_dp round pays for it
+    from privacy.site_dp import KeyStream, SiteDPPlan
 
 LEDGER = "site-dp-contributions"  # Context.state key: this site's noised contributions so far
 NOISE_LABEL = b"medsilo.site_dp.simulated-noise.v1"
@@ -75,6 +77,8 @@ def contributions(state: Mapping[str, Any]) -> int:
 
 def noise_stream(site: SiteSettings, settings: RunSettings) -> KeyStream:
     """OS randomness for a deployed site (or ``secure_noise``); the run's seed in simulation."""
+    from privacy.site_dp import KeyStream
+
     assert settings.hospital_privacy is not None
     if not site.simulated or settings.hospital_privacy.secure_noise:
         return KeyStream()
@@ -85,6 +89,8 @@ def noise_stream(site: SiteSettings, settings: RunSettings) -> KeyStream:
 def encode_share(delta: Sequence[np.ndarray], site: SiteSettings, settings: RunSettings,
                  round_clip: float | None) -> tuple[np.ndarray, SiteDPPlan]:
     """This site's noised share of the round's sum (uint32, for SecAgg to mask) and its plan."""
+    from privacy.site_dp import encode_site_delta
+
     hospital = settings.hospital_privacy
     assert hospital is not None
     dim = int(sum(np.asarray(d).size for d in delta))

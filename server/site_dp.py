@@ -16,21 +16,16 @@ the sites' own plan implies for the rounds that were released.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from privacy import protocol
 from privacy.secagg import SecAggAborted
-from privacy.site_dp import (
-    SiteDPPlan,
-    decode_mean,
-    decode_unclipped_fraction,
-    epsilon,
-    next_clip,
-    noise_report,
-)
 from server.history import RunHistory
+
+if TYPE_CHECKING:  # privacy.site_dp loads scipy: a server without site_dp does not pay for it
+    from privacy.site_dp import SiteDPPlan
 from server.settings import ConfigError, hospital_settings
 
 MECHANISM = ("distributed discrete Gaussian inside secure aggregation (Kairouz, Liu, Steinke "
@@ -94,6 +89,8 @@ class HospitalPrivacy:
     def decode(self, total: np.ndarray, survivors: int, server_round: int,
                shapes: Sequence[tuple[int, ...]]) -> tuple[list[np.ndarray], dict[str, Any]]:
         """The noisy unweighted mean delta (one array per shape) and the round's record."""
+        from privacy.site_dp import decode_mean, decode_unclipped_fraction, next_clip, noise_report
+
         clip = self.round_clip if self.plan.adaptive else None
         mean = decode_mean(total, self.plan,
                            rotation_seed=protocol.site_dp_rotation_seed(self.seed, server_round),
@@ -116,6 +113,8 @@ class HospitalPrivacy:
     # -- the report ------------------------------------------------------------------------
     def section(self, history: RunHistory) -> dict[str, Any]:
         """report.json ``hospital_privacy``: the plan, ε spent, and every round's noise."""
+        from privacy.site_dp import epsilon
+
         plan, rounds, released = self.plan, [], []
         for number in sorted(history.rounds):
             secure = history.rounds[number].secure_aggregation or {}
