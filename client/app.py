@@ -154,6 +154,11 @@ def _reply(
     return egress.send(msg, content, kind=kind, site=site, context=context)
 
 
+HOSPITAL_DP_ONLY_MASKED = (
+    "privacy=site_dp: this site sends its update only as a noised share inside secure "
+    "aggregation (the masked-input stage), never in a plain train reply")
+
+
 def _refusal(site: SiteSettings, settings: RunSettings) -> str | None:
     """The site's policy (client/policy.py), then its plugins: checked before any data is read
     and before any plugin is imported."""
@@ -297,6 +302,9 @@ def build_client_app(
     @app.train()
     @site_handler(site_of, prepare_site)
     def train(msg: Message, context: Context, site: SiteSettings) -> Message:
+        if protocol.decode_run_settings(msg.content[protocol.CONFIG]).hospital_privacy \
+                is not None:  # a plain train message would carry the update without the noise
+            return refuse(msg, context, site, HOSPITAL_DP_ONLY_MASKED)
         outcome = train_round(msg, context, site, step_hook_for)
         return _reply(msg, context, site, outcome.metrics, outcome.model, ledger=outcome.ledger,
                       declined=outcome.declined, refused=outcome.refused)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -79,7 +79,7 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
             node_config.update(identities[node_config["site-id"]])
     console.print(f"[bold]medsilo[/] {cfg['task']['name']} · {len(folders)} hospitals · "
                   f"{cfg['rounds']} rounds · strategy {cfg['strategy']['name']} · "
-                  f"privacy {cfg['privacy']['name']} → {out_dir}")
+                  f"privacy {privacy_label(cfg)} → {out_dir}")
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=console)
 
@@ -165,6 +165,17 @@ def _preparing_line(cfg: dict[str, Any]) -> str:
                 f"{cfg['num_hospitals']} hospitals ({cfg['data']['partition']}) ...")
     return (f"writing {cfg['num_hospitals']} synthetic {cfg['task']['name']} hospitals "
             "(data.generate=upfront; reused by later runs) ...")
+
+
+def privacy_label(cfg: Mapping[str, Any]) -> str:
+    """The header's privacy mode: record level (off | dp) and, with privacy=site_dp, the
+    hospital-level target (to_dict splits site_dp into privacy + hospital_privacy)."""
+    label = cfg["privacy"]["name"]
+    hospital = cfg.get("hospital_privacy")
+    if hospital:
+        label = (f"site_dp (hospital-level ε target {hospital['target_epsilon']:g})"
+                 + (f" + record-level {label}" if label != "off" else ""))
+    return label
 
 
 def run_in_process(*args: Any, **kwargs: Any) -> None:

@@ -96,7 +96,7 @@ def test_dropouts_down_to_the_threshold_stay_within_the_plan_and_are_reported(tm
 
 
 def test_a_site_refuses_a_target_epsilon_above_its_own_cap(tmp_path):
-    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", "+site.max_hospital_epsilon=3")
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", "site.max_hospital_epsilon=3")
     report = _run(cfg, grid, tmp_path)
     (record,) = report["rounds"]
     assert len(record["refused"]) == 6
@@ -240,3 +240,48 @@ def test_a_site_with_a_hospital_budget_refuses_a_run_without_hospital_level_dp()
     reason = refusal_reason(site, without)
     assert reason is not None and "requires hospital-level DP" in reason
     assert refusal_reason(site, _settings(threshold=6)) is None
+
+
+def test_a_plain_train_message_of_a_site_dp_run_is_refused_before_training(tmp_path):
+    """An active server sends the site_dp run's settings in a plain ``train`` message (not the
+    masked-input stage): the update would leave without its noise share. Refused, no model."""
+    import time
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from client.app import HOSPITAL_DP_ONLY_MASKED, build_client_app
+    from server.app import initial_model
+    from server.settings import site_node_config, site_settings
+
+    cfg = compose([*SITE_DP, "rounds=1", f"data.cache_dir={tmp_path / 'cache'}"])
+    settings = site_settings(cfg)
+    assert settings.hospital_privacy is not None
+    from simulations.sites import site_folders
+
+    folder = next(iter(site_folders(cfg).values()))
+    node = {"site-id": "hospital_01", "data-path": str(folder), "state-dir": str(tmp_path / "s"),
+            "device": "cpu", "threads": 1, **site_node_config(cfg)}
+    app = build_client_app({0: node})
+    content = RecordDict({
+        protocol.ARRAYS: ArrayRecord(initial_model(cfg).state_dict()),
+        protocol.CONFIG: ConfigRecord({**protocol.encode_run_settings(settings),
+                                       protocol.SERVER_ROUND: 1})})
+    metadata = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=7,
+                        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=60,
+                        message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    reply = app(message=Message(metadata=metadata, content=content), context=context)
+    site = reply.content[protocol.SITE]
+    assert site[protocol.STATUS] == protocol.STATUS_REFUSED
+    assert HOSPITAL_DP_ONLY_MASKED in str(site[protocol.REASON])
+    assert protocol.ARRAYS not in reply.content
+
+
+def test_the_console_header_names_the_hospital_level_target():
+    from simulations.run import privacy_label
+
+    assert privacy_label(compose(list(SITE_DP))) == "site_dp (hospital-level ε target 8)"
+    both = compose([*SITE_DP, "privacy.record_level=dp"])
+    assert privacy_label(both) == "site_dp (hospital-level ε target 8) + record-level dp"
+    assert privacy_label(compose(["task=tabular"])) == "off"
