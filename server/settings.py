@@ -45,7 +45,8 @@ STANDARDIZE = ("site", "reference", "auto")
 @functools.cache
 def registered_model_names() -> list[str]:
     """``models.registered_models()`` without importing models/: the literal names of its
-    ``@register_model("name")`` decorators (models/__init__.py imports every module there)."""
+    ``@register_model("name")`` decorators (models/registry.py reads the same decorators to
+    import a family when a model of it is first built)."""
     names = set()
     for path in sorted((ROOT / "models").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
