@@ -22,6 +22,7 @@ import numpy as np
 
 from privacy import protocol
 from privacy.secagg import SecAggAborted
+from privacy.secagg.update import split_by_shapes
 from server.history import RunHistory
 
 if TYPE_CHECKING:  # privacy.site_dp loads scipy: a server without site_dp does not pay for it
@@ -103,12 +104,7 @@ class HospitalPrivacy:
                                         target_quantile=self.target_quantile,
                                         learning_rate=self.clip_learning_rate)
             record.update(unclipped_fraction=fraction, next_clip=self.round_clip)
-        arrays, start = [], 0
-        for shape in shapes:
-            count = int(np.prod(shape))
-            arrays.append(mean[start:start + count].reshape(shape))
-            start += count
-        return arrays, record
+        return split_by_shapes(mean, shapes), record
 
     # -- the report ------------------------------------------------------------------------
     def section(self, history: RunHistory) -> dict[str, Any]:

@@ -75,13 +75,17 @@ def decode_mean(
     if weight_sum <= 0:
         raise ValueError(f"the surviving sites' total weight is {weight_sum:.3g}; nothing to "
                          "average")
-    mean = weighted / weight_sum
+    return split_by_shapes(weighted / weight_sum, shapes), weight_sum
+
+
+def split_by_shapes(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """A flat vector back into one array per shape, in order (views, no copy)."""
     arrays, start = [], 0
     for shape in shapes:
         count = int(np.prod(shape))
-        arrays.append(mean[start:start + count].reshape(shape))
+        arrays.append(flat[start:start + count].reshape(shape))
         start += count
-    return arrays, weight_sum
+    return arrays
 
 
 def mean_error_bound(*, clip: float, num_sites: int, num_summed: int, weight_sum: float) -> float:
