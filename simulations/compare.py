@@ -46,6 +46,7 @@ class Run:
     rounds_done: int
     duration_s: float | None
     stopped_early: str | None
+    hospital_epsilon: float | None = None  # privacy=site_dp: the federation's hospital-level ε
 
 
 def find_reports(paths: Iterable[Path]) -> list[Path]:
@@ -97,6 +98,7 @@ def load_run(report_path: Path) -> Run:
         rounds_done=len(report.get("rounds") or []),
         duration_s=run.get("duration_s"),
         stopped_early=run.get("stopped_early"),
+        hospital_epsilon=(report.get("hospital_privacy") or {}).get("epsilon"),
     )
 
 
@@ -122,7 +124,9 @@ def _cell(value: Any) -> str:
 def table(runs: Sequence[Run], base: Path | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows: the run, its differing config, final metrics, ε, rounds, duration."""
     keys = differing_keys(runs)
-    header = ["run", *keys, *METRICS, "epsilon (max over hospitals)", "delta", "rounds done",
+    hospital = any(run.hospital_epsilon is not None for run in runs)
+    header = ["run", *keys, *METRICS, "epsilon (max over hospitals)", "delta",
+              *(["hospital-level epsilon (site_dp)"] if hospital else []), "rounds done",
               "duration_s"]
     rows = []
     for run in runs:
@@ -132,7 +136,10 @@ def table(runs: Sequence[Run], base: Path | None = None) -> tuple[list[str], lis
         rows.append([name, *(_cell(run.config.get(key)) for key in keys),
                      *(_cell(run.metrics[m]) for m in METRICS),
                      "no DP" if run.epsilon is None else _cell(run.epsilon),
-                     _cell(run.delta), rounds, _cell(run.duration_s)])
+                     _cell(run.delta),
+                     *([_cell(run.hospital_epsilon) if run.hospital_epsilon is not None
+                        else "none"] if hospital else []),
+                     rounds, _cell(run.duration_s)])
     return header, rows
 
 

@@ -7,7 +7,8 @@ logged months later (``python -m simulations.tracking DIR...``) give the same ML
 - params: the resolved config, flattened to dotted keys (``privacy.target_epsilon``);
 - metrics, step = round: ``global/<metric>`` (round 0 = the initial model),
   ``site/<site>/<metric>`` (each site's own test split), ``epsilon/<site>`` (the site's
-  cumulative ε after the round) and ``epsilon/max``; single values: ``final/<metric>``,
+  cumulative ε after the round), ``epsilon/max`` and, with privacy=site_dp,
+  ``hospital_epsilon``; single values: ``final/<metric>``, ``final_hospital_epsilon``,
   ``final_client_mean/<metric>``, ``baseline_local/<metric>``, ``baseline_pooled/<metric>``;
 - artifacts: the report, sites.csv, plots, model and Hydra config; never ``sites/`` (privacy
   ledgers, simulated SecAgg keys) nor the checkpoint;
@@ -137,6 +138,7 @@ def round_metrics(report: Mapping[str, Any]) -> list[tuple[str, float, int, floa
         if (v := _number(value)) is not None:
             rows.append((metric_key("global", name), v, 0, first))
     epsilons = epsilon_by_round(report)
+    hospital = hospital_epsilon_by_round(report)
     for entry in report.get("rounds", []):
         step = int(entry["round"])
         ended = (entry["started_at"] + (entry.get("duration_s") or 0.0)
@@ -153,7 +155,17 @@ def round_metrics(report: Mapping[str, Any]) -> list[tuple[str, float, int, floa
             rows.append((metric_key("epsilon", site), epsilon, step, ended))
         if spent:
             rows.append(("epsilon/max", max(spent.values()), step, ended))
+        if (v := _number(hospital.get(step))) is not None:
+            rows.append(("hospital_epsilon", v, step, ended))
     return rows
+
+
+def hospital_epsilon_by_round(report: Mapping[str, Any]) -> dict[int, float]:
+    """privacy=site_dp: the hospital-level ε after each released round (report.json
+    ``hospital_privacy.rounds[].epsilon_after``); empty otherwise."""
+    section = report.get("hospital_privacy") or {}
+    return {int(r["round"]): r["epsilon_after"] for r in section.get("rounds") or []
+            if r.get("epsilon_after") is not None}
 
 
 def epsilon_by_round(report: Mapping[str, Any]) -> dict[int, dict[str, float]]:
@@ -195,6 +207,8 @@ def summary_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     for site, led in sorted((report.get("privacy") or {}).items()):
         if led.get("dp") and (v := _number(led.get("epsilon"))) is not None:
             out[metric_key("final_epsilon", site)] = v
+    if (v := _number((report.get("hospital_privacy") or {}).get("epsilon"))) is not None:
+        out["final_hospital_epsilon"] = v  # privacy=site_dp: the whole federation's
     baselines = report.get("baselines") or {}
     for kind, section in (("baseline_local", (baselines.get("local") or {}).get("client_mean")),
                           ("baseline_pooled", (baselines.get("pooled") or {}).get("global"))):

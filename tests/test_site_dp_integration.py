@@ -285,3 +285,21 @@ def test_the_console_header_names_the_hospital_level_target():
     both = compose([*SITE_DP, "privacy.record_level=dp"])
     assert privacy_label(both) == "site_dp (hospital-level ε target 8) + record-level dp"
     assert privacy_label(compose(["task=tabular"])) == "off"
+
+
+def test_compare_and_tracking_show_the_hospital_level_epsilon(site_dp_run):
+    """A researcher's tools carry the federation's ε beside the per-site ones."""
+    from simulations import compare, tracking
+
+    _, report, out = site_dp_run
+    hospital = report["hospital_privacy"]
+    run = compare.load_run(out / "report.json")
+    assert run.hospital_epsilon == hospital["epsilon"] and run.epsilon is None  # no DP-SGD
+    header, rows = compare.table([run])
+    column = header.index("hospital-level epsilon (site_dp)")
+    assert rows[0][column] == compare._cell(hospital["epsilon"])
+    per_round = [(step, value) for key, value, step, _ in tracking.round_metrics(report)
+                 if key == "hospital_epsilon"]
+    assert per_round == [(r["round"], r["epsilon_after"]) for r in hospital["rounds"]]
+    assert per_round[-1][1] == pytest.approx(hospital["epsilon"])
+    assert tracking.summary_metrics(report)["final_hospital_epsilon"] == hospital["epsilon"]
