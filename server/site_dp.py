@@ -58,8 +58,10 @@ class HospitalPrivacy:
             raise ConfigError(f"privacy=site_dp cannot be planned for this model ({dim} "
                               f"parameters): {err}") from err
         self.round_clip = self.plan.clip
+        self.released: list[int] = []  # survivors of each released round (the console's ε)
         for record in _site_dp_records(history):  # resumed: the clip the last round chose
             self.round_clip = float(record.get("next_clip", self.round_clip))
+            self.released.append(int(record["survivors"]))
 
     # -- what secure aggregation needs ---------------------------------------------------
     def public_fields(self) -> dict[str, Any]:
@@ -90,14 +92,23 @@ class HospitalPrivacy:
     def decode(self, total: np.ndarray, survivors: int, server_round: int,
                shapes: Sequence[tuple[int, ...]]) -> tuple[list[np.ndarray], dict[str, Any]]:
         """The noisy unweighted mean delta (one array per shape) and the round's record."""
-        from privacy.site_dp import decode_mean, decode_unclipped_fraction, next_clip, noise_report
+        from privacy.site_dp import (
+            decode_mean,
+            decode_unclipped_fraction,
+            epsilon,
+            next_clip,
+            noise_report,
+        )
 
         clip = self.round_clip if self.plan.adaptive else None
         mean = decode_mean(total, self.plan,
                            rotation_seed=protocol.site_dp_rotation_seed(self.seed, server_round),
                            survivors=survivors, clip=clip)
+        self.released.append(survivors)
         record: dict[str, Any] = {"survivors": survivors, "clip": self.round_clip,
-                                  "noise": noise_report(self.plan, survivors)}
+                                  "noise": noise_report(self.plan, survivors),
+                                  # after this round (an aborted round releases nothing)
+                                  "epsilon_after": epsilon(self.plan, self.released)}
         if self.plan.adaptive:  # post-processing of the same noised sum
             fraction = decode_unclipped_fraction(total, self.plan, survivors=survivors)
             self.round_clip = next_clip(self.round_clip, fraction,

@@ -91,6 +91,9 @@ def simulate(cfg: dict[str, Any], out_dir: Path, *,
         if record.privacy:
             eps = [led["epsilon"] for led in record.privacy.values()]
             failed += f" · ε max {max(eps):.2f}"
+        hospital = (record.secure_aggregation or {}).get("site_dp") or {}
+        if hospital.get("epsilon_after") is not None:  # privacy=site_dp: the federation's ε
+            failed += f" · hospital-level ε {hospital['epsilon_after']:.2f}"
         if is_collapsed(g):
             failed += " · [bold red]collapsed: one class predicted for every example[/]"
         progress.console.print(

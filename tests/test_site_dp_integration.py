@@ -303,3 +303,11 @@ def test_compare_and_tracking_show_the_hospital_level_epsilon(site_dp_run):
     assert per_round == [(r["round"], r["epsilon_after"]) for r in hospital["rounds"]]
     assert per_round[-1][1] == pytest.approx(hospital["epsilon"])
     assert tracking.summary_metrics(report)["final_hospital_epsilon"] == hospital["epsilon"]
+
+
+def test_each_round_record_carries_the_hospital_epsilon_the_report_gives_for_it(site_dp_run):
+    """The console's round line reads it from the round record as the round ends."""
+    _, report, _ = site_dp_run
+    for entry, record in zip(report["hospital_privacy"]["rounds"], report["rounds"], strict=True):
+        assert record["secure_aggregation"]["site_dp"]["epsilon_after"] == pytest.approx(
+            entry["epsilon_after"], rel=1e-12)
