@@ -393,8 +393,11 @@ def _hospital_sentence(what: str, hospital: Mapping[str, Any], run: Mapping[str,
                 "hospital added itself inside secure aggregation, so the server only ever saw "
                 f"noised sums of at least {hospital['threshold']} hospitals' updates.")
     if run["privacy"] == "off":
-        return sentence + (" No record-level DP-SGD ran: each patient is covered by the same "
-                           "bound as part of their hospital.")
+        return sentence + (" No record-level DP-SGD ran: a patient is protected only through "
+                           "their hospital's update; this ε bounds removing that update, and "
+                           "changing one patient's record (replacing the update by another) is "
+                           "bounded only by applying it twice (about 2ε), not by a guarantee "
+                           "of its own.")
     return sentence + " In addition, " + record_level[0].lower() + record_level[1:]
 
 

@@ -136,6 +136,31 @@ def test_a_site_refuses_more_participants_or_rounds_than_planned():
     assert spent is not None and "5 of the 5 rounds" in spent
 
 
+def test_a_site_refuses_a_plan_other_than_the_one_it_already_contributed_under():
+    """A server that asks for rounds=1, then rounds=2, ... would have each round noised for a
+    whole budget: after its first contribution the site holds the run to that plan."""
+    from flwr.app import RecordDict
+
+    from client.site_dp import contributions, pinned_plan, record_contribution
+
+    first = _settings(threshold=6, rounds=1)
+    state = RecordDict()
+    assert round_refusal(first.hospital_privacy, first, _secagg_state(10, 6),
+                         contributions(state), pinned_plan(state)) is None
+    record_contribution(state, first)
+    longer = _settings(threshold=6, rounds=2, server_round=2)
+    reason = round_refusal(longer.hospital_privacy, longer, _secagg_state(10, 6),
+                           contributions(state), pinned_plan(state))
+    assert reason is not None and "not the one this site already contributed under" in reason
+    looser = _settings(threshold=5, rounds=1)
+    assert round_refusal(looser.hospital_privacy, looser, _secagg_state(10, 6), 0,
+                         pinned_plan(state)) is not None
+    same = _settings(threshold=6, rounds=2, server_round=2)
+    record_contribution(again := RecordDict(), same)
+    assert round_refusal(same.hospital_privacy, same, _secagg_state(10, 6),
+                         contributions(again), pinned_plan(again)) is None
+
+
 def test_privacy_site_dp_without_secure_aggregation_is_a_config_error():
     with pytest.raises(ConfigError, match=r"secagg must be 'on' with privacy=site_dp"):
         compose(["privacy=site_dp", "secagg=off"])
@@ -311,3 +336,12 @@ def test_each_round_record_carries_the_hospital_epsilon_the_report_gives_for_it(
     for entry, record in zip(report["hospital_privacy"]["rounds"], report["rounds"], strict=True):
         assert record["secure_aggregation"]["site_dp"]["epsilon_after"] == pytest.approx(
             entry["epsilon_after"], rel=1e-12)
+
+
+def test_without_record_level_dp_a_patient_is_not_claimed_the_hospital_epsilon(site_dp_run):
+    """Zero-out adjacency bounds a hospital's update against nothing; one changed record
+    replaces the update by another (up to 2x the clip apart): the report must not give a
+    patient ε itself."""
+    _, _, out = site_dp_run
+    opening = (out / "report.md").read_text().splitlines()[2]
+    assert "No record-level DP-SGD ran" in opening and "about 2ε" in opening
