@@ -4,6 +4,8 @@ backward, for every model that has them; secure noise and the audit's dense path
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from opacus.optimizers import DPOptimizer
@@ -157,53 +159,54 @@ def test_the_same_table_looked_up_twice_in_one_forward_is_one_sparse_gradient(mo
     release_sparse_embeddings(model)
 
 
-def test_an_empty_poisson_batch_is_noised_and_counted_with_sparse_tables():
+@contextmanager
+def _private_notes_model(name: str, dp: DPConfig, *, batch_size: int = 3, **options):
+    """``MODELS[name]`` (a notes model) made private as a site does, with SGD at lr 0.1; yields
+    (model, (tokens, mask, labels), DP optimizer, criterion) and undoes the hooks after."""
     torch.manual_seed(0)
-    model, ((tokens, mask), labels) = MODELS["attention"]()
-    loader = DataLoader(TensorDataset(tokens, mask, labels), batch_size=3)
+    model, ((tokens, mask), labels) = MODELS[name]()
+    loader = DataLoader(TensorDataset(tokens, mask, labels), batch_size=batch_size)
     hooks, optimizer, criterion, _ = make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.1), loader, nn.CrossEntropyLoss(),
-        DPConfig(1.0, 1.0), seed=0, device="cpu")
-    before = model.token_embedding.weight.detach().clone()
-    optimizer.zero_grad()
-    criterion(model(tokens[:0], mask[:0]), labels[:0]).backward()
-    optimizer.step()
-    assert not torch.equal(before, model.token_embedding.weight)  # noise, nothing else
-    assert torch.isfinite(model.token_embedding.weight).all()
-    hooks.cleanup()
-    release_sparse_embeddings(model)
+        dp, seed=0, device="cpu", **options)
+    try:
+        yield model, (tokens, mask, labels), optimizer, criterion
+    finally:
+        hooks.cleanup()
+        release_sparse_embeddings(model)
+
+
+def test_an_empty_poisson_batch_is_noised_and_counted_with_sparse_tables():
+    with _private_notes_model("attention", DPConfig(1.0, 1.0)) as (
+            model, (tokens, mask, labels), optimizer, criterion):
+        before = model.token_embedding.weight.detach().clone()
+        optimizer.zero_grad()
+        criterion(model(tokens[:0], mask[:0]), labels[:0]).backward()
+        optimizer.step()
+        assert not torch.equal(before, model.token_embedding.weight)  # noise, nothing else
+        assert torch.isfinite(model.token_embedding.weight).all()
 
 
 def test_secure_noise_keeps_the_sparse_clip_and_the_accounting():
-    torch.manual_seed(0)
-    model, ((tokens, mask), labels) = MODELS["bow"]()
-    loader = DataLoader(TensorDataset(tokens, mask, labels), batch_size=3)
-    hooks, optimizer, criterion, _ = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, nn.CrossEntropyLoss(),
-        DPConfig(1.0, 1.0, secure_noise=True), seed=0, device="cpu")
-    assert isinstance(optimizer, DPOptimizerSparseEmbeddings)
-    assert isinstance(optimizer, SecureNoiseMixin) and isinstance(optimizer, DPOptimizer)
-    assert use_secure_noise(optimizer) is optimizer  # idempotent
-    steps = []
-    optimizer.attach_step_hook(lambda opt: steps.append(opt.noise_multiplier))
-    criterion(model(tokens, mask), labels).backward()
-    optimizer.step()
-    assert steps == [1.0]
-    hooks.cleanup()
-    release_sparse_embeddings(model)
+    with _private_notes_model("bow", DPConfig(1.0, 1.0, secure_noise=True)) as (
+            model, (tokens, mask, labels), optimizer, criterion):
+        assert isinstance(optimizer, DPOptimizerSparseEmbeddings)
+        assert isinstance(optimizer, SecureNoiseMixin) and isinstance(optimizer, DPOptimizer)
+        assert use_secure_noise(optimizer) is optimizer  # idempotent
+        steps = []
+        optimizer.attach_step_hook(lambda opt: steps.append(opt.noise_multiplier))
+        criterion(model(tokens, mask), labels).backward()
+        optimizer.step()
+        assert steps == [1.0]
 
 
 def test_the_audit_gets_opacus_dense_rows_and_training_leaves_no_mark():
-    torch.manual_seed(0)
-    model, ((tokens, mask), labels) = MODELS["bow"]()
-    table = model.token_embedding.weight
-    loader = DataLoader(TensorDataset(tokens, mask, labels), batch_size=6)
-    hooks, optimizer, criterion, _ = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, nn.CrossEntropyLoss(),
-        DPConfig(1.0, 1.0), seed=0, device="cpu", dense_per_sample=True)
-    criterion(model(tokens, mask), labels).backward()
-    assert table.grad_sample.shape == (6, *table.shape)  # canaries append rows of this shape
-    hooks.cleanup()
+    with _private_notes_model("bow", DPConfig(1.0, 1.0), batch_size=6,
+                              dense_per_sample=True) as (
+            model, (tokens, mask, labels), optimizer, criterion):
+        table = model.token_embedding.weight
+        criterion(model(tokens, mask), labels).backward()
+        assert table.grad_sample.shape == (6, *table.shape)  # canaries append rows of this shape
     data = TensorDataset(tokens, mask, labels)
     train_local(model, data, LocalTrainingConfig(batch_size=3), seed=0,
                 dp=DPConfig(1.0, 1.0))
