@@ -233,7 +233,8 @@ def train_local(
                 if step_hook is not None:
                     step_hook(model, 1.0 / len(loader), len(labels))
                 optimizer.step()
-                if len(labels):
+                # under DP the loss is not reported (see above): no host sync per step for it
+                if dp is None and len(labels):
                     total_loss += float(loss.detach()) * len(labels)
                     total_examples += len(labels)
                 steps += 1
