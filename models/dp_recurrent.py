@@ -224,7 +224,8 @@ def recurrent_grad_sample(layer: RecurrentLayer, activations: list[torch.Tensor]
     per_sample, raw = layer._per_sample
     del layer._per_sample
     norm = (raw * raw).sum()
-    scale = (backprops * raw).sum() / norm if norm > 0 else norm.new_ones(())
+    # torch.where, not `if norm > 0`: no host sync per layer and step on CUDA
+    scale = torch.where(norm > 0, (backprops * raw).sum() / norm, torch.ones_like(norm))
     return {p: g * scale for p, g in per_sample.items() if p.requires_grad}
 
 
