@@ -127,7 +127,8 @@ def register_secure_aggregation(
         settings = protocol.decode_run_settings(msg.content[protocol.CONFIG])
         if settings.hospital_privacy is not None:  # privacy=site_dp: checked before training
             reason = site_dp.round_refusal(settings.hospital_privacy, settings, state,
-                                           site_dp.contributions(context.state))
+                                           site_dp.contributions(context.state),
+                                           site_dp.pinned_plan(context.state))
             if reason is not None:
                 del context.state[STATE]
                 return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
@@ -144,8 +145,7 @@ def register_secure_aggregation(
             # its own noise share (planned at the site); nothing about the round in the clear
             vector, _ = site_dp.encode_share(delta, site, settings,
                                              public.get(protocol.SITE_DP_CLIP))
-            context.state[site_dp.LEDGER] = ConfigRecord(
-                {"rounds": site_dp.contributions(context.state) + 1})
+            site_dp.record_contribution(context.state, settings)
             metrics: dict[str, Any] = {}
         else:
             weight = site_weight(int(outcome.metrics[protocol.NUM_EXAMPLES]),

@@ -14,7 +14,9 @@ already carries the planned noise. The site trusts the server with nothing here:
   survivor set only with at least ``quorum(n, t)`` members (privacy/secagg/client.py), so the
   plan's threshold must not exceed that; and more participants than the plan's
   ``sites_per_round``, or more contributions than its ``rounds`` (counted in its own
-  ``Context.state``, whatever round numbers the server sends);
+  ``Context.state``, whatever round numbers the server sends); and, after its first
+  contribution, any other plan (the ε of rounds noised for different plans would add up past
+  each plan's target: ``rounds=1``, then ``rounds=2``, ... each within the count);
 - a deployed site draws its noise and rounding from the OS (ChaCha20 keyed by os.urandom);
   a simulated one from the run's seed unless ``secure_noise`` (reproducible runs).
 
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from flwr.app import ConfigRecord, RecordDict
 
 from client.site import SiteSettings
 from client.training import site_seed
@@ -52,8 +56,13 @@ def site_plan(hospital: HospitalPrivacySettings, rounds: int, dim: int) -> SiteD
 
 
 def round_refusal(hospital: HospitalPrivacySettings, settings: RunSettings,
-                  secagg_state: Mapping[str, Any], contributed: int) -> str | None:
-    """Why this site will not add its share to this round's sum, or None."""
+                  secagg_state: Mapping[str, Any], contributed: int,
+                  pinned: str | None = None) -> str | None:
+    """Why this site will not add its share to this round's sum, or None. ``pinned``: the
+    plan of its earlier contributions in this run (:func:`pinned_plan`)."""
+    if pinned is not None and pinned != plan_inputs(hospital, settings.rounds):
+        return ("the run's hospital-level plan (hospital_privacy, rounds) is not the one this "
+                f"site already contributed under: {pinned}")
     participants = int(secagg_state[secagg_messages.NUM_PARTICIPANTS])
     secagg_threshold = int(secagg_state[secagg_messages.THRESHOLD])
     floor = quorum(participants, secagg_threshold)
@@ -73,6 +82,24 @@ def round_refusal(hospital: HospitalPrivacySettings, settings: RunSettings,
 
 def contributions(state: Mapping[str, Any]) -> int:
     return int(dict(state[LEDGER])["rounds"]) if LEDGER in state else 0
+
+
+def plan_inputs(hospital: HospitalPrivacySettings, rounds: int) -> str:
+    """The public values the plan is computed from, as one comparable string."""
+    return json.dumps({**hospital.as_dict(), "rounds": rounds}, sort_keys=True)
+
+
+def pinned_plan(state: Mapping[str, Any]) -> str | None:
+    """The plan inputs of this site's first contribution in this run, or None before it."""
+    return str(dict(state[LEDGER])["plan"]) if LEDGER in state else None
+
+
+def record_contribution(state: RecordDict, settings: RunSettings) -> None:
+    """Count one more noised contribution, under the plan it was noised for."""
+    assert settings.hospital_privacy is not None
+    state[LEDGER] = ConfigRecord({
+        "rounds": contributions(state) + 1,
+        "plan": plan_inputs(settings.hospital_privacy, settings.rounds)})
 
 
 def noise_stream(site: SiteSettings, settings: RunSettings) -> KeyStream:
