@@ -82,16 +82,20 @@ def _with_opacus_recurrent(model: nn.Module) -> nn.Module:
     return model
 
 
+def _site_data(task_name: str, cfg: dict):
+    with tempfile.TemporaryDirectory() as tmp:
+        generator = get_generator(task_name)
+        profile = generator.site_profiles(cfg["task"], 1, seed=0)[0]
+        generator.generate_site(Path(tmp) / "site", cfg["task"], profile, seed=0)
+        return get_task(task_name).load_site(Path(tmp) / "site", cfg["task"], "site")
+
+
 def epoch_times(task_name: str, repeats: int,
                 adapt: Callable[[nn.Module], nn.Module] | None = None,
                 device: str = "cpu") -> dict:
     cfg = compose([f"task={task_name}"])
     task = get_task(task_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        generator = get_generator(task_name)
-        profile = generator.site_profiles(cfg["task"], 1, seed=0)[0]
-        generator.generate_site(Path(tmp) / "site", cfg["task"], profile, seed=0)
-        data = task.load_site(Path(tmp) / "site", cfg["task"], "site")
+    data = _site_data(task_name, cfg)
     config = LocalTrainingConfig(epochs=1, batch_size=cfg["batch_size"], lr=cfg["lr"],
                                  optimizer=cfg["optimizer"])
     dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
@@ -125,14 +129,6 @@ def epoch_times(task_name: str, repeats: int,
             "cpu_dp_ratio": round(med["cpu_dp"] / med["cpu_plain"], 2),
             "dp_ratios_per_repeat": [round(d / p, 2) for p, d in zip(wall["plain"], wall["dp"],
                                                                       strict=True)]}
-
-
-def _site_data(task_name: str, cfg: dict):
-    with tempfile.TemporaryDirectory() as tmp:
-        generator = get_generator(task_name)
-        profile = generator.site_profiles(cfg["task"], 1, seed=0)[0]
-        generator.generate_site(Path(tmp) / "site", cfg["task"], profile, seed=0)
-        return get_task(task_name).load_site(Path(tmp) / "site", cfg["task"], "site")
 
 
 def step_times(model_name: str, steps: int, warmup: int = 5, batch: int = 64,
