@@ -24,10 +24,10 @@ from privacy import protocol
 from privacy.secagg import SecAggAborted
 from privacy.secagg.update import split_by_shapes
 from server.history import RunHistory
+from server.settings import ConfigError, hospital_settings
 
 if TYPE_CHECKING:  # privacy.site_dp loads scipy: a server without site_dp does not pay for it
     from privacy.site_dp import SiteDPPlan
-from server.settings import ConfigError, hospital_settings
 
 MECHANISM = ("distributed discrete Gaussian inside secure aggregation (Kairouz, Liu, Steinke "
              "2021): each site adds its own noise share before masking")
