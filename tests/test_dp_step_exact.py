@@ -211,3 +211,16 @@ def test_the_audit_gets_opacus_dense_rows_and_training_leaves_no_mark():
     train_local(model, data, LocalTrainingConfig(batch_size=3), seed=0,
                 dp=DPConfig(1.0, 1.0))
     assert not hasattr(table, "sparse_per_sample") and not hasattr(table, "grad_sample_ids")
+
+
+def test_secure_noise_refuses_an_optimizer_that_changes_the_noise_step():
+    class OwnNoise(DPOptimizer):  # as AdaClip, DDP and FSDP optimizers do
+        def add_noise(self) -> None:
+            super().add_noise()
+
+    params = [nn.Parameter(torch.zeros(3))]
+    optimizer = OwnNoise(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0,
+                         max_grad_norm=1.0, expected_batch_size=4)
+    with pytest.raises(TypeError, match="keep its noise step"):
+        use_secure_noise(optimizer)
+    assert type(optimizer) is OwnNoise  # left as it was, torch noise and all
