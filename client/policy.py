@@ -154,6 +154,9 @@ def hospital_privacy_refusal(site: SiteSettings, hospital: HospitalPrivacySettin
         return (f"hospital_privacy.delta must be in (0, 1/num_sites = "
                 f"{1 / hospital.num_sites:.3g}) for a guarantee per hospital, the run asks for "
                 f"{delta!r}")
+    if delta > site.max_hospital_delta:
+        return (f"hospital_privacy.delta {delta:g} is above this site's max_hospital_delta "
+                f"{site.max_hospital_delta:g}")
     if not 2 <= hospital.bits <= 32:
         return f"hospital_privacy.bits must be in [2, 32], the run asks for {hospital.bits}"
     sigma_b = hospital.count_noise_std

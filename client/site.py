@@ -23,6 +23,7 @@ config: ``--node-config 'site-config="/etc/medsilo/site.toml"'``::
     allowed_models = ["mlp", "logreg"]   # runs of other models are refused
     secagg_min_threshold = 3             # never share secrets with a smaller Shamir threshold
     max_hospital_epsilon = 4.0           # require privacy=site_dp at most this hospital-level eps
+    max_hospital_delta = 1e-5            # refuse a larger hospital-level delta (the default)
     identity_key = "supernode.key"       # this site's provisioned P-384 key (signs SecAgg keys)
     roster = "roster.json"               # the federation roster signed by the CA
     ca_cert = "ca.crt"                   # the federation CA (verifies the roster)
@@ -58,8 +59,8 @@ SITE_KEYS = ("site-id", "data-path", "device", "threads", "state-dir", "max-epsi
              "allowed-models", "secagg-min-threshold", "identity-key", "roster", "ca-cert",
              # modules of the site's own installed code (models, tasks) it lets a run use
              "plugins",
-             # hospital-level DP (privacy=site_dp): the largest epsilon this site accepts
-             "max-hospital-epsilon")
+             # hospital-level DP (privacy=site_dp): the largest epsilon and delta it accepts
+             "max-hospital-epsilon", "max-hospital-delta")
 APP_HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -102,6 +103,10 @@ class SiteSettings:
     # computes the noise from it itself: client/site_dp.py), and so is a run without
     # hospital-level DP. None: no cap of its own, no requirement
     max_hospital_epsilon: float | None = None
+    # privacy=site_dp: the largest hospital-level delta this site accepts. Held here, not only
+    # checked against 1/num_sites: num_sites is the server's word (a server understating it
+    # could ask for a delta that guarantees nothing)
+    max_hospital_delta: float = 1e-5
     simulated: bool = False  # a virtual SuperNode of a simulation on this machine
 
     @classmethod
@@ -179,6 +184,10 @@ class SiteSettings:
         if max_hospital_epsilon is not None and max_hospital_epsilon <= 0:
             raise SiteConfigError(f"{source}: max-hospital-epsilon must be > 0, got "
                                   f"{max_hospital_epsilon}")
+        max_hospital_delta = number("max-hospital-delta")
+        if max_hospital_delta is not None and not 0 < max_hospital_delta < 1:
+            raise SiteConfigError(f"{source}: max-hospital-delta must be in (0, 1), got "
+                                  f"{max_hospital_delta}")
         min_sigma = number("min-noise-multiplier")
         if min_sigma is not None and min_sigma < 0:
             raise SiteConfigError(f"{source}: min-noise-multiplier must be >= 0, got {min_sigma}")
@@ -219,6 +228,8 @@ class SiteSettings:
             ca_cert=path("ca-cert"),
             plugins=_module_names(values.get("plugins", ()), source),
             max_hospital_epsilon=max_hospital_epsilon,
+            **({"max_hospital_delta": max_hospital_delta}
+               if max_hospital_delta is not None else {}),
             simulated=simulation,
         )
 

@@ -471,7 +471,7 @@ def _validate_record_dp(cfg: DictConfig | Mapping[str, Any], privacy: Mapping[st
 # them (client/site.py reads them; client/policy.py enforces them). Never sent to the sites.
 SITE_POLICY_KEYS = ("require_dp", "max_epsilon", "delta", "min_noise_multiplier",
                     "max_grad_norm_range", "allowed_tasks", "allowed_models",
-                    "secagg_min_threshold", "max_hospital_epsilon")
+                    "secagg_min_threshold", "max_hospital_epsilon", "max_hospital_delta")
 
 
 def _validate_site_policy(cfg: DictConfig | Mapping[str, Any]) -> None:
@@ -485,9 +485,10 @@ def _validate_site_policy(cfg: DictConfig | Mapping[str, Any]) -> None:
         value = site.get(key)
         _check(value is None or (_is_number(value) and value > 0), f"site.{key}",
                "a number > 0 or null", value)
-    delta = site.get("delta")
-    _check(delta is None or (_is_number(delta) and 0 < delta < 1), "site.delta",
-           "a number in (0, 1) or null", delta)
+    for key in ("delta", "max_hospital_delta"):
+        delta = site.get(key)
+        _check(delta is None or (_is_number(delta) and 0 < delta < 1), f"site.{key}",
+               "a number in (0, 1) or null", delta)
     clip = site.get("max_grad_norm_range")
     _check(clip is None or (isinstance(clip, list | tuple | ListConfig) and len(clip) == 2
                             and all(_is_number(c) for c in clip) and 0 < clip[0] <= clip[1]),

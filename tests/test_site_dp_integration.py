@@ -345,3 +345,23 @@ def test_without_record_level_dp_a_patient_is_not_claimed_the_hospital_epsilon(s
     _, _, out = site_dp_run
     opening = (out / "report.md").read_text().splitlines()[2]
     assert "No record-level DP-SGD ran" in opening and "about 2ε" in opening
+
+
+def test_a_site_refuses_a_delta_above_its_own_ceiling_whatever_num_sites_the_server_claims():
+    """num_sites is the server's word: understating it (6 sites claimed) would let delta rise
+    to 1/6. The site's own max_hospital_delta (default 1e-5) holds whatever num_sites says."""
+    from client.policy import hospital_privacy_refusal
+
+    site = SiteSettings(site_id="h", data_path=Path("."), require_approval=False,
+                        require_dp=False, simulated=True)
+    loose = HospitalPrivacySettings(target_epsilon=4.0, delta=0.1, clip=0.5, num_sites=6,
+                                    sites_per_round=6, threshold=4)
+    reason = hospital_privacy_refusal(site, loose)
+    assert reason is not None and "max_hospital_delta 1e-05" in reason
+    plain = HospitalPrivacySettings(target_epsilon=4.0, delta=1e-5, clip=0.5, num_sites=6,
+                                    sites_per_round=6, threshold=4)
+    assert hospital_privacy_refusal(site, plain) is None
+    wider = SiteSettings.from_node_config({"site-id": "h", "data-path": ".",
+                                           "max-hospital-delta": 0.15}, simulation=True)
+    assert wider.max_hospital_delta == 0.15
+    assert hospital_privacy_refusal(wider, loose) is None
