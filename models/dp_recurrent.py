@@ -17,20 +17,26 @@ DP. Here a layer holds ``nn.LSTM``'s four weights (W_ih, W_hh, b_ih, b_hh) and:
   The per-sample gradients are then two batched matrix products,
   ∂L_b/∂W_ih = Σ_t dgates[b, t]ᵀ x[b, t] and ∂L_b/∂W_hh = Σ_t dgates[b, t]ᵀ h[b, t-1] (for the
   GRU the candidate gate's hidden part is scaled by the reset gate r), and the biases'
-  Σ_t dgates[b, t]; the usual gradients are their sums over the batch.
+  Σ_t dgates[b, t], computed by the sampler Opacus calls after the backward (Opacus's loss
+  scale applied to the gate gradients first, the outputs contiguous for its clip step). Autograd's
+  batch gradients are not computed: DP-SGD replaces ``p.grad`` by the noised sum of clipped
+  per-sample gradients (``models/layers.py``'s ``Linear`` does the same).
 
 Both paths compute the same function of the same parameters (same state_dict), so the global
 model does not depend on which sites trained privately; exactness against one backward pass
 per record is tested in tests/test_dp_layers.py (float64, both cells, two layers). One forward
 per backward (what a training step does): the recorded tensors belong to the last forward.
 
-Cost (simulations/benchmarks/training.py ``--per-step``, batch 64, 1 thread, CPU time, old and
-new code in 3 interleaved process pairs on a shared 2-core machine): a DP step is 1.18-1.24×
-the plain one for the GRU (1.66-1.76× before, with an identity-input kernel and an
-``nn.Linear`` hook) but still 2.7-3.1× for the LSTM (2.8-3.0× before): the plain LSTM is
-oneDNN's fused kernel (about 1.5 ms forward and backward here), and this backward's time loop,
-about five small ops per hour in Python, costs about what the identity kernel did. What would
-remove it: a compiled backward-through-time kernel that returns the gate gradients.
+Cost (simulations/benchmarks/training.py ``--per-step``, batch 64, 1 thread, CPU time, DP and
+plain steps alternated; docs/performance.md has the table): the GRU's DP step is 1.1-1.2× the
+plain one, the LSTM's 2.4-2.5× (2.8× before the per-sample products moved to the sampler and
+the batch sums went). The plain LSTM is oneDNN's fused kernel; what the DP path adds is the
+recomputed gates (two GEMMs over B·T rows), the backward time loop (~5 small ops per hour in
+Python: ~1 ms of its ~2.5), the per-sample products (B·4H·(I+H)·T multiply-adds, as many as the
+plain backward's weight gradient, ~1 ms) and Opacus's per-parameter clip and noise (~0.8 ms).
+What would remove the loop's overhead: a compiled backward-through-time kernel that returns
+the gate gradients (no such kernel in torch's CPU build; TorchScript measured 20% faster on the
+loop, deprecated).
 """
 
 from __future__ import annotations
@@ -135,8 +141,9 @@ _GATE_GRADS = {"lstm": _lstm_gate_grads, "gru": _gru_gate_grads}
 
 
 class _RecurrentFunction(torch.autograd.Function):
-    """The kernel's forward without a graph; backward through time by hand, recording every
-    record's gradients of the layer's four weights on ``layer._per_sample``."""
+    """The kernel's forward without a graph; backward through time by hand, leaving on
+    ``layer._per_sample`` what every record's gradients of the layer's four weights are made of
+    (the sampler multiplies them out)."""
 
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, layer, input_grad):
@@ -154,26 +161,14 @@ class _RecurrentFunction(torch.autograd.Function):
         previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
         time_major = [t.transpose(0, 1).contiguous() for t in (x, previous, grad_out)]
         grads_in, grads_hidden = _GATE_GRADS[layer.cell](*time_major, w_ih, w_hh, b_ih, b_hh)
-        # per record b: Σ_t dgates[t, b]ᵀ [x, h_{t-1}], as batched products ([x, h]ᵀ dgates,
-        # B × inputs × gates, read transposed: no copy of the time-major gate gradients)
-        if grads_hidden is grads_in:  # LSTM: both weights see the same gate gradients
-            both = torch.bmm(torch.cat([x, previous], dim=2).transpose(1, 2),
-                             grads_in.transpose(0, 1)).transpose(1, 2)
-            weight_ih, weight_hh = both.split([x.shape[2], previous.shape[2]], dim=2)
-        else:
-            weight_ih = torch.bmm(x.transpose(1, 2), grads_in.transpose(0, 1)).transpose(1, 2)
-            weight_hh = torch.bmm(previous.transpose(1, 2),
-                                  grads_hidden.transpose(0, 1)).transpose(1, 2)
-        bias_ih = grads_in.sum(dim=0)
-        bias_hh = bias_ih if grads_hidden is grads_in else grads_hidden.sum(dim=0)
-        per_sample = {layer.weight_ih: weight_ih, layer.weight_hh: weight_hh,
-                      layer.bias_ih: bias_ih, layer.bias_hh: bias_hh}
-        layer._per_sample = (per_sample, grad_out)
+        layer._per_sample = (x, previous, grads_in, grads_hidden, grad_out)
         grad_x = None
         if ctx.needs_input_grad[0] and ctx.input_grad:
             grad_x = (grads_in @ w_ih).transpose(0, 1)
-        return (grad_x, weight_ih.sum(dim=0), weight_hh.sum(dim=0), bias_ih.sum(dim=0),
-                bias_hh.sum(dim=0), None, None)
+        # No weight gradients: DP-SGD replaces p.grad by the noised sum of clipped per-sample
+        # gradients, so autograd's batch sums would be computed for nothing (as models/layers.py's
+        # Linear does, p.grad stays unset until the optimizer step).
+        return grad_x, None, None, None, None, None, None
 
 
 class RecurrentLayer(nn.Module):
@@ -213,20 +208,34 @@ class RecurrentLayer(nn.Module):
 @register_grad_sampler(RecurrentLayer)
 def recurrent_grad_sample(layer: RecurrentLayer, activations: list[torch.Tensor],
                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """The per-sample gradients the layer's backward recorded.
+    """Every record's gradients of the layer's four weights, from what its backward recorded:
+    ∂L_b/∂W_ih = Σ_t dgates[t, b]ᵀ x[b, t], ∂L_b/∂W_hh = Σ_t dgates[t, b]ᵀ h[b, t-1] (batched
+    products written straight into contiguous B × gates × inputs tensors, which Opacus's clip
+    step reads twice) and the biases' Σ_t dgates[t, b].
 
     Opacus hands ``backprops`` already scaled for its loss reduction (× batch size for a mean
-    loss); the recorded gradients are unscaled, so the same factor is applied to them.
+    loss); the recorded gradients are unscaled, so the same factor is applied to the gate
+    gradients first (the smallest tensor they all come from).
     """
     if not hasattr(layer, "_per_sample"):
         raise RuntimeError("RecurrentLayer: Opacus asked for per-sample gradients before the "
                            "backward pass went through this layer (one forward per backward)")
-    per_sample, raw = layer._per_sample
+    x, previous, grads_in, grads_hidden, raw = layer._per_sample
     del layer._per_sample
     norm = (raw * raw).sum()
     # torch.where, not `if norm > 0`: no host sync per layer and step on CUDA
     scale = torch.where(norm > 0, (backprops * raw).sum() / norm, torch.ones_like(norm))
-    return {p: g * scale for p, g in per_sample.items() if p.requires_grad}
+    same = grads_hidden is grads_in  # LSTM: both weights see the same gate gradients
+    grads_in = grads_in * scale  # T × B × gates
+    grads_hidden = grads_in if same else grads_hidden * scale
+    # per record b: (T × gates)ᵀ (T × inputs), reading the time-major gates as B × gates × T
+    weight_ih = torch.bmm(grads_in.permute(1, 2, 0), x)
+    weight_hh = torch.bmm(grads_hidden.permute(1, 2, 0), previous)
+    bias_ih = grads_in.sum(dim=0)
+    bias_hh = bias_ih if same else grads_hidden.sum(dim=0)
+    per_sample = {layer.weight_ih: weight_ih, layer.weight_hh: weight_hh,
+                  layer.bias_ih: bias_ih, layer.bias_hh: bias_hh}
+    return {p: g for p, g in per_sample.items() if p.requires_grad}
 
 
 class FastRNN(nn.Module):
