@@ -23,6 +23,7 @@ planned and checked by the site itself (client/site_dp.py), and no metric is sen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +130,10 @@ def register_secure_aggregation(
             reason = site_dp.round_refusal(settings.hospital_privacy, settings, state,
                                            site_dp.contributions(context.state),
                                            site_dp.pinned_plan(context.state))
+            if reason is None:  # and its budget over all runs (its state_dir ledger)
+                dim = sum(math.prod(a.shape) for a in msg.content[protocol.ARRAYS].values())
+                reason = site_dp.lifetime_refusal(
+                    site, site_dp.site_plan(settings.hospital_privacy, settings.rounds, dim))
             if reason is not None:
                 del context.state[STATE]
                 return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=reason)
@@ -143,9 +148,10 @@ def register_secure_aggregation(
         delta = [(trained[k].double() - received[k].double()).numpy() for k in received]
         if settings.hospital_privacy is not None:
             # its own noise share (planned at the site); nothing about the round in the clear
-            vector, _ = site_dp.encode_share(delta, site, settings,
-                                             public.get(protocol.SITE_DP_CLIP))
+            vector, plan = site_dp.encode_share(delta, site, settings,
+                                                public.get(protocol.SITE_DP_CLIP))
             site_dp.record_contribution(context.state, settings)
+            site_dp.record_lifetime(site, settings, plan, context.run_id)  # before it leaves
             metrics: dict[str, Any] = {}
         else:
             weight = site_weight(int(outcome.metrics[protocol.NUM_EXAMPLES]),

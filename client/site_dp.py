@@ -17,6 +17,11 @@ already carries the planned noise. The site trusts the server with nothing here:
   ``Context.state``, whatever round numbers the server sends); and, after its first
   contribution, any other plan (the ε of rounds noised for different plans would add up past
   each plan's target: ``rounds=1``, then ``rounds=2``, ... each within the count);
+- across runs, a site with a ``state_dir`` keeps every noised contribution it ever made in
+  ``hospital_privacy_ledger.json`` there (the worst-case RDP curve of each round, written
+  before the share leaves) and refuses a round that would take the composition of all of them
+  past ``max_hospital_epsilon``: a server cannot reset the hospital-level budget by starting a
+  new run (``Context.state`` above lives for one run only);
 - a deployed site draws its noise and rounding from the OS (ChaCha20 keyed by os.urandom);
   a simulated one from the run's seed unless ``secure_noise`` (reproducible runs).
 
@@ -29,6 +34,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +45,7 @@ from flwr.app import ConfigRecord, RecordDict
 from client.site import SiteSettings
 from client.training import site_seed
 from privacy import protocol
+from privacy.files import write_atomically
 from privacy.run_settings import HospitalPrivacySettings, RunSettings
 from privacy.secagg import messages as secagg_messages
 from privacy.secagg.client import quorum
@@ -47,6 +55,10 @@ if TYPE_CHECKING:  # privacy.site_dp loads scipy: only a site_dp round pays for 
 
 LEDGER = "site-dp-contributions"  # Context.state key: this site's noised contributions so far
 NOISE_LABEL = b"medsilo.site_dp.simulated-noise.v1"
+LIFETIME_FILE = "hospital_privacy_ledger.json"  # in state_dir: every contribution, every run
+LIFETIME_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,3 +139,112 @@ def encode_share(delta: Sequence[np.ndarray], site: SiteSettings, settings: RunS
                                                                   settings.server_round),
         noise_stream=noise_stream(site, settings), clip=round_clip if plan.adaptive else None)
     return encoding.vector, plan
+
+
+# ---------------------------------------------------------------- across runs (state_dir)
+
+@functools.lru_cache(maxsize=8)
+def worst_round_rdp(plan: SiteDPPlan) -> tuple[float, ...]:
+    """RDP curve of one round of ``plan`` with ANY number of survivors in [t, n] (the site
+    cannot know how many sums its share ends up in): what a contribution is charged."""
+    from privacy.site_dp.accounting import round_rdp
+
+    rdp = round_rdp(plan, plan.threshold, tau_survivors=plan.sites_per_round)
+    return tuple(float(v) for v in rdp)
+
+
+def lifetime_path(site: SiteSettings):
+    return None if site.state_dir is None else site.state_dir / LIFETIME_FILE
+
+
+def load_lifetime(site: SiteSettings) -> list[dict[str, Any]]:
+    """Every noised contribution this site recorded (oldest first); [] without a state_dir or
+    before the first. A file that is not what this module writes is an error naming it."""
+    from privacy.site_dp.accounting import RDP_ORDERS
+
+    path = lifetime_path(site)
+    if path is None or not path.is_file():
+        return []
+    expected = (f"expected {{\"version\": {LIFETIME_VERSION}, \"orders\": [...], "
+                "\"contributions\": [{\"run_id\", \"round\", \"delta\", \"rdp\"}, ...]}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable as JSON ({err}); {expected}") from err
+    if not isinstance(data, dict) or data.get("version") != LIFETIME_VERSION:
+        raise ValueError(f"{path}: unknown format; {expected}")
+    if data.get("orders") != [int(a) for a in RDP_ORDERS]:
+        raise ValueError(f"{path}: RDP orders differ from this version's "
+                         f"({int(RDP_ORDERS[0])}..{int(RDP_ORDERS[-1])}); {expected}")
+    entries = data.get("contributions")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: no contributions list; {expected}")
+    for number, entry in enumerate(entries, 1):
+        rdp = entry.get("rdp") if isinstance(entry, dict) else None
+        delta = entry.get("delta") if isinstance(entry, dict) else None
+        if not (isinstance(rdp, list) and len(rdp) == len(RDP_ORDERS)
+                and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                        for v in rdp)
+                and isinstance(delta, (int, float)) and 0 < delta < 1):
+            raise ValueError(f"{path}: contribution {number} needs a delta in (0, 1) and "
+                             f"{len(RDP_ORDERS)} finite non-negative RDP values; {expected}")
+    return entries
+
+
+def lifetime_epsilon(entries: Sequence[Mapping[str, Any]],
+                     extra: SiteDPPlan | None = None) -> tuple[float, float] | None:
+    """(ε, δ) of all ``entries`` composed (plus one more round of ``extra``), at the smallest
+    δ any of them was planned for; None when there is nothing."""
+    from privacy.site_dp.accounting import RDP_ORDERS, rdp_to_epsilon
+
+    curves = [np.asarray(e["rdp"], dtype=np.float64) for e in entries]
+    deltas = [float(e["delta"]) for e in entries]
+    if extra is not None:
+        curves.append(np.asarray(worst_round_rdp(extra)))
+        deltas.append(extra.delta)
+    if not curves:
+        return None
+    delta = min(deltas)
+    return rdp_to_epsilon(RDP_ORDERS, np.sum(curves, axis=0), delta)[0], delta
+
+
+def lifetime_refusal(site: SiteSettings, plan: SiteDPPlan) -> str | None:
+    """Why one more round of ``plan`` would take this site past its hospital-level budget over
+    ALL runs (its ``state_dir`` ledger), or None."""
+    try:
+        entries = load_lifetime(site)
+    except ValueError as err:  # never contribute on top of a ledger it cannot read
+        return f"this site's hospital-level privacy ledger is unusable: {err}"
+    cap = site.max_hospital_epsilon
+    if cap is None:
+        return None
+    after = lifetime_epsilon(entries, plan)
+    assert after is not None
+    if after[0] > cap * (1 + 1e-9):
+        return (f"one more noised contribution would bring this site's hospital-level epsilon "
+                f"over all runs to {after[0]:.3g} (delta {after[1]:g}; {len(entries)} earlier "
+                f"contributions in {LIFETIME_FILE}), above its max_hospital_epsilon {cap:g}")
+    return None
+
+
+def record_lifetime(site: SiteSettings, settings: RunSettings, plan: SiteDPPlan,
+                    run_id: int) -> float | None:
+    """Add this round's contribution to the state_dir ledger (before the share leaves); the
+    site's hospital-level ε over all runs after it, or None without a state_dir."""
+    from privacy.site_dp.accounting import RDP_ORDERS
+
+    path = lifetime_path(site)
+    if path is None:
+        return None
+    entries = load_lifetime(site)
+    entries.append({"run_id": int(run_id), "round": int(settings.server_round),
+                    "plan": plan_inputs(settings.hospital_privacy, settings.rounds)
+                    if settings.hospital_privacy is not None else None,
+                    "delta": plan.delta, "rdp": list(worst_round_rdp(plan))})
+    data = {"version": LIFETIME_VERSION, "orders": [int(a) for a in RDP_ORDERS],
+            "contributions": entries}
+    write_atomically(path, json.dumps(data).encode("utf-8"), mode=0o600)
+    eps, delta = lifetime_epsilon(entries)
+    log.info("hospital-level epsilon over all runs at this site: %.4g (delta %g, %d "
+             "contributions)", eps, delta, len(entries))
+    return eps

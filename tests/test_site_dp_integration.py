@@ -11,12 +11,21 @@ from pathlib import Path
 import pytest
 
 from client.site import SiteSettings
-from client.site_dp import round_refusal
+from client.site_dp import (
+    LIFETIME_FILE,
+    lifetime_epsilon,
+    lifetime_refusal,
+    record_lifetime,
+    round_refusal,
+    site_plan,
+    worst_round_rdp,
+)
 from models import build_model
 from privacy import protocol
 from privacy.run_settings import HospitalPrivacySettings, RunSettings, TrainSettings
 from privacy.secagg import messages as secagg_messages
 from privacy.site_dp import epsilon, plan
+from privacy.site_dp.accounting import worst_case_epsilon
 from server.settings import ConfigError, compose
 from tests.in_process_grid import simulate_in_process
 from tests.test_rounds_in_process import NODE, _federation, _run
@@ -365,3 +374,44 @@ def test_a_site_refuses_a_delta_above_its_own_ceiling_whatever_num_sites_the_ser
                                            "max-hospital-delta": 0.15}, simulation=True)
     assert wider.max_hospital_delta == 0.15
     assert hospital_privacy_refusal(wider, loose) is None
+
+
+def test_a_site_keeps_its_hospital_level_budget_across_runs(tmp_path):
+    """A new run has a fresh Context.state: without the state_dir ledger a server could start
+    run after run, each within the site's cap. The second run is refused by every site."""
+    cap = ("site.max_hospital_epsilon=8",)
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", *cap)
+    first = _run(cfg, grid, tmp_path)
+    assert not first["rounds"][0]["refused"]
+    ledger = json.loads((tmp_path / "sites" / "hospital_01" / LIFETIME_FILE).read_text())
+    (entry,) = ledger["contributions"]
+    # one run's charge is the plan's worst case: exactly what the site allowed
+    plan_ = _independent_plan(cfg, threshold=int(cfg["hospital_privacy"]["threshold"]))
+    assert lifetime_epsilon(ledger["contributions"])[0] == pytest.approx(
+        worst_case_epsilon(plan_), rel=1e-9)
+    assert entry["delta"] == 1e-5 and entry["round"] == 1
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", *cap)  # a new run, same sites
+    second = _run(cfg, grid, tmp_path)
+    (record,) = second["rounds"]
+    assert len(record["refused"]) == 6
+    for reason in record["refused"].values():
+        assert "over all runs" in reason and "max_hospital_epsilon 8" in reason, reason
+    after = json.loads((tmp_path / "sites" / "hospital_01" / LIFETIME_FILE).read_text())
+    assert after["contributions"] == ledger["contributions"]  # nothing more was charged
+
+
+def test_an_unreadable_hospital_ledger_is_refused_naming_the_file(tmp_path):
+    site = SiteSettings(site_id="h", data_path=tmp_path, require_approval=False,
+                        require_dp=False, simulated=False, state_dir=tmp_path,
+                        max_hospital_epsilon=4.0)
+    settings = _settings(threshold=6)
+    plan_ = site_plan(settings.hospital_privacy, settings.rounds, 100)
+    assert lifetime_refusal(site, plan_) is None
+    assert record_lifetime(site, settings, plan_, run_id=1) == pytest.approx(
+        lifetime_epsilon([{"rdp": list(worst_round_rdp(plan_)), "delta": 1e-5}])[0])
+    (tmp_path / LIFETIME_FILE).write_text('{"version": 1, "orders": [2, 3]}')
+    reason = lifetime_refusal(site, plan_)
+    assert reason is not None and LIFETIME_FILE in reason and "RDP orders" in reason
+    (tmp_path / LIFETIME_FILE).write_text("{not json")
+    reason = lifetime_refusal(site, plan_)
+    assert reason is not None and "not readable as JSON" in reason and "expected" in reason
