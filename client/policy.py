@@ -17,9 +17,10 @@ simulation) win, and a run that asks for less is refused with a reason the serve
   run's seed (which the server chose and could replay);
 - under hospital-level DP (privacy=site_dp): a planned epsilon at most ``max_hospital_epsilon``,
   a delta below 1/num_sites, and (client/site_dp.py) a threshold of survivors no larger than
-  the SecAgg floor the site itself enforces, at most ``rounds`` contributions, one plan a run.
-  The cap holds per run: unlike the record-level ledger (client/privacy_budget.py) nothing yet
-  adds up a hospital's epsilon across runs.
+  the SecAgg floor the site itself enforces, at most ``rounds`` contributions, one plan a run;
+  and, with a ``state_dir``, ``max_hospital_epsilon`` over ALL runs: every noised contribution
+  is charged to ``hospital_privacy_ledger.json`` there and a round that would take the
+  composition past the cap is refused (client/site_dp.py).
 """
 
 from __future__ import annotations
