@@ -117,6 +117,7 @@ def _reply(
     arrays: ArrayRecord | None = None,
     secagg: Mapping[str, Any] | None = None,
     kind: str | None = None,
+    hospital_epsilon: float | None = None,
 ) -> Message:
     """The site's reply, built in one place and sent through the egress door.
 
@@ -151,7 +152,8 @@ def _reply(
         content[protocol.PRIVACY] = protocol.encode_ledger(ledger)
     if secagg is not None:
         content[protocol.SECAGG] = ConfigRecord(dict(secagg))
-    return egress.send(msg, content, kind=kind, site=site, context=context)
+    return egress.send(msg, content, kind=kind, site=site, context=context,
+                       hospital_epsilon=hospital_epsilon)
 
 
 HOSPITAL_DP_ONLY_MASKED = (

@@ -15,6 +15,9 @@ privacy ledger with DP-SGD steps at a noise multiplier σ > 0 (the update was tr
 Gaussian noise on clipped per-example gradients; σ is logged), ``masked`` when the weights left
 as a secure-aggregation masked input (alone meaningless; the server sees only the sum). A reply
 without model weights (metrics, a ledger, a refusal, a protocol stage) logs all three false.
+Under hospital-level DP (privacy=site_dp) a masked update also logs ``"hospital_dp": true`` and
+``hospital_epsilon``, the ε the site planned its noise share for (the share is inside the masked
+vector, so the content cannot show it: the site's handler says so, client/secure_aggregation.py).
 
 ``sha256`` is Flower's own object id of the reply's content (``RecordDict.object_id``): a Merkle
 hash over every record, and the id under which Flower ships the content, so the coordinator can
@@ -135,16 +138,24 @@ def _log_reply(
 
 def send(
     msg: Message, content: RecordDict, *, kind: str, site: SiteSettings, context: Context,
-    server_round: int | None = None,
+    server_round: int | None = None, hospital_epsilon: float | None = None,
 ) -> Message:
     """The reply to ``msg`` carrying ``content``, logged as ``kind`` before it leaves.
 
     ``server_round`` defaults to the round in the incoming message's config.
+    ``hospital_epsilon``: the update carries the site's hospital-level DP noise share, planned
+    for this ε (privacy=site_dp).
     """
     # measured on a copy: the reply itself keeps no cached chunks (protocol.unshared)
     size, per_record, object_id = protocol.measure(content)
+    details = protection(content)
+    if hospital_epsilon is not None:
+        if not details["masked"]:
+            raise ValueError("a hospital-level DP noise share only leaves a site inside a "
+                             "secure-aggregation masked update")
+        details.update(hospital_dp=True, hospital_epsilon=float(hospital_epsilon))
     _log_reply(msg, kind=kind, site=site, context=context, server_round=server_round,
-               size=size, sha256=object_id, records=per_record, **protection(content))
+               size=size, sha256=object_id, records=per_record, **details)
     return Message(content=content, reply_to=msg)
 
 
@@ -208,7 +219,9 @@ def _update_line(entry: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     return {"round": entry.get("round"), "message_type": entry.get("message_type"),
             "sha256": entry.get("sha256"), "dp_sgd": bool(entry["dp_sgd"]),
-            "noise_multiplier": entry.get("noise_multiplier"), "masked": bool(entry["masked"])}
+            "noise_multiplier": entry.get("noise_multiplier"), "masked": bool(entry["masked"]),
+            "hospital_dp": bool(entry.get("hospital_dp", False)),
+            "hospital_epsilon": entry.get("hospital_epsilon")}
 
 
 def summarize(entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -249,6 +262,11 @@ def _protection_words(update: Mapping[str, Any]) -> str:
           if update.get("noise_multiplier") else "DP-SGD noised",
           False: "NOT DP-noised", None: "DP noise not recorded (older log line)"}[
         update["dp_sgd"]]
+    if update.get("hospital_dp"):
+        share = "hospital-level DP noise share added at the site"
+        if update.get("hospital_epsilon") is not None:
+            share += f" (planned ε ≤ {update['hospital_epsilon']:.3g})"
+        dp = share if update["dp_sgd"] is False else f"{dp}, {share}"
     masked = {True: "masked by secure aggregation (the server sees only the sum)",
               False: "not masked (the server sees this update on its own)"}[update["masked"]]
     return f"{dp}, {masked}"
@@ -257,12 +275,15 @@ def _protection_words(update: Mapping[str, Any]) -> str:
 def _updates_lines(updates: Sequence[Mapping[str, Any]]) -> list[str]:
     if not updates:
         return ["  model updates: none left this site"]
-    counts = {key: sum(1 for u in updates if u[key]) for key in ("dp_sgd", "masked")}
+    counts = {key: sum(1 for u in updates if u.get(key))
+              for key in ("dp_sgd", "masked", "hospital_dp")}
     unknown = sum(1 for u in updates if u["dp_sgd"] is None)
     lines = [f"  model updates: {len(updates)}; DP-SGD noised: {counts['dp_sgd']} of "
              f"{len(updates)}; masked by secure aggregation: {counts['masked']} of "
-             f"{len(updates)}" + (f"; {unknown} from before protection was logged"
-                                  if unknown else "")]
+             f"{len(updates)}"
+             + (f"; with a hospital-level DP noise share: {counts['hospital_dp']} of "
+                f"{len(updates)}" if counts["hospital_dp"] else "")
+             + (f"; {unknown} from before protection was logged" if unknown else "")]
     for update in updates[:UPDATES_LISTED]:
         lines.append(f"    round {update['round']} {update['message_type']}: "
                      f"{_protection_words(update)}; sha256 {str(update['sha256'])[:16]}…")

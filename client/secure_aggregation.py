@@ -153,6 +153,7 @@ def register_secure_aggregation(
             site_dp.record_contribution(context.state, settings)
             site_dp.record_lifetime(site, settings, plan, context.run_id)  # before it leaves
             metrics: dict[str, Any] = {}
+            hospital_epsilon: float | None = plan.planned_epsilon
         else:
             weight = site_weight(int(outcome.metrics[protocol.NUM_EXAMPLES]),
                                  int(public[protocol.SECAGG_MAX_EXAMPLES]))
@@ -166,11 +167,12 @@ def register_secure_aggregation(
             # the example count stays inside the masked sum: it is not sent in the clear
             metrics = {k: v for k, v in outcome.metrics.items() if k != protocol.NUM_EXAMPLES}
             metrics["secagg_clipped_fraction"] = clipped
+            hospital_epsilon = None
         state, header, masked_vector = masked_input(state, fields(msg), vector)
         save(context, state)
         return reply(msg, context, site, metrics, ledger=outcome.ledger, secagg=header,
                      arrays=ArrayRecord({protocol.MASKED_UPDATE: Array(masked_vector)}),
-                     kind="masked-update")
+                     kind="masked-update", hospital_epsilon=hospital_epsilon)
 
     def protocol_stage(stage: Callable[..., tuple[dict[str, Any], dict[str, Any]]],
                        kind: str) -> Callable[[Message, Context, SiteSettings], Message]:

@@ -415,3 +415,21 @@ def test_an_unreadable_hospital_ledger_is_refused_naming_the_file(tmp_path):
     (tmp_path / LIFETIME_FILE).write_text("{not json")
     reason = lifetime_refusal(site, plan_)
     assert reason is not None and "not readable as JSON" in reason and "expected" in reason
+
+
+def test_the_egress_log_says_each_masked_update_carried_the_sites_noise_share(site_dp_run):
+    from client import egress
+
+    cfg, report, out = site_dp_run
+    log_path = out / "sites" / "hospital_01" / egress.EGRESS_LOG
+    updates = [e for e in egress.read_log(log_path) if e.get("model_update")]
+    assert len(updates) == 2  # one masked share per round
+    planned = report["hospital_privacy"]["planned_epsilon"]
+    for entry in updates:
+        assert entry["kind"] == "masked-update" and entry["masked"] is True
+        assert entry["hospital_dp"] is True and not entry["dp_sgd"]
+        assert entry["hospital_epsilon"] == pytest.approx(planned, rel=1e-9)
+    text = egress.render_summary(egress.summarize(egress.read_log(log_path)), str(log_path))
+    assert "with a hospital-level DP noise share: 2 of 2" in text
+    assert f"hospital-level DP noise share added at the site (planned ε ≤ {planned:.3g})" in text
+    assert "NOT DP-noised" not in text
