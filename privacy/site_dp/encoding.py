@@ -24,9 +24,13 @@ Server side (:func:`decode_mean`): the unmasked sum mod 2^bits read as a signed 
 rotated back (x = D·H·y/√d), divided by ``scale`` and by the number of survivors; the padding is
 dropped. The server only ever holds the sum, which already carries every survivor's noise.
 
-The rotation seed must be fresh for each round and chosen after the sites' deltas are fixed
-(e.g. derived from the round's secure-aggregation session id): a delta crafted against known
-signs could concentrate its norm in one coordinate and wrap the ring (a utility attack only).
+The rotation seed is fresh for each round. Ideally it would also be unknown until the sites'
+deltas are fixed: a delta crafted against known signs could concentrate its norm in one
+coordinate and wrap the ring (a utility attack only: each site's noise is added after rotating,
+so privacy does not depend on the seed). medsilo derives it from the run's seed and the round
+(privacy/protocol.py ``site_dp_rotation_seed``), which keeps runs reproducible but is known in
+advance; deriving it from the round's secure-aggregation session, after the deltas are
+committed, would close that utility attack (not done).
 The rounding randomness comes from the noise keystream too (via a seeded numpy generator: the
 rounding need not be secret, the noise hides it, but it must not be predictable either).
 """
