@@ -200,25 +200,35 @@ def test_bad_records_name_file_line_and_what_was_expected(tmp_path, cfg, bad_row
 
 @pytest.mark.parametrize("label_rule", [{}, {"label_threshold": None, "spec": {
     "num_features": 35, "num_classes": 5}, "label_classes": [0, 1, 2, 3, 4]}])
-def test_whole_column_reading_gives_what_the_row_by_row_reading_gives(tmp_path, cfg,
-                                                                      monkeypatch, label_rule):
-    """Well-formed tables are read a column at a time (each distinct text once); the
-    row-by-row pass, which names a bad value's line and column, must read them identically:
-    missing tokens, a 0 meaning "not measured", "63" vs "63.0", codes written as floats."""
+def test_values_are_read_a_column_at_a_time_by_the_tasks_rules(tmp_path, cfg, label_rule):
+    """Each distinct text of a column is read once, by the same rules a row would be: missing
+    tokens, a 0 meaning "not measured", "63" vs "63.0", codes written as floats."""
     import client.tasks.tabular as tabular
 
     task_cfg = {**cfg["task"], **label_rule}
     rows = [*UCI_ROWS, "1e1,-0,4.0,0.0,0,nan,1.0,NA,0,-0.5,2,,7,3.0",
             "40, 1 ,1,120,200,0,2,150,0,0,1,1,6.0,1"]
     table = tabular.read_table(_site(tmp_path, rows) / "processed.cleveland.data", task_cfg)
-    fast = tabular._parse_well_formed(table, task_cfg)
-    monkeypatch.setattr(tabular, "_parse_well_formed", lambda *_: None)
-    slow = tabular.parse_rows(table, task_cfg)
-    for key in ("numeric", "categorical", "labels"):
-        a, b = getattr(fast, key), getattr(slow, key)
-        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), key
-    assert np.isnan(fast.numeric[6, [2, 3, 4, 5, 8]]).all()  # trestbps 0.0, chol 0, nan, NA, ""
-    assert fast.numeric[6, 0] == 10.0 and fast.categorical[6, 0] == 3  # 1e1; cp "4.0"
+    parsed = tabular.parse_rows(table, task_cfg)
+    assert parsed.numeric.dtype == np.float64 and parsed.categorical.dtype == np.int64
+    assert parsed.numeric.shape[0] == parsed.categorical.shape[0] == len(parsed.labels) == 8
+    assert np.isnan(parsed.numeric[6, [2, 3, 4, 5, 8]]).all()  # trestbps 0.0, chol 0, nan, NA, ""
+    assert parsed.numeric[6, 0] == 10.0 and parsed.categorical[6, 0] == 3  # 1e1; cp "4.0"
+    assert parsed.numeric[7, 0] == 40.0 and parsed.categorical[7, 0] == 0  # " 1 " -> code 1
+    assert list(parsed.labels[-2:]) == ([1, 1] if not label_rule else [3, 1])
+
+
+def test_the_first_bad_value_in_file_order_is_the_one_named(tmp_path, cfg):
+    """Two bad values: the earlier line is named, whichever column it is in; within one line
+    numeric columns come before the label."""
+    rows = [*UCI_ROWS[:2], "63,1,1,145,233,1,2,150,0,2.3,3,0,6,?",  # line 3: label missing
+            "63,1,1,145,abc,1,2,150,0,2.3,3,0,6,0"]  # line 4: chol not a number
+    _site(tmp_path, rows)
+    with pytest.raises(DataError, match=r"line 3: the label 'num' is missing"):
+        TASK.load_site(tmp_path, cfg["task"], "h1")
+    _site(tmp_path, [*UCI_ROWS[:2], "63,1,1,145,abc,1,2,150,0,2.3,3,0,6,?"])
+    with pytest.raises(DataError, match=r"line 3, column 'chol': 'abc' is not a number"):
+        TASK.load_site(tmp_path, cfg["task"], "h1")
 
 
 def test_label_outside_declared_classes_and_missing_header_columns(tmp_path, cfg):

@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,138 +239,116 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _parse_well_formed(table: Table, task_cfg: Mapping[str, Any]) -> Parsed | None:
-    """:func:`parse_rows` a column at a time, each distinct text of a column interpreted once
-    (a site's few hundred rows hold few distinct values per column), by the same rules; None at
-    the first value :func:`parse_rows` would refuse, so that its row-by-row pass names the file,
-    line and column."""
-    if not table.rows:
-        return None
-    missing_tokens = {str(t) for t in task_cfg.get("missing_values", ["?", "", "NaN"])}
-    zero_missing = {str(c) for c in task_cfg.get("zero_as_missing") or []}
-    index = {c: i for i, c in enumerate(table.columns)}
-    columns = list(zip(*table.rows))
-    numeric_cols, categorical = _numeric(task_cfg), _categorical(task_cfg)
-    n = len(table.rows)
-    numeric = np.empty((n, len(numeric_cols)))
-    for j, col in enumerate(numeric_cols):
-        values: dict[str, float] = {}
-        for text in set(columns[index[col]]):
-            if text in missing_tokens:
-                values[text] = math.nan
-                continue
+class _BadValue(Exception):
+    """A value :func:`parse_rows` refuses: the message after "<file>, line <n>", and whether
+    the header hint (:func:`_header_hint`) may apply."""
+
+    def __init__(self, message: str, hint: bool = True) -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+class _Rules:
+    """How one value of each kind of column is read (the task's missing tokens, zeros that mean
+    "not measured", declared codes and classes); raises :class:`_BadValue`."""
+
+    def __init__(self, task_cfg: Mapping[str, Any]) -> None:
+        self.missing = {str(t) for t in task_cfg.get("missing_values", ["?", "", "NaN"])}
+        self.zero_missing = {str(c) for c in task_cfg.get("zero_as_missing") or []}
+        self.label_col = str(task_cfg["label"])
+        self.threshold = task_cfg.get("label_threshold")
+        self.classes = task_cfg.get("label_classes")
+        self.class_of = (None if self.classes is None
+                         else {_normalise(v): i for i, v in enumerate(self.classes)})
+
+    def numeric(self, col: str, text: str) -> float:
+        if text in self.missing:
+            return math.nan
+        try:
+            value = float(text)
+        except ValueError:
+            raise _BadValue(f", column {col!r}: {text!r} is not a number (missing values are "
+                            f"written as one of {sorted(self.missing)})") from None
+        if math.isnan(value) or (value == 0 and col in self.zero_missing):
+            return math.nan
+        if not math.isfinite(value):
+            raise _BadValue(f", column {col!r}: {text!r} is not a finite number", hint=False)
+        return value
+
+    def categorical(self, col: str, codes: Sequence[Any], code_of: Mapping[Any, int],
+                    text: str) -> int:
+        if text in self.missing:
+            return -1
+        k = code_of.get(_normalise(text))
+        if k is None:
+            raise _BadValue(f", column {col!r}: {text!r} is not one of the declared codes "
+                            f"{codes} (task.categorical.{col})")
+        return k
+
+    def label(self, text: str) -> int:
+        col = self.label_col
+        if text in self.missing:
+            raise _BadValue(f": the label {col!r} is missing; every record needs one", hint=False)
+        if self.threshold is not None:
             try:
                 value = float(text)
             except ValueError:
-                return None
-            if math.isnan(value) or (value == 0 and col in zero_missing):
                 value = math.nan
-            elif not math.isfinite(value):
-                return None
-            values[text] = value
-        numeric[:, j] = np.fromiter(map(values.__getitem__, columns[index[col]]), float, n)
-    cats = np.empty((n, len(categorical)), dtype=np.int64)
-    for j, (col, codes) in enumerate(categorical):
-        code_of = {_normalise(code): k for k, code in enumerate(codes)}
-        slots: dict[str, int] = {}
-        for text in set(columns[index[col]]):
-            k = -1 if text in missing_tokens else code_of.get(_normalise(text))
-            if k is None:
-                return None
-            slots[text] = k
-        cats[:, j] = np.fromiter(map(slots.__getitem__, columns[index[col]]), np.int64, n)
-    threshold, classes = task_cfg.get("label_threshold"), task_cfg.get("label_classes")
-    class_of = None if classes is None else {_normalise(v): i for i, v in enumerate(classes)}
-    label_of: dict[str, int] = {}
-    for text in set(columns[index[str(task_cfg["label"])]]):
-        if text in missing_tokens:
-            return None
-        if threshold is not None:
-            try:
-                value = float(text)
-            except ValueError:
-                return None
             if not math.isfinite(value):
-                return None
-            label_of[text] = int(value > float(threshold))
-        else:
-            k = class_of.get(_normalise(text))
-            if k is None:
-                return None
-            label_of[text] = k
-    labels = np.fromiter(map(label_of.__getitem__, columns[index[str(task_cfg["label"])]]),
-                         np.int64, n)
-    return Parsed(numeric=numeric, categorical=cats, labels=labels)
+                raise _BadValue(f": label {col!r} = {text!r} is not a number "
+                                f"(task.label_threshold={self.threshold} binarises a numeric "
+                                "label)")
+            return int(value > float(self.threshold))
+        assert self.class_of is not None
+        k = self.class_of.get(_normalise(text))
+        if k is None:
+            raise _BadValue(f": label {col!r} = {text!r} is outside the declared classes "
+                            f"{list(self.classes)} (task.label_classes)")
+        return k
 
 
 def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
-    parsed = _parse_well_formed(table, task_cfg)
-    if parsed is not None:
-        return parsed
-    # a value to refuse (or no rows): row by row, to name the first bad value's line and column
-    missing_tokens = {str(t) for t in task_cfg.get("missing_values", ["?", "", "NaN"])}
-    zero_missing = {str(c) for c in task_cfg.get("zero_as_missing") or []}
-    numeric_cols = _numeric(task_cfg)
-    categorical = _categorical(task_cfg)
+    """The table's values, read a column at a time with each distinct text of a column read
+    once (a site's few hundred rows hold few distinct values per column). A value it refuses
+    is a DataError naming the file, line and column of the first one in file order (within a
+    row: numeric columns, categorical columns, then the label)."""
+    rules = _Rules(task_cfg)
     index = {c: i for i, c in enumerate(table.columns)}
-    label_col = str(task_cfg["label"])
-    threshold = task_cfg.get("label_threshold")
-    classes = task_cfg.get("label_classes")
-    class_of = None if classes is None else {_normalise(v): i for i, v in enumerate(classes)}
-    code_of = [{_normalise(code): k for k, code in enumerate(codes)} for _, codes in categorical]
-
     n = len(table.rows)
-    numeric = np.full((n, len(numeric_cols)), np.nan)
-    cats = np.full((n, len(categorical)), -1, dtype=np.int64)
-    labels = np.zeros(n, dtype=np.int64)
-    for r, (fields, line) in enumerate(zip(table.rows, table.lines, strict=True)):
-        where = f"{table.path}, line {line}"
-        for j, col in enumerate(numeric_cols):
-            text = fields[index[col]]
-            if text in missing_tokens:
-                continue
+    columns = list(zip(*table.rows)) if n else [()] * len(table.columns)
+    readers: list[tuple[str, Callable[[str], Any]]] = [
+        (col, functools.partial(rules.numeric, col)) for col in _numeric(task_cfg)]
+    readers += [(col, functools.partial(rules.categorical, col, codes,
+                                        {_normalise(code): k for k, code in enumerate(codes)}))
+                for col, codes in _categorical(task_cfg)]
+    readers.append((rules.label_col, rules.label))
+    values: list[np.ndarray] = []
+    first_bad: tuple[int, int, _BadValue] | None = None  # (row, reader, error)
+    for j, (col, read) in enumerate(readers):
+        texts = columns[index[col]]
+        table_of: dict[str, Any] = {}
+        bad: dict[str, _BadValue] = {}
+        for text in set(texts):
             try:
-                value = float(text)
-            except ValueError:
-                raise DataError(f"{where}, column {col!r}: {text!r} is not a number (missing "
-                                f"values are written as one of {sorted(missing_tokens)})"
-                                + _header_hint(table, r, task_cfg)) from None
-            if math.isnan(value) or (value == 0 and col in zero_missing):
-                continue
-            if not math.isfinite(value):
-                raise DataError(f"{where}, column {col!r}: {text!r} is not a finite number")
-            numeric[r, j] = value
-        for j, (col, codes) in enumerate(categorical):
-            text = fields[index[col]]
-            if text in missing_tokens:
-                continue
-            k = code_of[j].get(_normalise(text))
-            if k is None:
-                raise DataError(f"{where}, column {col!r}: {text!r} is not one of the declared "
-                                f"codes {codes} (task.categorical.{col})"
-                                + _header_hint(table, r, task_cfg))
-            cats[r, j] = k
-        text = fields[index[label_col]]
-        if text in missing_tokens:
-            raise DataError(f"{where}: the label {label_col!r} is missing; every record needs one")
-        if threshold is not None:
-            try:
-                value = float(text)
-            except ValueError:
-                value = math.nan
-            if not math.isfinite(value):
-                raise DataError(f"{where}: label {label_col!r} = {text!r} is not a number "
-                                f"(task.label_threshold={threshold} binarises a numeric label)"
-                                + _header_hint(table, r, task_cfg))
-            labels[r] = int(value > float(threshold))
-        else:
-            k = class_of.get(_normalise(text))
-            if k is None:
-                raise DataError(f"{where}: label {label_col!r} = {text!r} is outside the declared "
-                                f"classes {list(classes)} (task.label_classes)"
-                                + _header_hint(table, r, task_cfg))
-            labels[r] = k
-    return Parsed(numeric=numeric, categorical=cats, labels=labels)
+                table_of[text] = read(text)
+            except _BadValue as err:
+                bad[text] = err
+        if bad:
+            row = next(r for r, text in enumerate(texts) if text in bad)
+            if first_bad is None or row < first_bad[0]:
+                first_bad = (row, j, bad[texts[row]])
+            continue
+        dtype = float if j < len(_numeric(task_cfg)) else np.int64
+        values.append(np.fromiter(map(table_of.__getitem__, texts), dtype, n))
+    if first_bad is not None:
+        row, _, err = first_bad
+        raise DataError(f"{table.path}, line {table.lines[row]}{err.message}"
+                        + (_header_hint(table, row, task_cfg) if err.hint else ""))
+    width = len(_numeric(task_cfg))
+    numeric = np.stack(values[:width], axis=1) if width else np.empty((n, 0))
+    cats = (np.stack(values[width:-1], axis=1) if len(values) - 1 > width
+            else np.empty((n, 0), dtype=np.int64))
+    return Parsed(numeric=numeric, categorical=cats, labels=values[-1])
 
 
 def numeric_scale(parsed: Parsed, task_cfg: Mapping[str, Any], train_rows: np.ndarray,
