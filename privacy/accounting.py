@@ -251,24 +251,27 @@ def _truncated_mean(step_prv: Any, domain: Any, support: tuple[float, float]) ->
 def _prv_epsilon(history: tuple[HistoryEntry, ...], delta: float,
                  eps_error: float = PRV_EPS_ERROR) -> float:
     """``PRVAccountant.get_epsilon`` (its upper bound), composed in one pass in Fourier space."""
-    from scipy.fft import irfft, rfft
+    from scipy.fft import irfft, next_fast_len, rfft
 
     delta_error = delta / 1000
     domain = _prv_domain(history, eps_error, delta_error)
-    # The FFT length stays Opacus's (the grid size), awkward as it may be: k-fold powers
-    # amplify rounding k times, and a padded length agrees with Opacus only to ~1e-8.
+    # The circular convolution runs at the next FFT-friendly length above Opacus's (the grid
+    # size, often with a large prime factor: 359,406 = 2·3²·19,967 for 100 rounds, ~3× slower
+    # to transform). Only what wraps around the ring differs, mass Opacus's domain already
+    # treats as negligible: ε agrees to ~1e-9 relative (tests/test_accounting_speed.py).
+    length = next_fast_len(domain.size, real=True)
     spectrum: Any = 1.0
     compositions, shift = 0, 0.0
     for sigma, q, steps in history:
         pmf, step_shift = _discretise(sigma, q, domain)
-        spectrum = spectrum * _power(rfft(pmf), steps)
+        spectrum = spectrum * _power(rfft(pmf, length), steps)
         compositions += steps
         shift += step_shift * steps
-    pmf = irfft(spectrum, domain.size)
+    pmf = irfft(spectrum, length)
     # grid index i is t = (i - a)·dt; a sum of k indices is off by (k - 1)·a: roll it back
-    # (Opacus's roll in ``_compose_fourier``, written for any k)
+    # (Opacus's roll in ``_compose_fourier``, written for any k) and keep the grid
     offset = domain.size // 2 - 1
-    pmf = np.roll(pmf, -(compositions - 1) * offset % domain.size)
+    pmf = np.roll(pmf, -(compositions - 1) * offset % length)[:domain.size]
     return _epsilon_upper(pmf, domain, shift, delta, delta_error, eps_error)
 
 

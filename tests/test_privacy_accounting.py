@@ -165,7 +165,8 @@ def test_target_epsilon_gives_a_sigma_within_ten_percent_below_target(target, q,
                            sample_rate=q)
     ledger.record_round(steps // 2)
     ledger.record_round(steps - steps // 2)
-    assert ledger.epsilon() == pytest.approx(spent, abs=1e-9)
+    # (ours composes at an FFT-friendly length: Opacus's number to ~1e-9 relative)
+    assert ledger.epsilon() == pytest.approx(spent, rel=1e-8)
 
 
 def test_invalid_settings_are_refused():
