@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -44,7 +45,7 @@ from privacy.secagg import (
     share_keys,
     unmask,
 )
-from privacy.secagg.update import encode_update, site_weight
+from privacy.secagg.update import encode_difference, site_weight
 
 STATE = "secagg-state"  # the site's protocol secrets, in Context.state (never sent)
 PUBLIC = "secagg-public"  # the round's public encoding parameters, in Context.state
@@ -143,10 +144,14 @@ def register_secure_aggregation(
             return reply(msg, context, site, outcome.metrics, ledger=outcome.ledger,
                          declined=outcome.declined, refused=outcome.refused)
         public = dict(context.state[PUBLIC])
-        received = msg.content[protocol.ARRAYS].to_torch_state_dict()
-        trained = outcome.model.cpu().state_dict()
-        delta = [(trained[k].double() - received[k].double()).numpy() for k in received]
+        # the weights before and after training, in the global model's key order; the delta
+        # (after − before in float64) is formed inside the encoding, block by block
+        global_arrays = msg.content[protocol.ARRAYS]
+        state_dict = outcome.model.cpu().state_dict()
+        before = [array.numpy() for array in global_arrays.values()]
+        after = [state_dict[key].numpy() for key in global_arrays.keys()]
         if settings.hospital_privacy is not None:
+            delta = [np.subtract(new, old, dtype=np.float64) for new, old in zip(after, before)]
             # its own noise share (planned at the site); nothing about the round in the clear
             vector, plan = site_dp.encode_share(delta, site, settings,
                                                 public.get(protocol.SITE_DP_CLIP))
@@ -160,10 +165,9 @@ def register_secure_aggregation(
             # stochastic rounding need not be secret (the masks hide the update): seeded, so
             # the same seed gives the same aggregate
             seed = site_seed(settings.seed, site.site_id, settings.server_round) + 2
-            vector, clipped = encode_update(delta, weight,
-                                            clip=float(public[protocol.SECAGG_CLIP]),
-                                            num_sites=int(public[protocol.SECAGG_NUM_SITES]),
-                                            rng=seed)
+            vector, clipped = encode_difference(
+                after, before, weight, clip=float(public[protocol.SECAGG_CLIP]),
+                num_sites=int(public[protocol.SECAGG_NUM_SITES]), rng=seed)
             # the example count stays inside the masked sum: it is not sent in the clear
             metrics = {k: v for k, v in outcome.metrics.items() if k != protocol.NUM_EXAMPLES}
             metrics["secagg_clipped_fraction"] = clipped

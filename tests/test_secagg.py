@@ -21,6 +21,7 @@ from privacy.secagg import (
     ShareDecryptionError,
     advertise_keys,
     confirm_survivors,
+    crypto,
     dequantize,
     masked_input,
     neighbour_graph,
@@ -315,7 +316,8 @@ def test_mask_expansion_is_the_chacha20_keystream():
     assert np.array_equal(mask, expand_mask(seed, 1000))
     assert np.array_equal(mask[:10], expand_mask(seed, 10))
     assert not np.array_equal(mask, expand_mask(bytes(32), 1000))
-    for length in (0, 1, 65536, 65537):  # streamed in 65536-word chunks
+    chunk = crypto.MASK_CHUNK_WORDS  # streamed chunk by chunk
+    for length in (0, 1, chunk, chunk + 1, 2 * chunk + 7):
         base = np.arange(length, dtype=np.uint32)
         masked = base.copy()
         apply_mask(masked, seed)

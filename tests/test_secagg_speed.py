@@ -9,7 +9,7 @@ import pytest
 from privacy.secagg import SecAggProtocolError, SecAggServer, advertise_keys, setup, share_keys
 from privacy.secagg import identity as ident
 from privacy.secagg import messages as m
-from privacy.secagg.crypto import generate_key_pair
+from privacy.secagg.crypto import MASK_CHUNK_WORDS, apply_masks, expand_mask, generate_key_pair
 from privacy.secagg.identity import (
     forget_verified_signatures,
     generate_key,
@@ -19,8 +19,8 @@ from privacy.secagg.identity import (
     verify,
 )
 from privacy.secagg.loopback import run_round
-from privacy.secagg.quantize import quantize
-from privacy.secagg.update import WEIGHT_CLIP, encode_update
+from privacy.secagg.quantize import BLOCK, quantize, quantize_into
+from privacy.secagg.update import WEIGHT_CLIP, encode_difference, encode_update
 
 SESSION = b"speed-session-01"
 
@@ -134,3 +134,84 @@ def test_the_fused_encoding_is_quantize_of_the_weighted_clipped_delta_then_the_w
 def test_a_weight_that_is_not_a_number_is_never_encoded(weight):
     with pytest.raises(ValueError, match="weight must be a finite number"):
         encode_update([np.zeros(4, dtype=np.float32)], weight, clip=0.5, num_sites=3, rng=0)
+
+
+def test_masks_applied_in_one_pass_are_the_masks_applied_one_by_one():
+    """A site's n masks (and the server's unmasking) stream the vector once, chunk by chunk,
+    every keystream advanced in step: the same ring values as each mask in turn."""
+    rng = np.random.default_rng(5)
+    masks = [(rng.bytes(32), bool(k % 2)) for k in range(5)]
+    for length in (0, 3, MASK_CHUNK_WORDS, 2 * MASK_CHUNK_WORDS + 5):
+        base = rng.integers(0, 2**32, length, dtype=np.uint32)
+        one_by_one = base.copy()
+        for seed, subtract in masks:
+            mask = expand_mask(seed, length)
+            one_by_one = one_by_one - mask if subtract else one_by_one + mask
+        together = base.copy()
+        apply_masks(together, masks)
+        np.testing.assert_array_equal(together, one_by_one)
+        apply_masks(together, [(seed, not subtract) for seed, subtract in masks])
+        np.testing.assert_array_equal(together, base)
+
+
+def test_masks_are_applied_only_to_a_writeable_uint32_vector_with_32_byte_seeds():
+    seed = bytes(32)
+    with pytest.raises(ValueError, match="mask seed must be 32 bytes"):
+        apply_masks(np.zeros(4, dtype=np.uint32), [(seed, False), (seed[:16], True)])
+    with pytest.raises(ValueError, match="1-D uint32"):
+        apply_masks(np.zeros(4, dtype=np.int64), [(seed, False)])
+    frozen = np.zeros(4, dtype=np.uint32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        apply_masks(frozen, [(seed, False)])
+
+
+def _model_pair(rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Weights before and after training whose arrays straddle the encoding's blocks."""
+    shapes = [(BLOCK + 3,), (7, 5), (2, BLOCK - 1), (1,)]
+    before = [rng.normal(0, 1, shape).astype(np.float32) for shape in shapes]
+    after = [b + rng.normal(0, 0.4, b.shape).astype(np.float32) for b in before]
+    after[2][1, -2:] = before[2][1, -2:] + np.float32(3.0)  # beyond the clip
+    return after, before
+
+
+@pytest.mark.parametrize(("weight", "num_sites"), [(0.37, 5), (1.0, 20)])
+def test_encoding_the_difference_block_by_block_is_encoding_the_float64_delta(weight, num_sites):
+    """The site encodes after − before without building the delta: the same vector as the
+    definition (quantize of the weighted clipped float64 delta, then the weight), across
+    block and array boundaries."""
+    after, before = _model_pair(np.random.default_rng(8))
+    vector, clipped = encode_difference(after, before, weight, clip=0.5, num_sites=num_sites,
+                                        rng=13)
+    flat = np.concatenate([a.astype(np.float64).ravel() - b.astype(np.float64).ravel()
+                           for a, b in zip(after, before)])
+    generator = np.random.default_rng(13)
+    expected = np.concatenate([
+        quantize(weight * np.clip(flat, -0.5, 0.5), 0.5, num_sites, generator),
+        quantize(np.array([weight]), WEIGHT_CLIP, num_sites, generator)])
+    np.testing.assert_array_equal(vector, expected)
+    assert clipped == pytest.approx(np.mean(np.abs(flat) > 0.5)) and clipped > 0
+    delta = [a.astype(np.float64) - b.astype(np.float64) for a, b in zip(after, before)]
+    same, _ = encode_update(delta, weight, clip=0.5, num_sites=num_sites, rng=13)
+    np.testing.assert_array_equal(same, vector)
+
+
+def test_a_difference_that_does_not_line_up_or_is_not_finite_is_never_encoded():
+    after, before = _model_pair(np.random.default_rng(9))
+    with pytest.raises(ValueError, match="4 arrays after training, 3 before"):
+        encode_difference(after, before[:3], 0.5, clip=0.5, num_sites=3, rng=0)
+    with pytest.raises(ValueError, match=r"array 1 has shape \(7, 5\) after training, \(35,\)"):
+        encode_difference(after, [before[0], before[1].ravel(), *before[2:]], 0.5, clip=0.5,
+                          num_sites=3, rng=0)
+    after[2][0, BLOCK - 2] = np.inf  # inf − finite, in the second block of the update
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        encode_difference(after, before, 0.5, clip=0.5, num_sites=3, rng=0)
+
+
+def test_in_place_quantization_needs_contiguous_arrays_of_one_shape():
+    generator = np.random.default_rng(0)
+    work = np.zeros((4, 6))
+    with pytest.raises(ValueError, match="C-contiguous arrays of one shape"):
+        quantize_into(work[:, ::2], 0.5, 3, generator, np.empty((4, 3), dtype=np.uint32))
+    with pytest.raises(ValueError, match="C-contiguous arrays of one shape"):
+        quantize_into(work, 0.5, 3, generator, np.empty(24, dtype=np.uint32))

@@ -7,7 +7,9 @@
 Prints, per stage, the time of all sites' work (summed: in a federation sites run in parallel,
 so divide by n for one site's share) and the server's, each site checking every signature as a
 deployed site does (``--remember-signatures``: as a simulation actor serving many sites, each
-distinct signature checked once per process, identity.py), the upload per site, and Shamir
+distinct signature checked once per process, identity.py), the upload per site, one site's
+masked-input work (its update encoded and masked as the site streams it vs by the definitions
+whole arrays at a time, same vector; median and min of 5, interleaved), and Shamir
 split/reconstruct times for a round's secrets (default: as many holders as sites), ours and
 Flower 1.41's (``flwr.common.secure_aggregation.crypto.shamir``: pycryptodome over GF(2^128), a
 32-byte secret padded to 48 bytes and shared as three 16-byte chunks) measured side by side,
@@ -19,16 +21,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from typing import Any
 
 import numpy as np
 
+from privacy.secagg import crypto, shamir
 from privacy.secagg import messages as m
-from privacy.secagg import shamir
 from privacy.secagg.identity import forget_verified_signatures, remember_verified_signatures
 from privacy.secagg.loopback import run_round
+from privacy.secagg.quantize import quantize
 from privacy.secagg.server import setup
+from privacy.secagg.update import WEIGHT_CLIP, encode_difference
 
 
 def _time_ours(num_holders: int) -> tuple[float, float]:
@@ -106,6 +111,53 @@ def compare_shamir(num_holders: int = 101, repeats: int = 3
     return result
 
 
+def _site_work_streamed(after: list[np.ndarray], before: list[np.ndarray],
+                        masks: list[tuple[bytes, bool]], num_sites: int) -> np.ndarray:
+    """What a site runs: the delta formed, clipped, weighted and quantized block by block,
+    then every mask applied in one pass over the vector."""
+    vector, _ = encode_difference(after, before, 0.5, clip=0.5, num_sites=num_sites, rng=0)
+    crypto.apply_masks(vector, masks)
+    return vector
+
+
+def _site_work_whole(after: list[np.ndarray], before: list[np.ndarray],
+                     masks: list[tuple[bytes, bool]], num_sites: int) -> np.ndarray:
+    """The same values by the definitions, whole arrays at a time: the float64 delta, then
+    ``quantize(w·clip(delta))`` and the weight, then each mask expanded in full and added."""
+    delta = np.concatenate([a.astype(np.float64).ravel() - b.astype(np.float64).ravel()
+                            for a, b in zip(after, before)])
+    generator = np.random.default_rng(0)
+    vector = np.concatenate([quantize(0.5 * np.clip(delta, -0.5, 0.5), 0.5, num_sites,
+                                      generator),
+                             quantize(np.array([0.5]), WEIGHT_CLIP, num_sites, generator)])
+    for seed, subtract in masks:
+        mask = crypto.expand_mask(seed, len(vector))
+        vector = vector - mask if subtract else vector + mask
+    return vector
+
+
+def compare_site_work(length: int, num_sites: int, repeats: int = 5
+                      ) -> dict[str, tuple[float, float]]:
+    """A site's work in the masked-input stage at full SecAgg (its update of ``length`` fp32
+    weights encoded, then its self mask and ``num_sites`` − 1 pairwise masks), streamed as the
+    site runs it vs whole arrays at a time, interleaved; ``{name: (median s, min s)}``. Both
+    must give the same vector."""
+    rng = np.random.default_rng(1)
+    before = [rng.normal(0, 0.1, length).astype(np.float32)]
+    after = [b + rng.normal(0, 0.01, length).astype(np.float32) for b in before]
+    masks = [(rng.bytes(crypto.KEY_BYTES), k % 2 == 1) for k in range(num_sites)]
+    variants = {"streamed": _site_work_streamed, "whole arrays": _site_work_whole}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        vectors = []
+        for name, work in variants.items():
+            start = time.perf_counter()
+            vectors.append(work(after, before, masks, num_sites))
+            times[name].append(time.perf_counter() - start)
+        assert np.array_equal(*vectors), "the streamed site work differs from the definition"
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=10)
@@ -150,6 +202,10 @@ def main() -> None:
     overhead = result.upload_bytes[survivor] - 4 * args.length
     print(f"upload of site {survivor}: {result.upload_bytes[survivor]:,} bytes = 4 B x "
           f"{args.length:,} (same as fp32) + {overhead:,} B of keys, ciphertexts and shares")
+    print(f"one site's masked-input work, n={args.sites} masks over {args.length + 1:,} "
+          "coordinates (encode + mask; median / min of 5, interleaved):")
+    for name, (median_s, min_s) in compare_site_work(args.length, args.sites).items():
+        print(f"  {name:<13} {median_s * 1e3:8.2f} ms / {min_s * 1e3:8.2f} ms")
     holders = args.shamir_holders or args.sites
     print(f"Shamir, {holders} holders, t={holders // 2 + 1}, 32-byte secrets (min of 3, "
           "interleaved):")

@@ -290,13 +290,14 @@ def masked_input(state: Mapping[str, Any], routed_shares: Mapping[str, Any],
         held_from.append(sender)
         held_b.append(plaintext[:shamir.SHARE_BYTES])
         held_s.append(plaintext[shamir.SHARE_BYTES:])
-    masked = vector.copy()
-    crypto.apply_mask(masked, state[_SELF_MASK_SEED])
+    masks = [(state[_SELF_MASK_SEED], False)]
     for peer in senders:
         seed = crypto.pairwise_mask_seed(state[_S_PRIVATE_KEY], index, s_key_of[peer], peer,
                                          session)
         # The lower index adds, the higher subtracts: the pair's masks cancel in the sum.
-        crypto.apply_mask(masked, seed, subtract=peer < index)
+        masks.append((seed, peer < index))
+    masked = vector.copy()
+    crypto.apply_masks(masked, masks)  # all of them in one pass over the vector
     new_state = {key: value for key, value in state.items()
                  if key not in (_C_PRIVATE_KEY, _S_PRIVATE_KEY, _SELF_MASK_SEED, _OWN_B_SHARE,
                                 _OWN_S_SHARE)}

@@ -440,13 +440,9 @@ class SecAggServer:
             self._abort_unless(stage, len(s_shares[owner]), f"mask key of dropped {owner}")
 
         t = self.plan.threshold
-        length = len(next(iter(self._masked.values())))
-        total = np.zeros(length, dtype=np.uint32)
-        for vector in self._masked.values():
-            np.add(total, vector, out=total)
-        for owner in sorted(b_shares):
-            seed = self._combine(b_shares[owner], t, SEED_BYTES, stage, owner, "self-mask seed")
-            crypto.apply_mask(total, seed, subtract=True)
+        # every seed first (a corrupt share aborts before any work), then one pass of masks
+        masks = [(self._combine(b_shares[owner], t, SEED_BYTES, stage, owner, "self-mask seed"),
+                  True) for owner in sorted(b_shares)]
         for dropped in sorted(s_shares):
             s_private = self._combine(s_shares[dropped], t, crypto.KEY_BYTES, stage, dropped,
                                       "mask key")
@@ -457,7 +453,12 @@ class SecAggServer:
                 seed = crypto.pairwise_mask_seed(s_private, dropped, self._s_keys[survivor],
                                                  survivor, self.plan.session)
                 # The survivor added PRG(s_ij) if dropped > survivor, else subtracted it.
-                crypto.apply_mask(total, seed, subtract=dropped > survivor)
+                masks.append((seed, dropped > survivor))
+        vectors = iter(self._masked.values())
+        total = next(vectors).copy()  # the survivors' sum, in place: no zero vector to add to
+        for vector in vectors:
+            np.add(total, vector, out=total)
+        crypto.apply_masks(total, masks)
         return total
 
     @staticmethod

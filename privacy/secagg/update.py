@@ -23,7 +23,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from privacy.secagg.quantize import dequantize, quantization_error_bound, quantize_into
+from privacy.secagg.quantize import (
+    BLOCK,
+    BlockQuantizer,
+    dequantize,
+    quantization_error_bound,
+)
 
 WEIGHT_CLIP = 1.0
 
@@ -38,27 +43,67 @@ def encode_update(
     delta: Sequence[np.ndarray], weight: float, *, clip: float, num_sites: int,
     rng: np.random.Generator | int,
 ) -> tuple[np.ndarray, float]:
-    """``(uint32 vector, share of coordinates clipped)`` for one site's delta arrays.
+    """``(uint32 vector, share of coordinates clipped)`` for one site's delta arrays: the values
+    of ``quantize(weight * clip(delta))`` then the quantized weight, from the same generator."""
+    return _encode([(np.asarray(d), None) for d in delta], weight, clip=clip,
+                   num_sites=num_sites, rng=rng)
 
-    One float64 copy of the delta, clipped, weighted and quantized in place, straight into the
-    vector that is sent: the values of ``quantize(weight * clip(delta))`` then the quantized
-    weight, from the same generator, without a temporary per step (1M coordinates are memory-
-    bound here)."""
-    flat = np.concatenate([np.asarray(d, dtype=np.float64).ravel() for d in delta])
-    if not np.isfinite(flat).all():
-        raise ValueError("the model update contains NaN or Inf; it cannot be sent")
-    if not np.isfinite(weight):  # quantize_into trusts its input: NaN would encode as garbage
+
+def encode_difference(
+    after: Sequence[np.ndarray], before: Sequence[np.ndarray], weight: float, *, clip: float,
+    num_sites: int, rng: np.random.Generator | int,
+) -> tuple[np.ndarray, float]:
+    """:func:`encode_update` of the delta ``float64(after) − float64(before)``, array by array
+    (e.g. the weights after local training and the global weights received), without building
+    the delta: each block of it is computed where it is encoded."""
+    if len(after) != len(before):
+        raise ValueError(f"{len(after)} arrays after training, {len(before)} before")
+    pairs = []
+    for k, (new, old) in enumerate(zip(after, before)):
+        new, old = np.asarray(new), np.asarray(old)
+        if new.shape != old.shape:
+            raise ValueError(f"array {k} has shape {new.shape} after training, {old.shape} "
+                             "before")
+        pairs.append((new, old))
+    return _encode(pairs, weight, clip=clip, num_sites=num_sites, rng=rng)
+
+
+def _encode(pairs: Sequence[tuple[np.ndarray, np.ndarray | None]], weight: float, *,
+            clip: float, num_sites: int,
+            rng: np.random.Generator | int) -> tuple[np.ndarray, float]:
+    """One pass over the update in cache-sized blocks, straight into the vector that is sent:
+    each block is formed in one reused float64 buffer (the delta, or ``after − before``),
+    checked finite, clipped, weighted and quantized (quantize.BlockQuantizer). A 1M-coordinate
+    update is memory-bound, and each full-size temporary costs as much as the arithmetic on it
+    (``python -m privacy.secagg.benchmark`` times a site's encoding and masks both ways)."""
+    if not np.isfinite(weight):  # the quantizer trusts its input: NaN would encode as garbage
         raise ValueError(f"the site weight must be a finite number, got {weight!r}")
-    outside = np.count_nonzero(flat > clip) + np.count_nonzero(flat < -clip)
-    fraction = outside / flat.size if flat.size else 0.0
-    np.clip(flat, -clip, clip, out=flat)
-    flat *= weight
     generator = np.random.default_rng(rng)
-    vector = np.empty(flat.size + 1, dtype=np.uint32)
-    quantize_into(flat, clip, num_sites, generator, vector[:-1])
-    quantize_into(np.array([weight], dtype=np.float64), WEIGHT_CLIP, num_sites, generator,
-                  vector[-1:])
-    return vector, fraction
+    quantizer = BlockQuantizer(clip, num_sites, generator)
+    size = sum(new.size for new, _ in pairs)
+    vector = np.empty(size + 1, dtype=np.uint32)
+    buffer = np.empty(min(size, BLOCK), dtype=np.float64)
+    outside, position = 0, 0
+    for new, old in pairs:
+        new = new.reshape(-1)
+        old = None if old is None else old.reshape(-1)
+        for start in range(0, len(new), BLOCK):
+            work = buffer[:len(new[start:start + BLOCK])]
+            if old is None:
+                np.copyto(work, new[start:start + BLOCK], casting="unsafe")
+            else:
+                np.subtract(new[start:start + BLOCK], old[start:start + BLOCK], out=work,
+                            dtype=np.float64)
+            if not np.isfinite(work).all():
+                raise ValueError("the model update contains NaN or Inf; it cannot be sent")
+            outside += np.count_nonzero(np.abs(work) > clip)
+            np.clip(work, -clip, clip, out=work)
+            work *= weight
+            quantizer(work, vector[position:position + len(work)])
+            position += len(work)
+    BlockQuantizer(WEIGHT_CLIP, num_sites, generator)(np.array([weight], dtype=np.float64),
+                                                      vector[-1:])
+    return vector, (outside / size if size else 0.0)
 
 
 def decode_mean(
