@@ -22,6 +22,7 @@ written there), then ``on_round`` with the finished record (progress).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -76,8 +77,11 @@ def run_rounds(
 ) -> RunOutcome:
     settings = RoundSettings(timeout, train_config, evaluate_config, min_sites,
                              secure_aggregation)
-    if first_round == 1 and evaluate_fn is not None:
-        history.initial_global = _plain(evaluate_fn(0, arrays))
+    # the initial model's server-side evaluation runs while round 1's sites train; it is in
+    # history.initial_global before anything reads the history (the round's metrics, the
+    # checkpoint, the report) or calls evaluate_fn again
+    initial = (InitialEvaluation(evaluate_fn, arrays)
+               if first_round == 1 and evaluate_fn is not None else None)
     for server_round in range(first_round, num_rounds + 1):
         clock = time.perf_counter()
         record = history.rounds[server_round] = RoundRecord(server_round, started_at=time.time())
@@ -86,15 +90,20 @@ def run_rounds(
         except TooFewSites as gone:  # a lost site is never waited for: stop, checkpointed
             record.skipped_round = stopped = str(gone)
         except StopRequested as stop:
+            _collect(history, initial)
             return _interrupted(history, server_round, arrays, stop)
         if stopped is not None:
+            _collect(history, initial)
             return RunOutcome(arrays, stopped=stopped)
         try:
             _evaluate(strategy, grid, history, record, arrays, settings)
         except TooFewSites as gone:  # the round's update stands; its evaluation could not run
             record.failures.append({"stage": "evaluate", "node_id": None, "reason": str(gone)})
         except StopRequested as stop:
+            _collect(history, initial)
             return _interrupted(history, server_round, arrays, stop)
+        _collect(history, initial)
+        initial = None
         record.global_metrics = _global_metrics(
             record, evaluate_fn(server_round, arrays) if evaluate_fn is not None else None)
         record.duration_s = time.perf_counter() - clock
@@ -102,7 +111,43 @@ def run_rounds(
             after_round(server_round, arrays)
         if on_round is not None:
             on_round(record)
+    _collect(history, initial)  # no round ran (first_round > num_rounds)
     return RunOutcome(arrays)
+
+
+class InitialEvaluation:
+    """``evaluate_fn(0, arrays)`` on a thread of its own, started before round 1.
+
+    The server used to score the initial model before sending round 1's first message: ~1 s
+    at 1000 sites (the pool's sites written and read, scikit-learn imported, 2500 records
+    scored) by which round 1 started later than Flower stock's (issue 18). The sites need
+    nothing from it, so it now runs while they train. Same arrays, same function, same numbers;
+    ``evaluate_fn`` is never called twice at once (the round's own evaluation waits for this)."""
+
+    def __init__(self, evaluate_fn: EvaluateFn, arrays: ArrayRecord) -> None:
+        self._metrics: Mapping[str, float] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(evaluate_fn, arrays),
+                                        name="initial-evaluation", daemon=True)
+        self._thread.start()
+
+    def _run(self, evaluate_fn: EvaluateFn, arrays: ArrayRecord) -> None:
+        try:
+            self._metrics = evaluate_fn(0, arrays)
+        except BaseException as err:  # raised where the result is read, as it was before
+            self._error = err
+
+    def result(self) -> dict[str, float] | None:
+        """The metrics, once the evaluation has finished; its error, if it failed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return _plain(self._metrics)
+
+
+def _collect(history: RunHistory, initial: InitialEvaluation | None) -> None:
+    if initial is not None:
+        history.initial_global = initial.result()
 
 
 def _interrupted(history: RunHistory, server_round: int, arrays: ArrayRecord,

@@ -11,6 +11,7 @@ records, and the server's memory and evaluation time stay those of 50 sites at 1
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,28 +36,48 @@ def pooled_sites(cfg: Mapping[str, Any], site_ids: list[str]) -> list[str]:
 
 def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path],
                            prepare: Callable[[str], Path] | None = None):
-    """``prepare(site)`` first writes a synthetic site that does not exist yet.
+    """The server's evaluation of a global model on the pool's test splits.
 
-    Everything the first evaluation needs is done here, before the simulation starts Ray (the
-    ServerApp evaluates the initial model before round 1): the pool's sites written and read,
-    and scikit-learn, which scores them, imported (1-2 s with scipy). Done in the ServerApp, this
-    work competed for the CPU with Ray's processes starting (each site worker importing torch)
-    and delayed round 1 by 2-3 times as long (measured on 2 cores)."""
-    task_cfg = cfg["task"]
-    task = get_task(task_cfg["name"])
+    ``prepare(site)`` writes a synthetic site that does not exist yet; given it (synthetic sites
+    written on first use, the default), the pool is written, read and scored on the first call,
+    which the round loop makes while round 1's sites train (server/rounds.py
+    ``InitialEvaluation``): at 1000 sites that work (50 sites written and read, scikit-learn
+    and SciPy imported, ~1 s) no longer comes before round 1. Files of the user's (data.root,
+    a split data.path) are read here, before anything starts, so that a bad one is refused in
+    one line before Ray does (simulations/run.py)."""
     names = pooled_sites(cfg, list(folders))
-    if prepare is not None:
-        for site in names:
-            prepare(site)
-    sites = [task.load_site(folders[site], task_cfg, site) for site in names]
-    pooled = ConcatDataset([s.test for s in sites])
-    num_classes = int(task_cfg["spec"]["num_classes"])
-    import sklearn.metrics  # noqa: F401  (client.evaluation imports it when it first scores)
+    pool = _TestPool(cfg, folders, names, prepare)
+    if prepare is None:
+        pool.dataset()
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        model = build_model(cfg["model"], task.input_spec(task_cfg))
+        model = build_model(cfg["model"], pool.task.input_spec(cfg["task"]))
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, pooled, num_classes)
+        return evaluate(model, pool.dataset(), pool.num_classes)
 
     evaluate_global.sites = names  # type: ignore[attr-defined]  # named in the report
     return evaluate_global
+
+
+class _TestPool:
+    """The pooled test splits, written (``prepare``) and read once, when first needed."""
+
+    def __init__(self, cfg: Mapping[str, Any], folders: Mapping[str, Path], names: list[str],
+                 prepare: Callable[[str], Path] | None) -> None:
+        self.task_cfg = cfg["task"]
+        self.task = get_task(self.task_cfg["name"])
+        self.num_classes = int(self.task_cfg["spec"]["num_classes"])
+        self._folders, self._names, self._prepare = folders, names, prepare
+        self._pooled: ConcatDataset | None = None
+        self._lock = threading.Lock()
+
+    def dataset(self) -> ConcatDataset:
+        with self._lock:
+            if self._pooled is None:
+                if self._prepare is not None:
+                    for site in self._names:
+                        self._prepare(site)
+                self._pooled = ConcatDataset([
+                    self.task.load_site(self._folders[site], self.task_cfg, site).test
+                    for site in self._names])
+            return self._pooled

@@ -20,13 +20,15 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from client.tasks import DataError
 from simulations.cache import write_folder_once
-from simulations.synthetic import PooledRecords, get_generator
+
+if TYPE_CHECKING:
+    from simulations.synthetic import PooledRecords
 
 PARTITIONS = ("iid", "dirichlet", "quantity", "column")
 
@@ -93,6 +95,10 @@ def _site_name(value: Any) -> str:
 
 def partition_sites(cfg: Mapping[str, Any], cache_dir: Path) -> dict[str, Path]:
     """Write (once, cached by content) and return the site folders for ``data.path``."""
+    # imported here: the generators' own imports (images: SciPy) are not paid by a run on
+    # synthetic sites before its round 1 (simulations/sites.py imports this module)
+    from simulations.synthetic import get_generator
+
     data = cfg["data"]
     check_partition_settings(data)
     path = Path(data["path"]).expanduser()

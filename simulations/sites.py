@@ -20,13 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.tasks import DataError
 from privacy.files import write_atomically
 from simulations.cache import write_folder_once
 from simulations.partition import check_partition_settings, partition_sites
-from simulations.synthetic import SiteProfile, get_generator
+
+if TYPE_CHECKING:
+    from simulations.synthetic import SiteProfile
 
 GENERATOR_VERSION = 2  # bump when a generator's output changes
 
@@ -97,6 +99,8 @@ class SyntheticSites:
 
     @cached_property
     def _profiles(self) -> list[SiteProfile]:
+        from simulations.synthetic import get_generator
+
         return get_generator(self.task_cfg["name"]).site_profiles(self.task_cfg,
                                                                   self.num_sites, self.seed)
 
@@ -108,6 +112,9 @@ class SyntheticSites:
         if site not in self.names:
             raise DataError(f"no synthetic site {site!r}; this run has {self.names[0]} .. "
                             f"{self.names[-1]}")
+        # the generators (images': SciPy) load when a site is first written, not before round 1
+        from simulations.synthetic import get_generator
+
         generator = get_generator(self.task_cfg["name"])
         profile = self._profiles[self.names.index(site)]
         write_folder_once(folder, lambda staging: generator.generate_site(staging, self.task_cfg,
