@@ -1,13 +1,14 @@
-"""The command line's ``key=value`` overrides, checked against ``conf/`` before Hydra runs.
+"""The command line's ``key=value`` overrides, checked against ``conf/``.
 
 Hydra answers a typo (``roudns=3``, ``task=tabluar``) with its own dump (the config search
 path, "To append to your config use +roudns=3", a hint about HYDRA_FULL_ERROR) and exit
 status 1, after which nothing says what was probably meant. :func:`check_overrides` composes
-the same config with Hydra's compose API first and turns each kind of mistake into one
+the same config with Hydra's compose API and turns each kind of mistake into one
 :class:`~server.settings.ConfigError` line with a did-you-mean drawn from the config's own
-keys (nested ones included) or a group's choices (issue 19). It also runs our validation, so
-a bad value is refused before Hydra makes the run's output folder. Hydra and OmegaConf only:
-no torch, Flower or Ray (tests/test_startup.py).
+keys (nested ones included) or a group's choices (issue 19), and runs our validation.
+``simulations/run.py`` calls it once Hydra has refused a command line (Hydra's dump held
+back): a line that composes is not composed a third time before a run. Hydra and OmegaConf
+only: no torch, Flower or Ray (tests/test_startup.py).
 """
 
 from __future__ import annotations

@@ -193,6 +193,7 @@ def run_in_process(*args: Any, **kwargs: Any) -> None:
 def main(hydra_cfg: DictConfig) -> None:
     global _job_started
     _job_started = True
+    _release_stderr(show=True)  # what Hydra said while composing, if anything, in its place
     run_dir = Path(HydraConfig.get().runtime.output_dir)  # made by Hydra, holding .hydra/
     try:
         validate(hydra_cfg)
@@ -318,32 +319,72 @@ def _report_stop(out_dir: Path, overrides: list[str]) -> None:
 def cli() -> None:
     """``main`` with one exit code and one line for every bad configuration value: 2.
 
-    The overrides are checked first (simulations/overrides.py): a typo gets a did-you-mean
-    (``unknown config key 'roudns'; did you mean 'rounds'?``) instead of Hydra's dump, and a
-    refused value leaves no output folder, since Hydra has not made one yet. With Hydra's own
-    flags (``--help``, ``--cfg``, ``--multirun`` ...) Hydra answers alone; should it still
-    reject the line, it prints why and exits 1, the code of a crash, made 2 here.
+    A typo gets a did-you-mean (``unknown config key 'roudns'; did you mean 'rounds'?``) instead
+    of Hydra's dump: when Hydra cannot compose the command line, what it printed is held back and
+    simulations/overrides.py names the mistake. A valid line is composed by Hydra alone (twice
+    already: once to read ``hydra.mode``, once to run; a third compose to check it first cost
+    ~0.1 s of every start, issue 18); a value our checks refuse is refused in ``main`` before
+    anything runs, the folder Hydra made removed. With Hydra's own flags (``--help``, ``--cfg``,
+    ``--multirun`` ...) Hydra answers alone; should it still reject the line, it prints why and
+    exits 1, the code of a crash, made 2 here.
     """
-    from simulations.overrides import check_overrides
-
     arguments = sys.argv[1:]
-    if not any(arg.startswith("-") for arg in arguments):
-        try:
-            check_overrides(arguments)
-        except ConfigError as err:
-            _exit_bad_input(err)
     for arg in arguments:  # a run directory the user made is never removed (_exit_bad_input)
         if arg.startswith("hydra.run.dir=") and Path(arg.split("=", 1)[1]).is_dir():
             _existing_run_dirs.add(Path(arg.split("=", 1)[1]).resolve())
+    plain = not any(arg.startswith("-") for arg in arguments)
+    if plain:  # released by main() as soon as Hydra calls it
+        _hold_stderr()
     try:
         main()
-    except SystemExit as stop:
-        if stop.code == 1 and not _job_started:
+    except (SystemExit, Exception) as stop:
+        if _job_started:
+            raise
+        hydra_said = _release_stderr(show=False)
+        if plain:
+            _explain_overrides(arguments)  # exits 2 with one line if it finds the mistake
+        sys.stderr.write(hydra_said)
+        if isinstance(stop, SystemExit) and stop.code == 1:
             console.print("[bold red]error:[/] the configuration could not be composed (the "
                           "message above names the key); `python -m simulations.run --help` "
                           "lists the config groups and their choices", soft_wrap=True)
             sys.exit(2)
         raise
+    finally:
+        _release_stderr(show=True)
+
+
+def _explain_overrides(arguments: list[str]) -> None:
+    """The one line simulations/overrides.py gives for a command line Hydra refused, exit 2."""
+    from simulations.overrides import check_overrides
+
+    try:
+        check_overrides(arguments)
+    except ConfigError as err:
+        _exit_bad_input(err)
+
+
+_held: list[Any] = []  # [the real sys.stderr, the buffer in its place] while Hydra composes
+
+
+def _hold_stderr() -> None:
+    import io
+
+    _held[:] = [sys.stderr, io.StringIO()]
+    sys.stderr = _held[1]
+
+
+def _release_stderr(*, show: bool) -> str:
+    """Put the real stderr back; what was held is written to it (``show``) or returned."""
+    if not _held:
+        return ""
+    real, buffer = _held
+    _held.clear()
+    sys.stderr = real
+    said = buffer.getvalue()
+    if show and said:
+        real.write(said)
+    return "" if show else said
 
 
 if __name__ == "__main__":
