@@ -37,12 +37,14 @@ It is timed the same way: launch of its subprocess until round 1 starts (when Fe
 round 1's training), then each round until the next starts. Our runs and stock's alternate
 (ours first in even repeats, stock first in odd ones), ``--repeats`` times at each N; timings are
 the median (and min) over the repeats, memory the largest. What ours pays before round 1 and
-stock does not: Hydra, writing the synthetic sites, the pooled test set's initial evaluation;
-stock's ClientApp imports only torch in its actors. Both start the ServerApp while Ray starts
-(Flower's run_simulation; ours runs it on a thread, simulations/engine.py), so round 1 carries
-Ray's and the actors' start-up in both: launch to the end of round 1 is shown beside launch to
-its start. A steady round of ours also evaluates the global model on the pooled test set, which
-stock does not.
+stock does not: Hydra (two composes and our validation) and our own modules' imports; the
+pooled test set's initial evaluation (the pool's synthetic sites written and read, scikit-learn
+imported) runs while round 1's sites train (server/rounds.py), so it counts in round 1's end,
+not its start; stock's ClientApp imports only torch in its actors. Both start the ServerApp
+while Ray starts (Flower's run_simulation; ours runs it on a thread, simulations/engine.py), so
+round 1 carries Ray's and the actors' start-up in both: launch to the end of round 1 is shown
+beside launch to its start. A steady round of ours also evaluates the global model on the pooled
+test set, which stock does not.
 
 Ratio: median round at N divided by the median round at the smallest N. Targets: peak RSS of
 the tree at the largest N <= 2560 MB (issue 18's 2.5 GB at 1000 hospitals; issue 9 had 4 GB),
