@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from torch.utils.data import Dataset
 
@@ -20,16 +21,23 @@ METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auroc", "auprc", "macr
 
 
 def predict(
-    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu"
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and true labels for every example of ``dataset``."""
+    """Class probabilities and true labels for every example of ``dataset``.
+
+    ``generator``: what the DataLoader draws its one base seed from (None: torch's global RNG,
+    as every DataLoader does even unshuffled). The server's pooled evaluation passes its own:
+    it runs beside round 1's training (server/rounds.py), which may be in the same process
+    (tests, in-process sites) and seeds its dropout masks from the global RNG."""
     import torch
     from torch.utils.data import DataLoader
 
     model.eval()
     probs, labels = [], []
     with torch.no_grad():
-        for *inputs, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        for *inputs, y in DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                     generator=generator):
             logits = model(*(t.to(device) for t in inputs))
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
             labels.append(y)
@@ -87,7 +95,8 @@ def classification_metrics(
 
 
 def evaluate(
-    model: nn.Module, dataset: Dataset, num_classes: int, device: str = "cpu"
+    model: nn.Module, dataset: Dataset, num_classes: int, device: str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    probs, labels = predict(model, dataset, device=device)
+    probs, labels = predict(model, dataset, device=device, generator=generator)
     return classification_metrics(labels, probs, num_classes)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import ConcatDataset
 
@@ -49,11 +50,17 @@ def pooled_test_evaluation(cfg: Mapping[str, Any], folders: Mapping[str, Path],
     pool = _TestPool(cfg, folders, names, prepare)
     if prepare is None:
         pool.dataset()
+    # The first call runs beside round 1's training, which may share this process (tests,
+    # in-process sites) and seeds its dropout masks from torch's global RNG: scoring draws
+    # nothing from it. The model is built once, here, its random initial weights drawn with the
+    # global RNG's state restored afterwards; each call loads the weights to score into it.
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg["model"], pool.task.input_spec(cfg["task"]))
+    own_rng = torch.Generator()
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        model = build_model(cfg["model"], pool.task.input_spec(cfg["task"]))
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, pool.dataset(), pool.num_classes)
+        return evaluate(model, pool.dataset(), pool.num_classes, generator=own_rng)
 
     evaluate_global.sites = names  # type: ignore[attr-defined]  # named in the report
     return evaluate_global

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 from flwr.app import ArrayRecord
 
 import client.app
@@ -87,3 +88,19 @@ def test_a_failing_initial_evaluation_still_fails_the_run(tmp_path, monkeypatch)
     with pytest.raises(DataError, match="row 3 has 11 columns"):
         simulate_in_process(tmp_path / "run", *_overrides(tmp_path))
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_the_pooled_evaluation_draws_nothing_from_torchs_global_rng(tmp_path):
+    """It runs beside round 1's training, which in one process (tests, in-process sites) seeds
+    its dropout masks from torch's global RNG: a draw in between made those runs differ."""
+    cfg = compose(list(_overrides(tmp_path)))
+    lazy = lazy_synthetic_sites(cfg)
+    arrays = ArrayRecord(initial_model(cfg).state_dict())
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    evaluate_global = simulations.global_evaluation.pooled_test_evaluation(
+        cfg, lazy.folders(), prepare=lazy.ensure)
+    first = evaluate_global(0, arrays)
+    assert torch.equal(torch.rand(4), expected)
+    assert evaluate_global(0, arrays) == first  # the model built once is reloaded each call
