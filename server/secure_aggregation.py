@@ -33,6 +33,7 @@ update of the round).
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -285,7 +286,7 @@ class _Stages:
                   else int(sum(np.prod(s) for s in self.shapes)) + 1)
         return self.server.request_consistency(
             {i: _fields(r) for i, r in masked.items()},
-            {i: r.content[protocol.ARRAYS][protocol.MASKED_UPDATE].numpy()
+            {i: masked_vector(r.content[protocol.ARRAYS][protocol.MASKED_UPDATE])
              for i, r in masked.items()},
             length, drop_invalid=True)
 
@@ -327,6 +328,33 @@ class _Stages:
             for (key, array), delta in zip(self.global_arrays.items(), mean_delta)})
         self.result.aggregate = SecureAggregate(
             arrays, int(round(weight_sum * self.settings.max_site_examples)))
+
+
+_NUMPY_STYPE = Array(np.zeros(0, dtype=np.uint32)).stype  # how Array(ndarray) serializes
+
+
+def masked_vector(array: Array) -> np.ndarray:
+    """The masked vector a site sent: a read-only view of the bytes Flower delivered when they
+    are what the site's ``Array(vector)`` writes (a 1-D little-endian uint32 .npy), else
+    ``Array.numpy()`` (whose result the SecAgg server checks like any other). ``numpy()`` reads
+    the bytes into a new array: 4 MB a site at 1M parameters, a few ms each on the driver,
+    one site after another, at every round."""
+    data = array.data
+    if array.stype != _NUMPY_STYPE or not isinstance(data, bytes):
+        return array.numpy()
+    header = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(header)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(header)
+    except ValueError:  # not an .npy header numpy reads: numpy() says why
+        return array.numpy()
+    offset = header.tell()
+    if (fortran_order or dtype != np.dtype("<u4") or len(shape) != 1
+            or len(data) != offset + 4 * shape[0]):
+        return array.numpy()
+    return np.frombuffer(data, dtype="<u4", count=shape[0], offset=offset)
 
 
 def _plaintext_size(arrays: ArrayRecord) -> int:

@@ -163,4 +163,7 @@ def dequantize(total: np.ndarray, clip: float, num_sites: int,
     if num_summed and (total > np.uint32(num_summed * levels_per_site(num_sites))).any():
         raise ValueError(f"sum exceeds what {num_summed} encodings can add up to: the inputs "
                          "were not quantized for this clip/num_sites")
-    return total.astype(np.float64) / quantization_scale(clip, num_sites) - num_summed * clip
+    decoded = total.astype(np.float64)  # the one full-size array: the rest is in place
+    decoded /= quantization_scale(clip, num_sites)
+    decoded -= num_summed * clip
+    return decoded

@@ -120,7 +120,8 @@ def decode_mean(
     if weight_sum <= 0:
         raise ValueError(f"the surviving sites' total weight is {weight_sum:.3g}; nothing to "
                          "average")
-    return split_by_shapes(weighted / weight_sum, shapes), weight_sum
+    weighted /= weight_sum
+    return split_by_shapes(weighted, shapes), weight_sum
 
 
 def split_by_shapes(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
