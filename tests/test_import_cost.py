@@ -170,3 +170,9 @@ assert prepared == evaluate_global.sites, prepared
 assert evaluate_global(1, arrays) == metrics and len(prepared) == 3
 """.replace("CACHE", str(tmp_path))
     assert "sklearn" in _heavy_loaded_by(code)
+
+
+def test_the_synthetic_generators_load_no_scipy_until_an_image_is_written():
+    """Every Ray worker that writes a site imports the generators (one module imports them
+    all): the image generator's SciPy blur is imported when images are written, not before."""
+    assert "scipy" not in _heavy_loaded_by("import simulations.synthetic")

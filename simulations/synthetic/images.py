@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from client.tasks import DataError
 from client.tasks.images import checked_split, read_site_arrays
@@ -111,6 +110,8 @@ def synthetic_scans(
             contrast = rng.uniform(0.12, 0.5)
             img += contrast * np.exp(-(((yy - py) ** 2 + (xx - px) ** 2) / (2 * radius**2)))
         if blur > 0.05:
+            from scipy.ndimage import gaussian_filter  # only when images are written
+
             img = gaussian_filter(img, blur)
         img = gain * img + offset + rng.normal(0, noise, img.shape)
         pixels = np.clip(img * 255, 0, 255).astype(np.uint8)
