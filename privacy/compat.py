@@ -85,6 +85,18 @@ def deflated_tree_size(obj: Any) -> int:
     return sum(len(nested.deflate()) for nested in get_all_nested_objects(obj).values())
 
 
+@contextlib.contextmanager
+def hash_each_object_once() -> Iterator[None]:
+    """Within this, each Flower object's id (a hash of its serialized bytes) is computed once:
+    Flower 1.41 re-hashes every array chunk whenever an id is asked for, and measuring a reply
+    (size, then id: privacy/protocol.py) asks two or three times (``no_object_id_recompute``,
+    what Flower itself uses while pushing a message). Only for objects not changed inside."""
+    from flwr.supercore.inflatable.inflatable_object import no_object_id_recompute
+
+    with no_object_id_recompute():
+        yield
+
+
 def client_app_error_code() -> int:
     """The code Flower gives an error reply from a ClientApp that raised (``ErrorCode`` is not
     exported by Flower's public ``flwr.app``)."""

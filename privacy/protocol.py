@@ -88,14 +88,17 @@ def content_size(content: RecordDict) -> tuple[int, dict[str, int]]:
     One measure for both sides: a site's egress log and the server's report count the same
     bytes for the same reply. Measured on :func:`unshared` objects, so ``content`` itself is
     left as it was (see there)."""
-    return _size(unshared(content))
+    fresh = unshared(content)
+    with compat.hash_each_object_once():  # the fresh copy is not changed while measured
+        return _size(fresh)
 
 
 def measure(content: RecordDict) -> tuple[int, dict[str, int], str]:
     """``content_size`` and Flower's object id (``RecordDict.object_id``, a Merkle hash of
     what is shipped) of ``content``, both from one :func:`unshared` copy."""
     fresh = unshared(content)
-    return (*_size(fresh), fresh.object_id)
+    with compat.hash_each_object_once():  # the fresh copy is not changed while measured
+        return (*_size(fresh), fresh.object_id)
 
 
 def unshared(content: RecordDict) -> RecordDict:
