@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import activation_layer, check_activation
+from models.layers import Conv2d, activation_layer, check_activation
 from models.registry import register_model
 
 
@@ -23,7 +23,7 @@ def _block(c_in: int, c_out: int, groups: int, activation: str = "relu") -> nn.S
     # per-sample gradient (GroupNorm's recomputes the normalisation) and its own clipping and
     # noise; the conv bias before it still gives each channel its own offset within its group.
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+        Conv2d(c_in, c_out, kernel_size=3, padding=1),
         nn.GroupNorm(min(groups, c_out), c_out, affine=False),
         activation_layer(activation),
         nn.MaxPool2d(2),

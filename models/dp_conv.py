@@ -8,10 +8,11 @@ computes them without the unfold copy. On the images CNN (batch 64, 1 thread) th
 faster than the unfold for the second block's conv, which made the per-sample gradients the
 largest part of a DP step's extra cost.
 
-Registered for ``nn.Conv2d`` in place of Opacus's sampler (hooks mode, any model), on import
-of ``models``. Other padding modes, string paddings ('same', 'valid') and empty batches go to
-Opacus's own sampler unchanged. Exactness against one backward pass per example is tested in
-tests/test_dp_layers.py.
+Registered for ``nn.Conv2d`` in place of Opacus's sampler (hooks mode, any model), and for
+``models.layers.Conv2d`` (which computes no batch weight gradient under DP), when
+``models.register_grad_samplers`` imports this module. Other padding modes, string paddings
+('same', 'valid') and empty batches go to Opacus's own sampler unchanged. Exactness against
+one backward pass per example is tested in tests/test_dp_layers.py.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
+from models.layers import Conv2d
 
-@register_grad_sampler(nn.Conv2d)
+
+@register_grad_sampler([nn.Conv2d, Conv2d])
 def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
                        backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     inputs = activations[0].to(backprops.dtype)
     batch = inputs.shape[0]
-    if (batch == 0 or type(layer) is not nn.Conv2d or layer.padding_mode != "zeros"
+    if (batch == 0 or type(layer) not in (nn.Conv2d, Conv2d) or layer.padding_mode != "zeros"
             or isinstance(layer.padding, str)):
         return compute_conv_grad_sample(layer, activations, backprops)
     out_channels, in_per_group, kh, kw = layer.weight.shape

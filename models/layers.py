@@ -72,3 +72,45 @@ def register_linear_grad_sampler() -> None:
     from opacus.grad_sample.linear import compute_linear_grad_sample
 
     register_grad_sampler(Linear)(compute_linear_grad_sample)
+
+
+class _ConvInputGradientOnly(torch.autograd.Function):
+    """``F.conv2d`` whose backward computes the input's gradient only (none when the input
+    needs none: a first layer's input is data)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride, padding, dilation, groups: int):
+        ctx.save_for_backward(weight)
+        ctx.input_shape, ctx.conv = x.shape, (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, *ctx.conv)
+        return grad_x, None, None, None, None, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same function) that, under Opacus DP-SGD in hooks mode,
+    leaves its weight and bias gradients to the per-sample ones, as :class:`Linear` does: the
+    batch weight gradient is one more convolution the DP optimizer throws away (on the images
+    CNN, the first block's weight gradient cost as much as its per-sample gradients). Zero
+    padding given as numbers only (what models/dp_conv.py's sampler covers; Opacus's own
+    sampler recognises ``nn.Conv2d`` by exact type). Without DP this is ``nn.Conv2d``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError(f"models.layers.Conv2d takes zero padding given as numbers, got "
+                             f"padding={self.padding!r}, padding_mode={self.padding_mode!r} "
+                             "(use nn.Conv2d for these)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and self._forward_hooks:
+            return _ConvInputGradientOnly.apply(x, self.weight, self.bias, self.stride,
+                                                self.padding, self.dilation, self.groups)
+        return super().forward(x)

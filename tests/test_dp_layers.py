@@ -141,12 +141,21 @@ def test_default_models_are_valid_for_opacus_and_step_on_an_empty_poisson_batch(
      "groups": 2, "bias": False},
     {"kernel_size": 3, "padding": "same"},  # Opacus's own sampler
 ])
-def test_conv2d_per_sample_gradients_equal_one_backward_per_scan(conv):
+@pytest.mark.parametrize("conv_class", ["torch", "medsilo"])
+def test_conv2d_per_sample_gradients_equal_one_backward_per_scan(conv, conv_class):
+    """Two convolutions, so that the second passes an input gradient back to the first:
+    ``nn.Conv2d`` and models/layers.py's ``Conv2d`` (no batch weight gradient under DP)."""
     import models.dp_conv  # noqa: F401  (its Conv2d sampler replaces Opacus's)
+    from models.layers import Conv2d
 
+    layer = {"torch": nn.Conv2d, "medsilo": Conv2d}[conv_class]
+    if conv_class == "medsilo" and isinstance(conv.get("padding"), str):
+        with pytest.raises(ValueError, match="zero padding given as numbers"):
+            layer(4, 6, **conv)
+        return
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 6, **conv), nn.Tanh(), nn.Flatten(),
-                          nn.LazyLinear(3)).double()
+    model = nn.Sequential(layer(4, 6, **conv), nn.Tanh(), layer(6, 4, 3, padding=1), nn.Tanh(),
+                          nn.Flatten(), nn.LazyLinear(3)).double()
     scans = torch.randn(5, 4, 9, 8, dtype=torch.float64)
     labels = torch.tensor([0, 2, 1, 1, 0])
     model(scans)  # sizes the lazy head
@@ -156,9 +165,13 @@ def test_conv2d_per_sample_gradients_equal_one_backward_per_scan(conv):
         nn.functional.cross_entropy(model(scans[i:i + 1]), labels[i:i + 1]).backward()
         for name, p in model.named_parameters():
             brute[name].append(p.grad.clone())
-    model.zero_grad()
+    model.zero_grad(set_to_none=True)
     hooked = GradSampleModule(model)
     nn.functional.cross_entropy(hooked(scans), labels).backward()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad_sample, torch.stack(brute[name]), atol=1e-10), name
+    # autograd's batch gradients: skipped by our Conv2d under DP, computed by nn.Conv2d
+    skipped = {name for name, p in model.named_parameters() if p.grad is None}
+    expected = {f"{i}.{name}" for i in (0, 2) for name, _ in model[i].named_parameters()}
+    assert skipped == (expected if conv_class == "medsilo" else set()), skipped
     hooked._close()
