@@ -45,6 +45,8 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
+from models.layers import per_sample_gradients_only
+
 CELLS = {"lstm": 4, "gru": 3}  # gate blocks per cell, in torch's order (i f g o / r z n)
 
 
@@ -193,7 +195,7 @@ class RecurrentLayer(nn.Module):
     def records_per_sample_gradients(self) -> bool:
         """Whether the next forward takes the DP path: Opacus's hooks-mode GradSampleModule
         observes the layer (forward hooks) and the model trains with gradients on."""
-        return self.training and torch.is_grad_enabled() and bool(self._forward_hooks)
+        return per_sample_gradients_only(self)
 
     def forward(self, x: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """``probe``: ``x`` is a leaf made to require grad only so that Opacus's full backward

@@ -33,6 +33,15 @@ def note_token_ids(tokens: torch.Tensor, max_len: int) -> torch.Tensor:
     return tokens
 
 
+def per_sample_gradients_only(module: nn.Module) -> bool:
+    """Whether ``module``'s next forward may leave its weights' batch gradient uncomputed
+    (:class:`Linear`, :class:`Conv2d`, models/dp_recurrent.py's ``RecurrentLayer``): Opacus's
+    hooks-mode GradSampleModule observes it (forward hooks) and the model trains with
+    gradients on, so the DP optimizer replaces ``p.grad`` by the noised sum of clipped
+    per-sample gradients and never reads autograd's. The one place this is decided."""
+    return module.training and torch.is_grad_enabled() and bool(module._forward_hooks)
+
+
 class _InputGradientOnly(torch.autograd.Function):
     """``F.linear`` whose backward computes the input's gradient only."""
 
@@ -60,7 +69,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and self._forward_hooks:
+        if per_sample_gradients_only(self):
             return _InputGradientOnly.apply(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -110,7 +119,7 @@ class Conv2d(nn.Conv2d):
                              "(use nn.Conv2d for these)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and self._forward_hooks:
+        if per_sample_gradients_only(self):
             return _ConvInputGradientOnly.apply(x, self.weight, self.bias, self.stride,
                                                 self.padding, self.dilation, self.groups)
         return super().forward(x)
