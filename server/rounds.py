@@ -82,6 +82,7 @@ def run_rounds(
     # checkpoint, the report) or calls evaluate_fn again
     initial = (InitialEvaluation(evaluate_fn, arrays)
                if first_round == 1 and evaluate_fn is not None else None)
+    outcome = None
     for server_round in range(first_round, num_rounds + 1):
         clock = time.perf_counter()
         record = history.rounds[server_round] = RoundRecord(server_round, started_at=time.time())
@@ -90,19 +91,19 @@ def run_rounds(
         except TooFewSites as gone:  # a lost site is never waited for: stop, checkpointed
             record.skipped_round = stopped = str(gone)
         except StopRequested as stop:
-            _collect(history, initial)
-            return _interrupted(history, server_round, arrays, stop)
+            outcome = _interrupted(history, server_round, arrays, stop)
+            break
         if stopped is not None:
-            _collect(history, initial)
-            return RunOutcome(arrays, stopped=stopped)
+            outcome = RunOutcome(arrays, stopped=stopped)
+            break
         try:
             _evaluate(strategy, grid, history, record, arrays, settings)
         except TooFewSites as gone:  # the round's update stands; its evaluation could not run
             record.failures.append({"stage": "evaluate", "node_id": None, "reason": str(gone)})
         except StopRequested as stop:
-            _collect(history, initial)
-            return _interrupted(history, server_round, arrays, stop)
-        _collect(history, initial)
+            outcome = _interrupted(history, server_round, arrays, stop)
+            break
+        _collect(history, initial)  # before evaluate_fn runs again and the round is checkpointed
         initial = None
         record.global_metrics = _global_metrics(
             record, evaluate_fn(server_round, arrays) if evaluate_fn is not None else None)
@@ -111,8 +112,8 @@ def run_rounds(
             after_round(server_round, arrays)
         if on_round is not None:
             on_round(record)
-    _collect(history, initial)  # no round ran (first_round > num_rounds)
-    return RunOutcome(arrays)
+    _collect(history, initial)  # round 1 stopped, or no round ran (first_round > num_rounds)
+    return outcome if outcome is not None else RunOutcome(arrays)
 
 
 class InitialEvaluation:
