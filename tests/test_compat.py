@@ -116,6 +116,28 @@ def test_the_deflated_size_counts_every_nested_array_flower_ships():
     assert total == sum(per_record.values()) + len(content.deflate())
 
 
+def test_a_measure_with_each_object_hashed_once_gives_flowers_own_size_and_id():
+    """protocol.measure hashes inside compat.hash_each_object_once (Flower's
+    no_object_id_recompute): the same size as content_size and the same id as Flower computes
+    without it, for an array of two 5 MB chunks, and the measured content itself is left as
+    it was (a later id, computed normally, agrees)."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from privacy.protocol import content_size, measure
+
+    def content():
+        rng = np.random.default_rng(0)
+        return RecordDict({"arrays": ArrayRecord({
+            "w": Array(rng.normal(size=1_500_000).astype(np.float32)),  # 2 chunks
+            "b": Array(np.ones(3, dtype=np.float32))}),
+            "metrics": MetricRecord({"loss": 0.5})})
+
+    measured = content()
+    total, per_record, object_id = measure(measured)
+    assert (total, per_record) == content_size(content())
+    assert object_id == content().object_id == measured.object_id
+
+
 def test_the_client_app_error_code_is_flowers():
     from flwr.app import Error
 
