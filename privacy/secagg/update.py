@@ -88,12 +88,12 @@ def _encode(pairs: Sequence[tuple[np.ndarray, np.ndarray | None]], weight: float
         new = new.reshape(-1)
         old = None if old is None else old.reshape(-1)
         for start in range(0, len(new), BLOCK):
-            work = buffer[:len(new[start:start + BLOCK])]
+            block = slice(start, start + BLOCK)
+            work = buffer[:len(new[block])]
             if old is None:
-                np.copyto(work, new[start:start + BLOCK], casting="unsafe")
+                np.copyto(work, new[block], casting="unsafe")
             else:
-                np.subtract(new[start:start + BLOCK], old[start:start + BLOCK], out=work,
-                            dtype=np.float64)
+                np.subtract(new[block], old[block], out=work, dtype=np.float64)
             if not np.isfinite(work).all():
                 raise ValueError("the model update contains NaN or Inf; it cannot be sent")
             outside += np.count_nonzero(np.abs(work) > clip)
