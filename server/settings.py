@@ -421,13 +421,11 @@ def _validate_site_dp(cfg: DictConfig | Mapping[str, Any]) -> None:
 
 
 def _validate_privacy(cfg: DictConfig | Mapping[str, Any]) -> None:
-    if cfg["privacy"]["name"] == "site_dp":
+    site_dp = cfg["privacy"]["name"] == "site_dp"
+    if site_dp:
         _validate_site_dp(cfg)
-        if cfg["privacy"].get("record_level") != "dp":
-            return
-        _validate_record_dp(cfg, record_privacy(cfg), "privacy.record_dp.")
-        return
-    _validate_record_dp(cfg, cfg["privacy"], "privacy.")
+    # record_privacy: under site_dp without record_level=dp, {"name": "off"} (nothing to check)
+    _validate_record_dp(cfg, record_privacy(cfg), "privacy.record_dp." if site_dp else "privacy.")
 
 
 def _validate_record_dp(cfg: DictConfig | Mapping[str, Any], privacy: Mapping[str, Any],
