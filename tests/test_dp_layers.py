@@ -175,3 +175,42 @@ def test_conv2d_per_sample_gradients_equal_one_backward_per_scan(conv, conv_clas
     expected = {f"{i}.{name}" for i in (0, 2) for name, _ in model[i].named_parameters()}
     assert skipped == (expected if conv_class == "medsilo" else set()), skipped
     hooked._close()
+
+
+# Ghost clipping's second backward reads p.grad, which models.layers.Linear / Conv2d and
+# RecurrentLayer leave unset whenever forward hooks observe them
+# (models.layers.per_sample_gradients_only cannot tell ghost from hooks mode), so
+# DPConfig.grad_sample_mode="ghost" fails on models built from them (the CNN, the RNN; the
+# default MLP and notes model step). Strict: a fix flips it.
+_GHOST_BROKEN = pytest.mark.xfail(strict=True, raises=AttributeError,
+                                  reason="p.grad unset under ghost clipping")
+
+
+@pytest.mark.parametrize("task", [pytest.param("images", marks=_GHOST_BROKEN),
+                                  pytest.param("vitals", marks=_GHOST_BROKEN),
+                                  "notes", "tabular"])
+def test_default_models_step_under_ghost_clipping(task):
+    cfg = compose([f"task={task}"])
+    spec = get_task(task).input_spec(cfg["task"])
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], spec)
+    inputs = {
+        "images": lambda n: (torch.randn(n, spec["channels"], spec["image_size"],
+                                         spec["image_size"]),),
+        "vitals": lambda n: (torch.randn(n, 48, 3 * spec["num_variables"]),
+                             torch.randn(n, spec["num_static"])),
+        "notes": lambda n: (torch.randint(1, spec["vocab_buckets"], (n, 16, 2)),
+                            torch.ones(n, 16, dtype=torch.bool)),
+        "tabular": lambda n: (torch.randn(n, spec["num_features"]),),
+    }[task]
+    loader = DataLoader(TensorDataset(*inputs(8), torch.arange(8) % 2), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, optimizer, criterion, _ = PrivacyEngine().make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+        max_grad_norm=1e6, wrap_model=False, grad_sample_mode="ghost",
+        criterion=nn.CrossEntropyLoss())
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    criterion(model(*inputs(4)), torch.arange(4) % 2).backward()
+    optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
