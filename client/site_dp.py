@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -215,6 +216,11 @@ def lifetime_refusal(site: SiteSettings, plan: SiteDPPlan) -> str | None:
         entries = load_lifetime(site)
     except ValueError as err:  # never contribute on top of a ledger it cannot read
         return f"this site's hospital-level privacy ledger is unusable: {err}"
+    return _cap_refusal(site, entries, plan)
+
+
+def _cap_refusal(site: SiteSettings, entries: Sequence[Mapping[str, Any]],
+                 plan: SiteDPPlan) -> str | None:
     cap = site.max_hospital_epsilon
     if cap is None:
         return None
@@ -230,20 +236,36 @@ def lifetime_refusal(site: SiteSettings, plan: SiteDPPlan) -> str | None:
 def record_lifetime(site: SiteSettings, settings: RunSettings, plan: SiteDPPlan,
                     run_id: int) -> float | None:
     """Add this round's contribution to the state_dir ledger (before the share leaves); the
-    site's hospital-level ε over all runs after it, or None without a state_dir."""
+    site's hospital-level ε over all runs after it, or None without a state_dir.
+
+    Read, checked against ``max_hospital_epsilon`` and rewritten under an exclusive lock on
+    the state_dir: the check in :func:`lifetime_refusal` ran before training, and another run
+    at the same site (a server may start two at once) may have charged the ledger since. Over
+    the cap now, it raises: the share never leaves (the handler turns it into an error reply).
+    """
+    import fcntl
+
     from privacy.site_dp.accounting import RDP_ORDERS
 
     path = lifetime_path(site)
     if path is None:
         return None
-    entries = load_lifetime(site)
-    entries.append({"run_id": int(run_id), "round": int(settings.server_round),
-                    "plan": plan_inputs(settings.hospital_privacy, settings.rounds)
-                    if settings.hospital_privacy is not None else None,
-                    "delta": plan.delta, "rdp": list(worst_round_rdp(plan))})
-    data = {"version": LIFETIME_VERSION, "orders": [int(a) for a in RDP_ORDERS],
-            "contributions": entries}
-    write_atomically(path, json.dumps(data).encode("utf-8"), mode=0o600)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = os.open(path.with_name(f".{LIFETIME_FILE}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = load_lifetime(site)
+        if (reason := _cap_refusal(site, entries, plan)) is not None:
+            raise RuntimeError(reason)
+        entries.append({"run_id": int(run_id), "round": int(settings.server_round),
+                        "plan": plan_inputs(settings.hospital_privacy, settings.rounds)
+                        if settings.hospital_privacy is not None else None,
+                        "delta": plan.delta, "rdp": list(worst_round_rdp(plan))})
+        data = {"version": LIFETIME_VERSION, "orders": [int(a) for a in RDP_ORDERS],
+                "contributions": entries}
+        write_atomically(path, json.dumps(data).encode("utf-8"), mode=0o600)
+    finally:
+        os.close(lock)  # releases the lock
     eps, delta = lifetime_epsilon(entries)
     log.info("hospital-level epsilon over all runs at this site: %.4g (delta %g, %d "
              "contributions)", eps, delta, len(entries))

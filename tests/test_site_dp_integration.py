@@ -417,6 +417,25 @@ def test_an_unreadable_hospital_ledger_is_refused_naming_the_file(tmp_path):
     assert reason is not None and "not readable as JSON" in reason and "expected" in reason
 
 
+def test_the_charge_rechecks_the_cap_under_a_lock_so_concurrent_runs_cannot_share_it(tmp_path):
+    """The check before training and the charge before sending are apart by a whole local
+    training: another run at the same site (a server may start two at once) may have charged
+    the ledger in between. The charge itself refuses to go over the cap; nothing is written."""
+    settings = _settings(threshold=6)
+    plan_ = site_plan(settings.hospital_privacy, settings.rounds, 100)
+    one_round = lifetime_epsilon([{"rdp": list(worst_round_rdp(plan_)), "delta": 1e-5}])[0]
+    site = SiteSettings(site_id="h", data_path=tmp_path, require_approval=False,
+                        require_dp=False, simulated=False, state_dir=tmp_path,
+                        max_hospital_epsilon=one_round * (1 + 1e-6))
+    assert lifetime_refusal(site, plan_) is None  # run A checks: one round fits
+    assert lifetime_refusal(site, plan_) is None  # run B checks: the same ledger, fits too
+    record_lifetime(site, settings, plan_, run_id=1)  # run B charges first
+    before = (tmp_path / LIFETIME_FILE).read_bytes()
+    with pytest.raises(RuntimeError, match="over all runs"):
+        record_lifetime(site, settings, plan_, run_id=2)  # run A's share must not leave
+    assert (tmp_path / LIFETIME_FILE).read_bytes() == before
+
+
 def test_the_egress_log_says_each_masked_update_carried_the_sites_noise_share(site_dp_run):
     from client import egress
 
