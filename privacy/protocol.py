@@ -16,6 +16,7 @@ as a string literal of its own. A reply from a site carries at most:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -175,7 +176,5 @@ def site_dp_rotation_seed(run_seed: int, server_round: int) -> bytes:
     the run's seed and the round. Knowing it in advance affects only accuracy (a site that
     crafted its delta against it could make the ring wrap), never privacy: the noise is
     added after rotating and every site's own (docs/site_dp.md)."""
-    import hashlib
-
     return hashlib.sha256(SITE_DP_ROTATION_LABEL + int(run_seed).to_bytes(16, "big", signed=True)
                           + int(server_round).to_bytes(8, "big")).digest()
