@@ -20,8 +20,11 @@ already carries the planned noise. The site trusts the server with nothing here:
 - across runs, a site with a ``state_dir`` keeps every noised contribution it ever made in
   ``hospital_privacy_ledger.json`` there (the worst-case RDP curve of each round, written
   before the share leaves) and refuses a round that would take the composition of all of them
-  past ``max_hospital_epsilon``: a server cannot reset the hospital-level budget by starting a
-  new run (``Context.state`` above lives for one run only);
+  past ``max_hospital_epsilon`` (checked before training, and again under a lock when the
+  round is charged, so two runs at once cannot both spend the same remainder): a server cannot
+  reset the hospital-level budget by starting a new run (``Context.state`` above lives for one
+  run only). Without ``max_hospital_epsilon`` the ledger only records: nothing caps ε across
+  runs. A deployed site has a state_dir or refuses every run (client/policy.py);
 - a deployed site draws its noise and rounding from the OS (ChaCha20 keyed by os.urandom);
   a simulated one from the run's seed unless ``secure_noise`` (reproducible runs).
 
