@@ -602,12 +602,18 @@ def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
     return overrides
 
 
-def compose(overrides: list[str]) -> dict[str, Any]:
-    """Compose ``conf/config.yaml`` with overrides, validate it, return a plain dict."""
+def compose_config(overrides: list[str]) -> DictConfig:
+    """``conf/config.yaml`` composed with overrides by Hydra's compose API, not validated
+    (simulations/overrides.py composes with it to name a mistake Hydra refused)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """Compose ``conf/config.yaml`` with overrides, validate it, return a plain dict."""
+    cfg = compose_config(overrides)
     validate(cfg)
     return to_dict(cfg)

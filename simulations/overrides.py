@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from server.settings import CONF_DIR, ConfigError, validate
+from server.settings import compose_config as _compose
 
 # the closest candidate must be at least this similar (difflib ratio) to be suggested
 SUGGEST_CUTOFF = 0.6
@@ -52,13 +53,6 @@ def check_overrides(overrides: Sequence[str]) -> None:
         raise ConfigError("; ".join(line.strip() for line in str(err).splitlines()
                                     if line.strip())) from None
     validate(cfg)
-
-
-def _compose(overrides: Sequence[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def _unknown_choice(group: str, value: str, options: list[str]) -> str:
