@@ -280,8 +280,8 @@ class _Stages:
         masked = {i: r for i, r in replies.items() if _is_ok(r) and protocol.ARRAYS in r.content}
         # status, loss, ledger: never the masked vector
         self.result.replies += [_without_arrays(r) for r in replies.values()]
-        self.result.content_ids.update({self.site_of[i]: self.content_id[i]
-                                        for i in replies if i in self.site_of})
+        # every reply send() returns was counted: its site and content id are known
+        self.result.content_ids.update({self.site_of[i]: self.content_id[i] for i in replies})
         length = (self.hospital_privacy.vector_length if self.hospital_privacy
                   else int(sum(np.prod(s) for s in self.shapes)) + 1)
         return self.server.request_consistency(
