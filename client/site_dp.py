@@ -251,7 +251,10 @@ def record_lifetime(site: SiteSettings, settings: RunSettings, plan: SiteDPPlan,
     from privacy.site_dp.accounting import RDP_ORDERS
 
     path = lifetime_path(site)
-    if path is None:
+    if path is None:  # simulation only: policy refuses a deployed site without a state_dir
+        if not site.simulated:
+            raise RuntimeError("a deployed site needs a state_dir to keep its hospital-level "
+                               "privacy ledger across runs; set state_dir")
         return None
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = os.open(path.with_name(f".{LIFETIME_FILE}.lock"), os.O_RDWR | os.O_CREAT, 0o600)

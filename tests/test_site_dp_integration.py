@@ -4,6 +4,7 @@ inside secure aggregation. The real ServerApp and ClientApp in this process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -434,6 +435,24 @@ def test_the_charge_rechecks_the_cap_under_a_lock_so_concurrent_runs_cannot_shar
     with pytest.raises(RuntimeError, match="over all runs"):
         record_lifetime(site, settings, plan_, run_id=2)  # run A's share must not leave
     assert (tmp_path / LIFETIME_FILE).read_bytes() == before
+
+
+def test_a_deployed_site_without_a_state_dir_cannot_contribute_outside_the_ledger(tmp_path):
+    """The across-runs ledger lives in the state_dir: a deployed site without one is refused
+    by its policy before any data is read, and the charge itself refuses too (never a share
+    that no ledger counted)."""
+    from client.policy import refusal_reason
+
+    settings = _settings(threshold=6)
+    site = SiteSettings(site_id="h", data_path=tmp_path, require_approval=False,
+                        require_dp=False, simulated=False, max_hospital_epsilon=8.0)
+    reason = refusal_reason(site, settings)
+    assert reason is not None and "no state_dir" in reason
+    plan_ = site_plan(settings.hospital_privacy, settings.rounds, 100)
+    with pytest.raises(RuntimeError, match="state_dir"):
+        record_lifetime(site, settings, plan_, run_id=1)
+    with_dir = dataclasses.replace(site, state_dir=tmp_path / "state")
+    assert refusal_reason(with_dir, settings) is None
 
 
 def test_the_egress_log_says_each_masked_update_carried_the_sites_noise_share(site_dp_run):
