@@ -595,16 +595,19 @@ def _of(part: int, whole: int, what: str) -> str:
     return f"{'none' if part == 0 else f'{part} of {whole}'} {what}"
 
 
-def _evaluated_on(run: Mapping[str, Any]) -> str:
-    """What the global metrics were computed on, in words."""
+def _evaluated_on(run: Mapping[str, Any], *, short: bool = False) -> str:
+    """What the global metrics were computed on, in words (``short``: a figure's title)."""
     pooled = run["global_evaluation"] == "pooled"
     pool = run.get("pooled_evaluation_sites")
     if pooled and pool is not None and len(pool) < run["num_hospitals"]:
+        if short:
+            return f"the test splits of {len(pool)} of {run['num_hospitals']} sites, pooled"
         return (f"the union of the test splits of {len(pool)} of the {run['num_hospitals']} "
                 "sites (a seeded sample fixed for the run: `simulation.pooled_eval_sites`; "
                 "report.json `run.pooled_evaluation_sites`)")
-    return ("the union of all sites' test splits" if pooled
-            else "each site's test split, example-weighted mean")
+    if pooled:
+        return "all sites' test splits, pooled" if short else "the union of all sites' test splits"
+    return "each site's test split, example-weighted mean"
 
 
 def _final_metrics_section(report: Mapping[str, Any], many: bool) -> list[str]:
@@ -1038,13 +1041,7 @@ def _global_figure(plt: Any, report: Mapping[str, Any]) -> Any:
         ax.set_ylabel(METRIC_AXIS[name])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    run = report["run"]
-    pool = run.get("pooled_evaluation_sites")
-    on = ("each site's test split, example-weighted mean" if run["global_evaluation"] != "pooled"
-          else f"the test splits of {len(pool)} of {run['num_hospitals']} sites, pooled"
-          if pool is not None and len(pool) < run["num_hospitals"]
-          else "all sites' test splits, pooled")
-    fig.suptitle(f"Global model on {on}", fontsize=10)
+    fig.suptitle(f"Global model on {_evaluated_on(report['run'], short=True)}", fontsize=10)
     return fig
 
 
