@@ -316,8 +316,10 @@ def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
     index = {c: i for i, c in enumerate(table.columns)}
     n = len(table.rows)
     columns = list(zip(*table.rows)) if n else [()] * len(table.columns)
+    numeric_cols = _numeric(task_cfg)
+    width = len(numeric_cols)  # readers [0, width) are numeric, then categorical, then label
     readers: list[tuple[str, Callable[[str], Any]]] = [
-        (col, functools.partial(rules.numeric, col)) for col in _numeric(task_cfg)]
+        (col, functools.partial(rules.numeric, col)) for col in numeric_cols]
     readers += [(col, functools.partial(rules.categorical, col, codes,
                                         {_normalise(code): k for k, code in enumerate(codes)}))
                 for col, codes in _categorical(task_cfg)]
@@ -338,13 +340,12 @@ def parse_rows(table: Table, task_cfg: Mapping[str, Any]) -> Parsed:
             if first_bad is None or row < first_bad[0]:
                 first_bad = (row, j, bad[texts[row]])
             continue
-        dtype = float if j < len(_numeric(task_cfg)) else np.int64
+        dtype = float if j < width else np.int64
         values.append(np.fromiter(map(table_of.__getitem__, texts), dtype, n))
     if first_bad is not None:
         row, _, err = first_bad
         raise DataError(f"{table.path}, line {table.lines[row]}{err.message}"
                         + (_header_hint(table, row, task_cfg) if err.hint else ""))
-    width = len(_numeric(task_cfg))
     numeric = np.stack(values[:width], axis=1) if width else np.empty((n, 0))
     cats = (np.stack(values[width:-1], axis=1) if len(values) - 1 > width
             else np.empty((n, 0), dtype=np.int64))
