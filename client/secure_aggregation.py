@@ -155,8 +155,12 @@ def register_secure_aggregation(
             # its own noise share (planned at the site); nothing about the round in the clear
             vector, plan = site_dp.encode_share(delta, site, settings,
                                                 public.get(protocol.SITE_DP_CLIP))
+            try:  # charged before it leaves; refused if another run charged it since the check
+                site_dp.record_lifetime(site, settings, plan, context.run_id)
+            except site_dp.ChargeRefused as err:
+                del context.state[STATE]
+                return reply(msg, context, site, {protocol.NUM_EXAMPLES: 0}, refused=str(err))
             site_dp.record_contribution(context.state, settings)
-            site_dp.record_lifetime(site, settings, plan, context.run_id)  # before it leaves
             metrics: dict[str, Any] = {}
             hospital_epsilon: float | None = plan.planned_epsilon
         else:

@@ -65,6 +65,10 @@ LIFETIME_VERSION = 1
 log = logging.getLogger(__name__)
 
 
+class ChargeRefused(RuntimeError):
+    """The state_dir ledger will not take this contribution: the share must not leave."""
+
+
 @functools.lru_cache(maxsize=8)
 def site_plan(hospital: HospitalPrivacySettings, rounds: int, dim: int) -> SiteDPPlan:
     """The plan, computed at the site from public values (cached: the same every round)."""
@@ -244,7 +248,8 @@ def record_lifetime(site: SiteSettings, settings: RunSettings, plan: SiteDPPlan,
     Read, checked against ``max_hospital_epsilon`` and rewritten under an exclusive lock on
     the state_dir: the check in :func:`lifetime_refusal` ran before training, and another run
     at the same site (a server may start two at once) may have charged the ledger since. Over
-    the cap now, it raises: the share never leaves (the handler turns it into an error reply).
+    the cap now, it raises :class:`ChargeRefused`: the share never leaves (the handler replies
+    with a refusal naming the reason).
     """
     import fcntl
 
@@ -253,7 +258,7 @@ def record_lifetime(site: SiteSettings, settings: RunSettings, plan: SiteDPPlan,
     path = lifetime_path(site)
     if path is None:  # simulation only: policy refuses a deployed site without a state_dir
         if not site.simulated:
-            raise RuntimeError("a deployed site needs a state_dir to keep its hospital-level "
+            raise ChargeRefused("a deployed site needs a state_dir to keep its hospital-level "
                                "privacy ledger across runs; set state_dir")
         return None
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -262,7 +267,7 @@ def record_lifetime(site: SiteSettings, settings: RunSettings, plan: SiteDPPlan,
         fcntl.flock(lock, fcntl.LOCK_EX)
         entries = load_lifetime(site)
         if (reason := _cap_refusal(site, entries, plan)) is not None:
-            raise RuntimeError(reason)
+            raise ChargeRefused(reason)
         entries.append({"run_id": int(run_id), "round": int(settings.server_round),
                         "plan": plan_inputs(settings.hospital_privacy, settings.rounds)
                         if settings.hospital_privacy is not None else None,

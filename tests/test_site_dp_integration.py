@@ -471,3 +471,21 @@ def test_the_egress_log_says_each_masked_update_carried_the_sites_noise_share(si
     assert "with a hospital-level DP noise share: 2 of 2" in text
     assert f"hospital-level DP noise share added at the site (planned ε ≤ {planned:.3g})" in text
     assert "NOT DP-noised" not in text
+
+
+def test_a_charge_refused_at_the_last_moment_is_a_refusal_and_no_share_leaves(tmp_path,
+                                                                             monkeypatch):
+    """Another run charged the ledger between the check before training and the charge: the
+    site replies with a refusal naming the reason (not an error), and charges nothing."""
+    import client.site_dp as site_dp
+
+    cap = ("site.max_hospital_epsilon=8",)
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", *cap)
+    _run(cfg, grid, tmp_path)
+    ledger = (tmp_path / "sites" / "hospital_01" / LIFETIME_FILE).read_text()
+    monkeypatch.setattr(site_dp, "lifetime_refusal", lambda *_: None)  # the check "passed"
+    cfg, grid = _federation(tmp_path, *SITE_DP, "rounds=1", *cap)
+    (record,) = _run(cfg, grid, tmp_path)["rounds"]
+    assert len(record["refused"]) == 6 and not record["failures"], record
+    assert all("over all runs" in reason for reason in record["refused"].values())
+    assert (tmp_path / "sites" / "hospital_01" / LIFETIME_FILE).read_text() == ledger
