@@ -84,12 +84,13 @@ def test_the_many_sites_repeats_and_flower_stock_give_medians_mins_and_ratios():
 def test_the_flower_stock_mlp_has_as_many_parameters_as_our_model():
     from models import build_model
     from server.settings import compose
+    from simulations.benchmarks.flower_stock import stock_mlp
 
     args, overrides = many_sites.parse_args(["--sites", "10"])
     spec = many_sites.stock_spec(args, overrides)
     cfg = compose(["task=tabular"])
     ours = build_model(cfg["model"], cfg["task"]["spec"])
-    assert (sum(p.numel() for p in many_sites._stock_mlp(spec).parameters())
+    assert (sum(p.numel() for p in stock_mlp(spec).parameters())
             == sum(p.numel() for p in ours.parameters()))
     args, overrides = many_sites.parse_args(["--sites", "10", "--task", "images"])
     assert isinstance(many_sites.stock_spec(args, overrides), str)  # no stock counterpart

@@ -74,7 +74,6 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from simulations.benchmarks.flower_stock import STOCK_MARK
-from simulations.benchmarks.flower_stock import stock_mlp as _stock_mlp  # noqa: F401  (its shape is tested against ours)
 from simulations.engine import children_by_parent
 
 RSS_TARGET_MB = 2560  # issue 18: 2.5 GB at 1000 hospitals
