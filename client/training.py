@@ -272,6 +272,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
     engine = PrivacyEngine(accountant="rdp")  # the site's ledger does the accounting
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     mode = grad_sample_mode_for(model, dp)
+    if mode == "ghost":
+        from models.layers import keep_batch_gradients
+
+        keep_batch_gradients(model)  # its second backward reads p.grad
     private = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,

@@ -45,7 +45,7 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from models.layers import per_sample_gradients_only
+from models.layers import observed_by_opacus, per_sample_gradients_only
 
 CELLS = {"lstm": 4, "gru": 3}  # gate blocks per cell, in torch's order (i f g o / r z n)
 
@@ -148,11 +148,12 @@ class _RecurrentFunction(torch.autograd.Function):
     (the sampler multiplies them out)."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, layer, input_grad):
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, layer, input_grad, batch_gradients):
         with torch.no_grad():
             hidden = _run_kernel(layer.cell, x, [w_ih, w_hh, b_ih, b_hh], layer.hidden_size,
                                  True)
-        ctx.layer, ctx.input_grad = layer, input_grad
+        # batch_gradients: ghost clipping, whose second backward reads p.grad
+        ctx.layer, ctx.input_grad, ctx.batch_gradients = layer, input_grad, batch_gradients
         ctx.save_for_backward(x, hidden, w_ih, w_hh, b_ih, b_hh)
         return hidden
 
@@ -167,10 +168,15 @@ class _RecurrentFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0] and ctx.input_grad:
             grad_x = (grads_in @ w_ih).transpose(0, 1)
+        if ctx.batch_gradients:  # ghost clipping's second backward reads p.grad
+            xs, hs = time_major[0].flatten(0, 1), time_major[1].flatten(0, 1)
+            g_in, g_hidden = grads_in.flatten(0, 1), grads_hidden.flatten(0, 1)
+            return (grad_x, g_in.T @ xs, g_hidden.T @ hs, g_in.sum(dim=0), g_hidden.sum(dim=0),
+                    None, None, None)
         # No weight gradients: DP-SGD replaces p.grad by the noised sum of clipped per-sample
         # gradients, so autograd's batch sums would be computed for nothing (as models/layers.py's
         # Linear does, p.grad stays unset until the optimizer step).
-        return grad_x, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None
 
 
 class RecurrentLayer(nn.Module):
@@ -195,7 +201,7 @@ class RecurrentLayer(nn.Module):
     def records_per_sample_gradients(self) -> bool:
         """Whether the next forward takes the DP path: Opacus's hooks-mode GradSampleModule
         observes the layer (forward hooks) and the model trains with gradients on."""
-        return per_sample_gradients_only(self)
+        return observed_by_opacus(self)
 
     def forward(self, x: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """``probe``: ``x`` is a leaf made to require grad only so that Opacus's full backward
@@ -203,7 +209,9 @@ class RecurrentLayer(nn.Module):
         computed."""
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         if self.records_per_sample_gradients():
-            return _RecurrentFunction.apply(x, *weights, self, not probe)
+            # decided here: autograd runs a Function's forward with gradients off
+            return _RecurrentFunction.apply(x, *weights, self, not probe,
+                                            not per_sample_gradients_only(self))
         return _run_kernel(self.cell, x, weights, self.hidden_size, self.training)
 
 

@@ -33,13 +33,31 @@ def note_token_ids(tokens: torch.Tensor, max_len: int) -> torch.Tensor:
     return tokens
 
 
+KEEP_BATCH_GRADIENTS = "keeps_batch_gradients"  # attribute set by keep_batch_gradients
+
+
+def observed_by_opacus(module: nn.Module) -> bool:
+    """Opacus's GradSampleModule observes ``module`` (forward hooks) and the model trains with
+    gradients on: its next backward is one whose per-sample gradients are taken."""
+    return module.training and torch.is_grad_enabled() and bool(module._forward_hooks)
+
+
 def per_sample_gradients_only(module: nn.Module) -> bool:
     """Whether ``module``'s next forward may leave its weights' batch gradient uncomputed
-    (:class:`Linear`, :class:`Conv2d`, models/dp_recurrent.py's ``RecurrentLayer``): Opacus's
-    hooks-mode GradSampleModule observes it (forward hooks) and the model trains with
-    gradients on, so the DP optimizer replaces ``p.grad`` by the noised sum of clipped
-    per-sample gradients and never reads autograd's. The one place this is decided."""
-    return module.training and torch.is_grad_enabled() and bool(module._forward_hooks)
+    (:class:`Linear`, :class:`Conv2d`, models/dp_recurrent.py's ``RecurrentLayer``): Opacus
+    observes it in hooks mode, so the DP optimizer replaces ``p.grad`` by the noised sum of
+    clipped per-sample gradients and never reads autograd's. Not under ghost clipping, whose
+    second backward reads ``p.grad`` (:func:`keep_batch_gradients`). The one place this is
+    decided."""
+    return observed_by_opacus(module) and not getattr(module, KEEP_BATCH_GRADIENTS, False)
+
+
+def keep_batch_gradients(model: nn.Module) -> None:
+    """Every layer of ``model`` computes autograd's batch weight gradients even while Opacus
+    observes it: call before a ghost-clipping ``make_private`` (its second backward pass, on
+    the loss rescaled by the clipping factors, is what fills ``p.grad``)."""
+    for module in model.modules():
+        setattr(module, KEEP_BATCH_GRADIENTS, True)
 
 
 class _InputGradientOnly(torch.autograd.Function):

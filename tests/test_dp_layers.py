@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.tasks import get_task
 from client.training import DPConfig, LocalTrainingConfig, grad_sample_mode_for, train_local
 from models import build_model
+from models.layers import keep_batch_gradients
 from models.recurrent import VitalsRNN
 from server.settings import compose
 
@@ -177,23 +178,14 @@ def test_conv2d_per_sample_gradients_equal_one_backward_per_scan(conv, conv_clas
     hooked._close()
 
 
-# Ghost clipping's second backward reads p.grad, which models.layers.Linear / Conv2d and
-# RecurrentLayer leave unset whenever forward hooks observe them
-# (models.layers.per_sample_gradients_only cannot tell ghost from hooks mode), so
-# DPConfig.grad_sample_mode="ghost" fails on models built from them (the CNN, the RNN; the
-# default MLP and notes model step). Strict: a fix flips it.
-_GHOST_BROKEN = pytest.mark.xfail(strict=True, raises=AttributeError,
-                                  reason="p.grad unset under ghost clipping")
-
-
-@pytest.mark.parametrize("task", [pytest.param("images", marks=_GHOST_BROKEN),
-                                  pytest.param("vitals", marks=_GHOST_BROKEN),
-                                  "notes", "tabular"])
-def test_default_models_step_under_ghost_clipping(task):
+@pytest.mark.parametrize("task", ["images", "vitals", "notes", "tabular"])
+def test_default_models_step_under_ghost_clipping_as_under_hooks(task):
+    """Ghost clipping's second backward reads p.grad, which models.layers.Linear / Conv2d and
+    RecurrentLayer leave unset under hooks mode; keep_batch_gradients (client/training.py's
+    make_private, mode ghost) makes them fill it. Without noise and clipping, both modes take
+    the plain gradient step."""
     cfg = compose([f"task={task}"])
     spec = get_task(task).input_spec(cfg["task"])
-    torch.manual_seed(0)
-    model = build_model(cfg["model"], spec)
     inputs = {
         "images": lambda n: (torch.randn(n, spec["channels"], spec["image_size"],
                                          spec["image_size"]),),
@@ -203,14 +195,46 @@ def test_default_models_step_under_ghost_clipping(task):
                             torch.ones(n, 16, dtype=torch.bool)),
         "tabular": lambda n: (torch.randn(n, spec["num_features"]),),
     }[task]
+    torch.manual_seed(1)
+    batch, labels = inputs(4), torch.arange(4) % 2
     loader = DataLoader(TensorDataset(*inputs(8), torch.arange(8) % 2), batch_size=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, optimizer, criterion, _ = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=1e6, wrap_model=False, grad_sample_mode="ghost",
-        criterion=nn.CrossEntropyLoss())
-    before = [p.detach().clone() for p in model.parameters()]
-    optimizer.zero_grad()
-    criterion(model(*inputs(4)), torch.arange(4) % 2).backward()
-    optimizer.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    after = {}
+    for mode in ("ghost", "hooks"):
+        torch.manual_seed(0)
+        model = build_model(cfg["model"], spec)
+        if mode == "ghost":
+            keep_batch_gradients(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        private = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+            max_grad_norm=1e6, wrap_model=False, grad_sample_mode=mode,
+            **({"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}))
+        optimizer = private[1]
+        criterion = private[2] if mode == "ghost" else nn.CrossEntropyLoss()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()  # no dropout: both modes see the same function
+        optimizer.zero_grad()
+        criterion(model(*batch), labels).backward()
+        optimizer.step()
+        after[mode] = [p.detach().clone() for p in model.parameters()]
+        private[0].cleanup()
+    for ghost, hooks in zip(after["ghost"], after["hooks"], strict=True):
+        torch.testing.assert_close(ghost, hooks, rtol=1e-4, atol=1e-6)
+
+
+def test_train_local_takes_ghost_clipping_steps_on_the_cnn():
+    """make_private (mode ghost) keeps the batch gradients ghost clipping's second pass reads."""
+    cfg = compose(["task=images"])
+    spec = get_task("images").input_spec(cfg["task"])
+    gen = torch.Generator().manual_seed(0)
+    size = spec["image_size"]
+    data = TensorDataset(torch.randn(16, spec["channels"], size, size, generator=gen),
+                         torch.randint(0, 2, (16,), generator=gen))
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_local(model, data, LocalTrainingConfig(batch_size=8, lr=0.01), seed=0,
+                         dp=DPConfig(1.0, 1.0, grad_sample_mode="ghost"))
+    assert result["steps"] == 2
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
