@@ -103,15 +103,9 @@ def test_dp_training_leaves_a_model_with_the_plain_models_state_dict():
     assert torch.equal(private.eval()(x, s), plain.eval()(x, s))
 
 
-@pytest.mark.parametrize("task", ["images", "vitals", "notes", "tabular"])
-def test_default_models_are_valid_for_opacus_and_step_on_an_empty_poisson_batch(task):
-    cfg = compose([f"task={task}"])
-    spec = get_task(task).input_spec(cfg["task"])
-    torch.manual_seed(0)
-    model = build_model(cfg["model"], spec)
-    assert ModuleValidator.validate(model, strict=True) == []
-    assert grad_sample_mode_for(model, DPConfig(1.0, 1.0)) == "hooks"
-    inputs = {
+def _random_inputs(task: str, spec: dict):
+    """n random records shaped like ``task``'s model inputs."""
+    return {
         "images": lambda n: (torch.randn(n, spec["channels"], spec["image_size"],
                                          spec["image_size"]),),
         "vitals": lambda n: (torch.randn(n, 48, 3 * spec["num_variables"]),
@@ -120,6 +114,17 @@ def test_default_models_are_valid_for_opacus_and_step_on_an_empty_poisson_batch(
                             torch.ones(n, 16, dtype=torch.bool)),
         "tabular": lambda n: (torch.randn(n, spec["num_features"]),),
     }[task]
+
+
+@pytest.mark.parametrize("task", ["images", "vitals", "notes", "tabular"])
+def test_default_models_are_valid_for_opacus_and_step_on_an_empty_poisson_batch(task):
+    cfg = compose([f"task={task}"])
+    spec = get_task(task).input_spec(cfg["task"])
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], spec)
+    assert ModuleValidator.validate(model, strict=True) == []
+    assert grad_sample_mode_for(model, DPConfig(1.0, 1.0)) == "hooks"
+    inputs = _random_inputs(task, spec)
     loader = DataLoader(TensorDataset(*inputs(8), torch.arange(8) % 2), batch_size=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     hooks, optimizer, _ = PrivacyEngine().make_private(
@@ -186,15 +191,7 @@ def test_default_models_step_under_ghost_clipping_as_under_hooks(task):
     the plain gradient step."""
     cfg = compose([f"task={task}"])
     spec = get_task(task).input_spec(cfg["task"])
-    inputs = {
-        "images": lambda n: (torch.randn(n, spec["channels"], spec["image_size"],
-                                         spec["image_size"]),),
-        "vitals": lambda n: (torch.randn(n, 48, 3 * spec["num_variables"]),
-                             torch.randn(n, spec["num_static"])),
-        "notes": lambda n: (torch.randint(1, spec["vocab_buckets"], (n, 16, 2)),
-                            torch.ones(n, 16, dtype=torch.bool)),
-        "tabular": lambda n: (torch.randn(n, spec["num_features"]),),
-    }[task]
+    inputs = _random_inputs(task, spec)
     torch.manual_seed(1)
     batch, labels = inputs(4), torch.arange(4) % 2
     loader = DataLoader(TensorDataset(*inputs(8), torch.arange(8) % 2), batch_size=4)
